@@ -1,0 +1,310 @@
+"""The reverse process: p(x_{t-1} | x_t) from a noise-predicting model, and the samplers.
+
+A model is any callable ``model(x_t, t) -> eps`` with ``x_t`` of shape (B, C, H, W) and ``t`` an
+int64 tensor of shape (B,) holding 0-based timesteps. Conditional models take a third argument,
+``model(x_t, t, labels)``; the samplers pass it when ``labels`` is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from diffusion_lib.schedules import NoiseSchedule, _gather
+from diffusion_lib.smoke import cap_sampling_steps
+from diffusion_lib.validation import check_choice, check_positive_int, check_same_shape
+
+NoisePredictor = Callable[..., Tensor]
+VARIANCES = ("small", "large")
+
+
+@dataclass
+class Trajectory:
+    """The states a sampler visited, for plots and animations.
+
+    Attributes:
+        states: (S + 1, B, C, H, W) on the CPU; ``states[0]`` is the starting noise x_T and
+            ``states[-1]`` the finished sample.
+        timesteps: (S + 1,) int64; ``timesteps[i]`` is the 0-based timestep at which
+            ``states[i]`` was handed to the model, and -1 for the finished sample.
+    """
+
+    states: Tensor
+    timesteps: Tensor
+
+
+def predict_noise(
+    model: NoisePredictor,
+    x_t: Tensor,
+    t: Tensor,
+    labels: Tensor | None = None,
+    guidance: float = 0.0,
+    null_label: int | None = None,
+) -> Tensor:
+    """The model's noise estimate eps_theta(x_t, t), optionally with classifier-free guidance.
+
+    With ``labels`` and ``guidance = w > 0`` this returns the guided estimate of Ho & Salimans
+    (2021, eq. 6): ``(1 + w) eps(x_t, t, c) - w eps(x_t, t, no label)``, where "no label" is
+    ``null_label``. Shapes: ``x_t`` (B, C, H, W), ``t`` (B,), ``labels`` (B,).
+    """
+    if labels is None:
+        return model(x_t, t)
+    if guidance == 0.0:
+        return model(x_t, t, labels)
+    if null_label is None:
+        raise ValueError("guidance > 0 needs null_label, the model's 'no label' token")
+    both = model(
+        torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null_label)])
+    )
+    conditional, unconditional = both.chunk(2)
+    return (1.0 + guidance) * conditional - guidance * unconditional
+
+
+def _clip(x0: Tensor, clip_x0: tuple[float, float] | None) -> Tensor:
+    return x0 if clip_x0 is None else x0.clamp(*clip_x0)
+
+
+def p_mean_variance(
+    model: NoisePredictor,
+    schedule: NoiseSchedule,
+    x_t: Tensor,
+    t: Tensor,
+    *,
+    variance: str = "small",
+    clip_x0: tuple[float, float] | None = (-1.0, 1.0),
+    **model_kwargs: object,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mean, variance, log-variance of p_theta(x_{t-1} | x_t), and the model's estimate of x_0.
+
+    The mean is the posterior mean of q(x_{t-1} | x_t, x_0) with x_0 replaced by the model's
+    estimate (Ho et al. 2020, eq. 11, written through eqs. 7 and 4). The variance is fixed:
+    ``"small"`` is sigma_t^2 = beta_tilde_t and ``"large"`` is sigma_t^2 = beta_t (sec. 3.2;
+    both appear in Table 1). ``x_t``: (B, C, H, W); ``t``: (B,). The mean and x_0 estimate have
+    ``x_t``'s shape; variance and log-variance broadcast against it.
+    """
+    check_choice("variance", variance, VARIANCES)
+    eps = predict_noise(model, x_t, t, **model_kwargs)
+    check_same_shape("the model's output", eps, "x_t", x_t)
+    x0 = _clip(schedule._predict_x0(x_t, t, eps.to(x_t.dtype)), clip_x0)
+    mean, posterior_variance, posterior_log_variance = schedule._q_posterior(x0, x_t, t)
+    if variance == "small":
+        return mean, posterior_variance, posterior_log_variance, x0
+    # For "large" the first entry borrows beta_tilde_1 so that the decoder at t = 0 keeps a
+    # sensible variance (beta_1 would make L_0 needlessly sharp), as in Nichol & Dhariwal's code.
+    large = torch.cat([schedule.posterior_variance[1:2], schedule.betas[1:]])
+    return mean, _gather(large, t, x_t), _gather(large.log(), t, x_t), x0
+
+
+class _RespacedModel(nn.Module):
+    """Calls the wrapped model with the original timestep of a respaced schedule's index."""
+
+    def __init__(self, model: NoisePredictor, original_timesteps: Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.original_timesteps = original_timesteps
+
+    def forward(self, x_t: Tensor, index: Tensor, *args: Tensor) -> Tensor:
+        return self.model(x_t, self.original_timesteps.to(index.device)[index], *args)
+
+
+def respace(schedule: NoiseSchedule, steps: int) -> tuple[NoiseSchedule, Tensor]:
+    """A shorter schedule that visits ``steps`` evenly spaced timesteps of ``schedule``.
+
+    The new betas keep the original alpha-bar at the kept steps:
+    ``beta'_k = 1 - alpha_bar[t_k] / alpha_bar[t_{k-1}]`` (Nichol & Dhariwal 2021, sec. 4).
+    Returns the respaced schedule and the kept 0-based timesteps (steps,), ascending, from 0
+    to T - 1.
+    """
+    check_positive_int("steps", steps, maximum=schedule.timesteps)
+    if steps == schedule.timesteps:
+        return schedule, torch.arange(schedule.timesteps)
+    kept = torch.linspace(0, schedule.timesteps - 1, steps, dtype=torch.float64).round().long()
+    alphas_cumprod = schedule.alphas_cumprod.cpu()[kept]
+    previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    return NoiseSchedule(1.0 - alphas_cumprod / previous), kept
+
+
+@contextlib.contextmanager
+def _evaluating(model: NoisePredictor) -> Iterator[None]:
+    """Put an ``nn.Module`` in eval mode for sampling and restore its mode afterwards."""
+    was_training = isinstance(model, nn.Module) and model.training
+    if was_training:
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def _model_device(model: NoisePredictor) -> torch.device:
+    if isinstance(model, nn.Module):
+        for parameter in model.parameters():
+            return parameter.device
+    return torch.device("cpu")
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Standard normal noise drawn on the generator's device, so a seed gives the same images anywhere."""
+    source = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=source).to(device)
+
+
+def _start(
+    model: NoisePredictor,
+    shape: tuple[int, ...],
+    x_T: Tensor | None,
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+) -> Tensor:
+    if x_T is not None:
+        if tuple(x_T.shape) != tuple(shape):
+            raise ValueError(f"x_T must have the requested shape {tuple(shape)}, got {tuple(x_T.shape)}")
+        return x_T.to(device) if device is not None else x_T
+    if len(shape) < 2 or any(not isinstance(n, int) or n < 1 for n in shape):
+        raise ValueError(f"shape must be positive integers (B, C, H, W), got {tuple(shape)}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    return _randn(tuple(shape), generator, device)
+
+
+def _check_labels(labels: Tensor | None, batch_size: int, device: torch.device) -> Tensor | None:
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels, device=device).long().reshape(-1)
+    if labels.numel() == 1:
+        labels = labels.expand(batch_size)
+    if labels.shape[0] != batch_size:
+        raise ValueError(f"labels must hold one class per sample ({batch_size}), got {labels.shape[0]}")
+    return labels
+
+
+def ddpm_sample(
+    model: NoisePredictor,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    *,
+    x_T: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    variance: str = "small",
+    return_trajectory: bool = False,
+    steps: int | None = None,
+    clip_x0: tuple[float, float] | None = (-1.0, 1.0),
+    labels: Tensor | None = None,
+    guidance: float = 0.0,
+    null_label: int | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor | tuple[Tensor, Trajectory]:
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2).
+
+    Starting from x_T ~ N(0, I), repeat for t = T-1, ..., 0:
+    ``x_{t-1} = mu_theta(x_t, t) + sigma_t z`` with z ~ N(0, I), and z = 0 at the last step.
+
+    Args:
+        model: noise predictor ``model(x_t, t)``.
+        schedule: the schedule the model was trained with.
+        shape: (B, C, H, W) of the batch to draw.
+        x_T: starting noise of that shape (drawn from ``generator`` when omitted).
+        variance: ``"small"`` (beta_tilde_t) or ``"large"`` (beta_t).
+        steps: visit only this many evenly spaced timesteps, with the schedule respaced to
+            keep alpha-bar (Nichol & Dhariwal 2021, sec. 4); ``None`` visits all T.
+        clip_x0: range the x_0 estimate is clipped to at each step (``None``: no clipping).
+        labels, guidance, null_label: class conditioning and classifier-free guidance
+            (see :func:`predict_noise`).
+        return_trajectory: also return every visited state as a :class:`Trajectory`.
+
+    Returns the samples (B, C, H, W), or ``(samples, trajectory)``.
+    """
+    check_choice("variance", variance, VARIANCES)
+    steps = cap_sampling_steps(schedule.timesteps if steps is None else steps)
+    x = _start(model, shape, x_T, generator, device)
+    sampling_schedule, kept = respace(schedule, steps)
+    sampling_schedule = sampling_schedule.to(x.device)
+    wrapped = _RespacedModel(model, kept)
+    labels = _check_labels(labels, x.shape[0], x.device)
+    extra = {} if labels is None else {"labels": labels, "guidance": guidance, "null_label": null_label}
+    states, visited = [x.cpu()], []
+    with _evaluating(model):
+        for index in reversed(range(steps)):
+            t = torch.full((x.shape[0],), index, device=x.device, dtype=torch.long)
+            mean, _, log_variance, _ = p_mean_variance(
+                wrapped, sampling_schedule, x, t, variance=variance, clip_x0=clip_x0, **extra
+            )
+            noise = _randn(tuple(x.shape), generator, x.device) if index > 0 else torch.zeros_like(x)
+            x = mean + (0.5 * log_variance).exp() * noise
+            visited.append(int(kept[index]))
+            if return_trajectory:
+                states.append(x.cpu())
+    if not return_trajectory:
+        return x
+    return x, Trajectory(torch.stack(states), torch.tensor([*visited, -1]))
+
+
+def ddim_timesteps(timesteps: int, steps: int) -> Tensor:
+    """The DDIM paper's uniform skip: 0, T/steps, 2T/steps, ... (rounded down), shape (steps,)."""
+    check_positive_int("steps", steps, maximum=timesteps)
+    return torch.arange(steps, dtype=torch.long) * timesteps // steps
+
+
+def ddim_sample(
+    model: NoisePredictor,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    *,
+    steps: int = 50,
+    eta: float = 0.0,
+    x_T: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    return_trajectory: bool = False,
+    clip_x0: tuple[float, float] | None = (-1.0, 1.0),
+    labels: Tensor | None = None,
+    guidance: float = 0.0,
+    null_label: int | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor | tuple[Tensor, Trajectory]:
+    """DDIM sampling (Song et al. 2021, eq. 12) over ``steps`` evenly spaced timesteps.
+
+    For consecutive visited timesteps t > s (and alpha-bar_s = 1 after the last one):
+    ``x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z``, with
+    ``sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)`` (eq. 16).
+    ``eta = 0`` is deterministic DDIM; ``eta = 1`` matches DDPM's posterior variance.
+    When x0_hat is clipped, eps_hat is recomputed from it so that both stay consistent.
+
+    Returns the samples (B, C, H, W), or ``(samples, trajectory)`` when asked.
+    """
+    if not eta >= 0.0:
+        raise ValueError(f"eta must be >= 0 (0 is deterministic DDIM, 1 is DDPM-like), got {eta}")
+    steps = cap_sampling_steps(steps)
+    visited = ddim_timesteps(schedule.timesteps, steps)
+    x = _start(model, shape, x_T, generator, device)
+    schedule = schedule.to(x.device)
+    labels = _check_labels(labels, x.shape[0], x.device)
+    extra = {} if labels is None else {"labels": labels, "guidance": guidance, "null_label": null_label}
+    states = [x.cpu()]
+    with _evaluating(model):
+        for i in reversed(range(steps)):
+            t = torch.full((x.shape[0],), int(visited[i]), device=x.device, dtype=torch.long)
+            eps = predict_noise(model, x, t, **extra).to(x.dtype)
+            x0 = schedule._predict_x0(x, t, eps)
+            if clip_x0 is not None:
+                x0 = _clip(x0, clip_x0)
+                eps = schedule._predict_eps(x, t, x0)
+            alpha_bar = _gather(schedule.alphas_cumprod, t, x)
+            alpha_bar_prev = (
+                _gather(schedule.alphas_cumprod, torch.full_like(t, int(visited[i - 1])), x)
+                if i > 0
+                else torch.ones_like(alpha_bar)
+            )
+            sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
+            x = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps
+            if eta > 0 and i > 0:
+                x = x + sigma * _randn(tuple(x.shape), generator, x.device)
+            if return_trajectory:
+                states.append(x.cpu())
+    if not return_trajectory:
+        return x
+    return x, Trajectory(torch.stack(states), torch.cat([visited.flip(0), torch.tensor([-1])]))

@@ -1,0 +1,259 @@
+"""Noise schedules and the closed forms of the forward process.
+
+Timesteps are 0-based everywhere: ``t = 0`` is the first noising step (the paper's
+``t = 1``) and ``t = T - 1`` the last (the paper's ``t = T``). ``betas[t]`` is therefore the
+paper's ``beta_{t+1}``, and ``q_sample(x0, t)`` returns the paper's ``x_{t+1}``.
+
+Every table is computed in float64 and cast to the dtype of the tensor it is applied to.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from diffusion_lib.validation import check_finite, check_same_shape, check_timesteps
+
+
+def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """Betas spaced linearly from ``beta_start`` to ``beta_end`` (Ho et al. 2020, sec. 4).
+
+    Returns a float64 tensor of shape (T,).
+    """
+    return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+
+
+def quadratic_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """Betas whose square roots are spaced linearly, then squared.
+
+    Returns a float64 tensor of shape (T,).
+    """
+    roots = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), timesteps, dtype=torch.float64)
+    return roots**2
+
+
+def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Betas of the cosine schedule (Nichol & Dhariwal 2021, eq. 17).
+
+    ``alpha_bar(u) = cos^2(((u + s) / (1 + s)) * pi / 2)`` for ``u = t / T``, and
+    ``beta_t = 1 - alpha_bar(t / T) / alpha_bar((t - 1) / T)``, clipped at ``max_beta`` so
+    that the last steps stay well defined. Returns a float64 tensor of shape (T,).
+    """
+    u = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+    alphas_cumprod = f / f[0]
+    betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
+    return betas.clamp(max=max_beta)
+
+
+SCHEDULES: dict[str, Callable[..., Tensor]] = {
+    "linear": linear_betas,
+    "quadratic": quadratic_betas,
+    "cosine": cosine_betas,
+}
+
+
+def _gather(table: Tensor, t: Tensor, like: Tensor) -> Tensor:
+    """``table[t]`` reshaped to broadcast against ``like`` (B, ...), in ``like``'s dtype."""
+    values = table.to(like.device)[t.to(like.device)]
+    return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+class NoiseSchedule:
+    """A variance schedule ``beta_1..beta_T`` and the quantities derived from it.
+
+    Attributes (float64 tensors of shape (T,)):
+        betas: ``beta_t``, the variance added at step t.
+        alphas: ``alpha_t = 1 - beta_t``.
+        alphas_cumprod: ``alpha_bar_t = prod_{s<=t} alpha_s`` (Ho et al. 2020, eq. 4).
+        alphas_cumprod_prev: ``alpha_bar_{t-1}``, with ``alpha_bar_0 = 1``.
+        posterior_variance: ``beta_tilde_t`` of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eq. 7).
+
+    The model is never stored here: functions that need one take it as an argument.
+    """
+
+    def __init__(self, betas: Tensor) -> None:
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if betas.dim() != 1 or betas.numel() < 1:
+            raise ValueError(
+                f"betas must be a 1-D tensor with at least one entry, got shape {tuple(betas.shape)}"
+            )
+        if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas >= 1).any():
+            raise ValueError(
+                f"every beta must lie in the open interval (0, 1); got min {betas.min().item():.3g}, "
+                f"max {betas.max().item():.3g}"
+            )
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.alphas_cumprod_prev = torch.cat([betas.new_ones(1), self.alphas_cumprod[:-1]])
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+        self.posterior_variance = (
+            betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        )
+        # beta_tilde at t = 0 is exactly 0; its log is clipped to the next value, as in
+        # Ho et al.'s code, so that log-variances stay finite.
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
+            if len(betas) > 1
+            else betas.clone()
+        )
+        self.posterior_mean_coef1 = (
+            betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
+        )
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_name(cls, name: str, timesteps: int = 1000, **kwargs: float) -> NoiseSchedule:
+        """Build a named schedule: ``"linear"``, ``"quadratic"`` or ``"cosine"``.
+
+        ``kwargs`` go to the schedule's function (``beta_start``/``beta_end`` for linear and
+        quadratic, ``s``/``max_beta`` for cosine).
+        """
+        if name not in SCHEDULES:
+            raise ValueError(
+                f"unknown schedule {name!r}; choose one of {', '.join(sorted(SCHEDULES))}"
+            )
+        if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps < 1:
+            raise ValueError(f"timesteps must be an integer >= 1, got {timesteps!r}")
+        try:
+            betas = SCHEDULES[name](timesteps, **kwargs)
+        except TypeError as error:
+            raise ValueError(f"bad keyword arguments for the {name!r} schedule: {error}") from None
+        return cls(betas)
+
+    @property
+    def timesteps(self) -> int:
+        """T, the number of diffusion steps."""
+        return self.betas.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.betas.device
+
+    @property
+    def signal_to_noise_ratio(self) -> Tensor:
+        """``SNR(t) = alpha_bar_t / (1 - alpha_bar_t)`` (Kingma et al. 2021, eq. 2), shape (T,)."""
+        return self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+
+    def to(self, device: torch.device | str) -> NoiseSchedule:
+        """A copy whose tables live on ``device`` (float32 on MPS, which lacks float64)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        moved = object.__new__(NoiseSchedule)
+        for key, value in vars(self).items():
+            setattr(moved, key, value.to(device=device, dtype=dtype))
+        return moved
+
+    def __repr__(self) -> str:
+        return (
+            f"NoiseSchedule(T={self.timesteps}, beta_1={self.betas[0].item():.3g}, "
+            f"beta_T={self.betas[-1].item():.3g}, alpha_bar_T={self.alphas_cumprod[-1].item():.3g})"
+        )
+
+    # ------------------------------------------------------------------ forward process
+    def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I).
+
+        Ho et al. 2020, eq. 4. ``x0``: (B, ...), ``t``: (B,) int64. Returns two tensors,
+        the mean of ``x0``'s shape and the variance broadcastable to it.
+        """
+        check_finite("x0", x0)
+        check_timesteps(t, self.timesteps, x0.shape[0])
+        mean = _gather(self.sqrt_alphas_cumprod, t, x0) * x0
+        variance = _gather(1.0 - self.alphas_cumprod, t, x0)
+        return mean, variance
+
+    def q_sample(
+        self,
+        x0: Tensor,
+        t: Tensor,
+        noise: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Draw x_t ~ q(x_t | x_0) in one step: ``sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps``.
+
+        Ho et al. 2020, eq. 4 (reparameterised as in eq. 9). ``x0``: (B, ...), ``t``: (B,) int64
+        in 0..T-1, ``noise``: like ``x0`` (drawn from N(0, I) when omitted). Returns x_t, like ``x0``.
+        """
+        check_finite("x0", x0)
+        check_timesteps(t, self.timesteps, x0.shape[0])
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        else:
+            check_same_shape("noise", noise, "x0", x0)
+            check_finite("noise", noise)
+        return self._q_sample(x0, t, noise)
+
+    def _q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """:meth:`q_sample` without input checks, for the training loop's hot path."""
+        return (
+            _gather(self.sqrt_alphas_cumprod, t, x0) * x0
+            + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        )
+
+    def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and log-variance of q(x_{t-1} | x_t, x_0).
+
+        Ho et al. 2020, eqs. 6-7: mean ``= coef1 * x0 + coef2 * x_t`` with
+        ``coef1 = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t)`` and
+        ``coef2 = sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)``; variance
+        ``beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t``.
+        ``x0``, ``x_t``: (B, ...), ``t``: (B,). The mean has ``x0``'s shape; variance and
+        log-variance (clipped at t = 0, where the variance is 0) broadcast against it.
+        """
+        check_same_shape("x_t", x_t, "x0", x0)
+        check_finite("x0", x0)
+        check_finite("x_t", x_t)
+        check_timesteps(t, self.timesteps, x0.shape[0])
+        return self._q_posterior(x0, x_t, t)
+
+    def _q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mean = (
+            _gather(self.posterior_mean_coef1, t, x_t) * x0
+            + _gather(self.posterior_mean_coef2, t, x_t) * x_t
+        )
+        variance = _gather(self.posterior_variance, t, x_t)
+        log_variance = _gather(self.posterior_log_variance_clipped, t, x_t)
+        return mean, variance, log_variance
+
+    def predict_x0(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """Invert eq. 4 for x_0 given the noise: ``(x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)``.
+
+        Ho et al. 2020, eq. 4 solved for x_0 (used in eq. 11). ``x_t``, ``eps``: (B, ...),
+        ``t``: (B,). Returns the estimate of x_0, like ``x_t``.
+        """
+        check_same_shape("eps", eps, "x_t", x_t)
+        check_finite("x_t", x_t)
+        check_finite("eps", eps)
+        check_timesteps(t, self.timesteps, x_t.shape[0])
+        return self._predict_x0(x_t, t, eps)
+
+    def _predict_x0(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        return (x_t - _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / _gather(
+            self.sqrt_alphas_cumprod, t, x_t
+        )
+
+    def predict_eps(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        """The noise that takes ``x0`` to ``x_t`` at step t (eq. 4 solved for eps).
+
+        ``x_t``, ``x0``: (B, ...), ``t``: (B,). Returns eps, like ``x_t``.
+        """
+        check_same_shape("x0", x0, "x_t", x_t)
+        check_timesteps(t, self.timesteps, x_t.shape[0])
+        return self._predict_eps(x_t, t, x0)
+
+    def _predict_eps(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        return (x_t - _gather(self.sqrt_alphas_cumprod, t, x_t) * x0) / _gather(
+            self.sqrt_one_minus_alphas_cumprod, t, x_t
+        )

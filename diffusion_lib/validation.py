@@ -1,0 +1,57 @@
+"""Input checks shared by the public functions: each failure says what was wrong and what is allowed."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_timesteps(t: Tensor, timesteps: int, batch_size: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``t`` is an integer tensor of shape (B,) with values in 0..T-1."""
+    if not isinstance(t, Tensor):
+        raise ValueError(f"t must be an int64 tensor of shape (B,), got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"t must hold integer timesteps (int64), got dtype {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"t must have shape (B,), got shape {tuple(t.shape)}")
+    if batch_size is not None and t.shape[0] != batch_size:
+        raise ValueError(
+            f"t has {t.shape[0]} entries but the batch has {batch_size}; give one timestep per sample"
+        )
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= timesteps):
+        raise ValueError(
+            f"timesteps must lie in 0..{timesteps - 1} (0-based, T={timesteps}); "
+            f"got values from {int(t.min())} to {int(t.max())}"
+        )
+
+
+def check_finite(name: str, x: Tensor) -> None:
+    """Raise ``ValueError`` if ``x`` holds NaN or infinite values."""
+    if x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} must be finite, but {bad} of its {x.numel()} values are NaN or inf")
+
+
+def check_same_shape(name: str, x: Tensor, reference_name: str, reference: Tensor) -> None:
+    """Raise ``ValueError`` unless ``x`` has the shape of ``reference``."""
+    if x.shape != reference.shape:
+        raise ValueError(
+            f"{name} must have the shape of {reference_name}, {tuple(reference.shape)}; "
+            f"got {tuple(x.shape)}"
+        )
+
+
+def check_positive_int(name: str, value: object, maximum: int | None = None) -> int:
+    """Return ``value`` if it is an int >= 1 (and <= ``maximum``), else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...] | list[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise ``ValueError`` listing them."""
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
+    return value  # type: ignore[return-value]
