@@ -10,6 +10,24 @@ from diffusion_lib.losses import (
     prior_bits_per_dim,
     vb_term_bits_per_dim,
 )
+from diffusion_lib.models import (
+    MODELS,
+    AttentionUNet,
+    DenoisingAutoencoder,
+    FCUNet,
+    TimeEmbedding,
+    build_model,
+    count_parameters,
+    sinusoidal_embedding,
+)
+from diffusion_lib.plotting import (
+    pixel_histogram,
+    plot_loss,
+    plot_schedules,
+    plot_trajectory,
+    show_grid,
+    timestep_slider,
+)
 from diffusion_lib.sampling import (
     Trajectory,
     ddim_sample,
@@ -45,4 +63,18 @@ __all__ = [
     "respace",
     "smoke_mode",
     "vb_term_bits_per_dim",
+    "pixel_histogram",
+    "plot_loss",
+    "plot_schedules",
+    "plot_trajectory",
+    "show_grid",
+    "timestep_slider",
+    "MODELS",
+    "AttentionUNet",
+    "DenoisingAutoencoder",
+    "FCUNet",
+    "TimeEmbedding",
+    "build_model",
+    "count_parameters",
+    "sinusoidal_embedding",
 ]

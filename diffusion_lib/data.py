@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from torch import Tensor
 from torchvision import datasets
 
@@ -34,7 +33,11 @@ class DataNotFoundError(RuntimeError):
 def data_root() -> Path:
     """The data folder: ``$DIFFUSION_LIB_DATA`` or ``~/.cache/diffusion_lib/data``."""
     configured = os.environ.get(DATA_VARIABLE)
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "diffusion_lib" / "data"
+    return (
+        Path(configured).expanduser()
+        if configured
+        else Path.home() / ".cache" / "diffusion_lib" / "data"
+    )
 
 
 def dataset_name(name: str) -> str:

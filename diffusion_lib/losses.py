@@ -49,7 +49,9 @@ def diffusion_loss(
         check_timesteps(t, schedule.timesteps, x0.shape[0])
     if noise is None:
         source = generator.device if generator is not None else x0.device
-        noise = torch.randn(x0.shape, generator=generator, device=source, dtype=x0.dtype).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=source, dtype=x0.dtype).to(
+            x0.device
+        )
     else:
         check_same_shape("noise", noise, "x0", x0)
     x_t = schedule._q_sample(x0, t, noise)
@@ -65,7 +67,11 @@ def normal_kl(mean1: Tensor, log_var1: Tensor, mean2: Tensor, log_var2: Tensor) 
     All arguments broadcast together.
     """
     return 0.5 * (
-        log_var2 - log_var1 + torch.exp(log_var1 - log_var2) + (mean1 - mean2) ** 2 * torch.exp(-log_var2) - 1.0
+        log_var2
+        - log_var1
+        + torch.exp(log_var1 - log_var2)
+        + (mean1 - mean2) ** 2 * torch.exp(-log_var2)
+        - 1.0
     )
 
 

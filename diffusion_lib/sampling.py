@@ -58,7 +58,9 @@ def predict_noise(
     if null_label is None:
         raise ValueError("guidance > 0 needs null_label, the model's 'no label' token")
     both = model(
-        torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null_label)])
+        torch.cat([x_t, x_t]),
+        torch.cat([t, t]),
+        torch.cat([labels, torch.full_like(labels, null_label)]),
     )
     conditional, unconditional = both.chunk(2)
     return (1.0 + guidance) * conditional - guidance * unconditional
@@ -149,7 +151,9 @@ def _model_device(model: NoisePredictor) -> torch.device:
     return torch.device("cpu")
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+def _randn(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> Tensor:
     """Standard normal noise drawn on the generator's device, so a seed gives the same images anywhere."""
     source = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=source).to(device)
@@ -164,7 +168,9 @@ def _start(
 ) -> Tensor:
     if x_T is not None:
         if tuple(x_T.shape) != tuple(shape):
-            raise ValueError(f"x_T must have the requested shape {tuple(shape)}, got {tuple(x_T.shape)}")
+            raise ValueError(
+                f"x_T must have the requested shape {tuple(shape)}, got {tuple(x_T.shape)}"
+            )
         return x_T.to(device) if device is not None else x_T
     if len(shape) < 2 or any(not isinstance(n, int) or n < 1 for n in shape):
         raise ValueError(f"shape must be positive integers (B, C, H, W), got {tuple(shape)}")
@@ -179,7 +185,9 @@ def _check_labels(labels: Tensor | None, batch_size: int, device: torch.device) 
     if labels.numel() == 1:
         labels = labels.expand(batch_size)
     if labels.shape[0] != batch_size:
-        raise ValueError(f"labels must hold one class per sample ({batch_size}), got {labels.shape[0]}")
+        raise ValueError(
+            f"labels must hold one class per sample ({batch_size}), got {labels.shape[0]}"
+        )
     return labels
 
 
@@ -226,7 +234,9 @@ def ddpm_sample(
     sampling_schedule = sampling_schedule.to(x.device)
     wrapped = _RespacedModel(model, kept)
     labels = _check_labels(labels, x.shape[0], x.device)
-    extra = {} if labels is None else {"labels": labels, "guidance": guidance, "null_label": null_label}
+    extra = (
+        {} if labels is None else {"labels": labels, "guidance": guidance, "null_label": null_label}
+    )
     states, visited = [x.cpu()], []
     with _evaluating(model):
         for index in reversed(range(steps)):
@@ -234,7 +244,9 @@ def ddpm_sample(
             mean, _, log_variance, _ = p_mean_variance(
                 wrapped, sampling_schedule, x, t, variance=variance, clip_x0=clip_x0, **extra
             )
-            noise = _randn(tuple(x.shape), generator, x.device) if index > 0 else torch.zeros_like(x)
+            noise = (
+                _randn(tuple(x.shape), generator, x.device) if index > 0 else torch.zeros_like(x)
+            )
             x = mean + (0.5 * log_variance).exp() * noise
             visited.append(int(kept[index]))
             if return_trajectory:
@@ -283,7 +295,9 @@ def ddim_sample(
     x = _start(model, shape, x_T, generator, device)
     schedule = schedule.to(x.device)
     labels = _check_labels(labels, x.shape[0], x.device)
-    extra = {} if labels is None else {"labels": labels, "guidance": guidance, "null_label": null_label}
+    extra = (
+        {} if labels is None else {"labels": labels, "guidance": guidance, "null_label": null_label}
+    )
     states = [x.cpu()]
     with _evaluating(model):
         for i in reversed(range(steps)):
@@ -299,8 +313,14 @@ def ddim_sample(
                 if i > 0
                 else torch.ones_like(alpha_bar)
             )
-            sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
-            x = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps
+            sigma = (
+                eta
+                * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
+            )
+            x = (
+                alpha_bar_prev.sqrt() * x0
+                + (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps
+            )
             if eta > 0 and i > 0:
                 x = x + sigma * _randn(tuple(x.shape), generator, x.device)
             if return_trajectory:

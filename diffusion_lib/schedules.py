@@ -31,7 +31,9 @@ def quadratic_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 
 
     Returns a float64 tensor of shape (T,).
     """
-    roots = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), timesteps, dtype=torch.float64)
+    roots = torch.linspace(
+        math.sqrt(beta_start), math.sqrt(beta_end), timesteps, dtype=torch.float64
+    )
     return roots**2
 
 

@@ -29,7 +29,9 @@ def check_finite(name: str, x: Tensor) -> None:
     """Raise ``ValueError`` if ``x`` holds NaN or infinite values."""
     if x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{name} must be finite, but {bad} of its {x.numel()} values are NaN or inf")
+        raise ValueError(
+            f"{name} must be finite, but {bad} of its {x.numel()} values are NaN or inf"
+        )
 
 
 def check_same_shape(name: str, x: Tensor, reference_name: str, reference: Tensor) -> None:

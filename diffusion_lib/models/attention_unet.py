@@ -1,0 +1,366 @@
+"""A convolutional U-net with residual blocks and self-attention: the DDPM noise predictor.
+
+The layout follows the U-net of Ronneberger et al. (2015): a contracting path that halves
+the resolution level by level, an expanding path that doubles it back, and skip connections
+that concatenate each contracting feature map onto the expanding path at the same
+resolution. The building blocks follow Ho et al. (2020, appendix B), scaled down for 28x28
+and 32x32 images: residual blocks with GroupNorm and SiLU into which a projection of the
+timestep embedding is added, and self-attention at the low resolutions, where a pixel's
+receptive field is still too small to see the whole image.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffusion_lib.models.autoencoder import check_image_batch
+from diffusion_lib.models.embeddings import TimeEmbedding
+from diffusion_lib.validation import check_positive_int, check_timesteps
+
+
+def _zero_init(module: nn.Module) -> nn.Module:
+    for parameter in module.parameters():
+        nn.init.zeros_(parameter)
+    return module
+
+
+class ResidualBlock(nn.Module):
+    """``x + conv(SiLU(GN(conv(SiLU(GN(x))) + P tau)))`` (Ho et al. 2020, appendix B).
+
+    ``P tau`` is a linear projection of the (SiLU-activated) time embedding, one value per
+    channel, broadcast over the image. A 1x1 convolution matches the channels of the skip
+    path when they change. The second convolution starts at zero, so each block starts as
+    the identity and the deep network starts as a shallow one.
+
+    Shapes: ``x`` (B, in_channels, H, W), ``time_features`` (B, time_dim) ->
+    (B, out_channels, H, W).
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, time_dim: int, dropout: float, groups: int
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_projection = nn.Linear(time_dim, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = (
+            nn.Conv2d(in_channels, out_channels, 1)
+            if in_channels != out_channels
+            else nn.Identity()
+        )
+
+    def forward(self, x: Tensor, time_features: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_projection(time_features)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the H * W positions of a feature map, with a residual.
+
+    Each pixel is a token of ``channels`` features (Vaswani et al. 2017, sec. 3.2); the
+    attention itself is :func:`torch.nn.functional.scaled_dot_product_attention`, which picks
+    a fused kernel where one is available. The output projection starts at zero, so the block
+    starts as the identity.
+
+    Shapes: ``x`` (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def __init__(self, channels: int, num_heads: int, groups: int) -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(
+                f"num_heads={num_heads} must divide the {channels} channels of every attention layer"
+            )
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.output = _zero_init(nn.Linear(channels, channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, channels, height, width = x.shape
+        # (B, H*W, C) tokens are a view of a channels_last tensor, so no copy is made there.
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        head_dim = channels // self.num_heads
+        qkv = self.qkv(tokens).reshape(batch, height * width, 3, self.num_heads, head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, H*W, d)
+        attended = F.scaled_dot_product_attention(query, key, value)
+        attended = attended.transpose(1, 2).reshape(batch, height * width, channels)
+        out = self.output(attended).transpose(1, 2).reshape(batch, channels, height, width)
+        return x + out
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution: (B, C, H, W) -> (B, C, H/2, W/2)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour doubling then a 3x3 convolution: (B, C, H, W) -> (B, C, 2H, 2W)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Stage(nn.Module):
+    """A residual block optionally followed by self-attention; the unit both paths are made of."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        time_dim: int,
+        dropout: float,
+        groups: int,
+        attention: bool,
+        num_heads: int,
+    ) -> None:
+        super().__init__()
+        self.block = ResidualBlock(in_channels, out_channels, time_dim, dropout, groups)
+        self.attention = SelfAttention(out_channels, num_heads, groups) if attention else None
+
+    def forward(self, x: Tensor, time_features: Tensor) -> Tensor:
+        h = self.block(x, time_features)
+        return self.attention(h) if self.attention is not None else h
+
+
+class AttentionUNet(nn.Module):
+    """Convolutional U-net noise predictor ``eps_theta(x_t, t[, labels])``.
+
+    The architecture of Ho et al. (2020, appendix B), itself a PixelCNN++-style version of
+    the U-net of Ronneberger et al. (2015), scaled down. For the defaults and 28x28 images::
+
+        3x3 conv ->  28x28: 2 x Res                 (32 ch) -> down
+                 ->  14x14: 2 x (Res + Attention)  (64 ch) -> down
+                 ->   7x7:  2 x (Res + Attention)  (64 ch)
+        middle    ->  7x7:  Res, Attention, Res
+        up path   ->  mirror image with 3 blocks per level, each reading the concatenation
+                      of the previous output and the matching skip activation
+        GroupNorm -> SiLU -> 3x3 conv (zero-initialised) -> eps
+
+    Every residual block adds a projection of the time embedding (sinusoidal features of t
+    through an MLP, :class:`TimeEmbedding`). With ``num_classes`` set, a learned label
+    embedding is added to the time embedding first. The table has ``num_classes + 1`` rows:
+    row ``null_label = num_classes`` stands for "no label", which classifier-free guidance
+    (Ho & Salimans 2021) trains by dropping labels and uses at sampling time.
+
+    Args:
+        image_size: H = W; must be divisible by 2 ** (len(channel_multipliers) - 1).
+        channels: image channels C (1 for MNIST, 3 for colour).
+        base_channels: channels of the first level; level i has base * channel_multipliers[i].
+        channel_multipliers: one entry per resolution level.
+        num_res_blocks: residual blocks per level on the contracting path (one more on the
+            expanding path, which also consumes the downsampling layer's skip).
+        attention_resolutions: resolutions (side lengths) that get self-attention after each
+            residual block. ``None`` means every level below the full resolution, e.g.
+            (14, 7) for 28x28 and (16, 8) for 32x32. The middle always has attention.
+        dropout: dropout rate inside the residual blocks.
+        num_classes: number of class labels for conditioning, or ``None`` for unconditional.
+        timesteps: T; used only to check that ``t`` lies in 0..T-1.
+        num_heads: attention heads; must divide the channels of every attention level.
+        norm_groups: GroupNorm groups; must divide the channels of every level.
+
+    Shapes: ``forward(x_t, t, labels=None)`` with ``x_t`` (B, C, H, W), ``t`` (B,) int64 and
+    ``labels`` (B,) int64 in 0..num_classes -> (B, C, H, W).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 28,
+        channels: int = 1,
+        base_channels: int = 32,
+        channel_multipliers: tuple[int, ...] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: tuple[int, ...] | None = None,
+        dropout: float = 0.0,
+        num_classes: int | None = None,
+        timesteps: int = 1000,
+        num_heads: int = 4,
+        norm_groups: int = 8,
+    ) -> None:
+        super().__init__()
+        self.image_size = check_positive_int("image_size", image_size)
+        self.channels = check_positive_int("channels", channels)
+        self.timesteps = check_positive_int("timesteps", timesteps)
+        check_positive_int("base_channels", base_channels)
+        check_positive_int("num_res_blocks", num_res_blocks)
+        if not channel_multipliers:
+            raise ValueError("channel_multipliers must hold at least one level, e.g. (1, 2, 2)")
+        level_channels = [
+            base_channels * check_positive_int("channel_multipliers", m)
+            for m in channel_multipliers
+        ]
+        self.resolutions = _resolutions(image_size, len(channel_multipliers))
+        self.attention_resolutions = _attention_resolutions(attention_resolutions, self.resolutions)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        check_positive_int("norm_groups", norm_groups)
+        if any(c % norm_groups for c in level_channels):
+            raise ValueError(
+                f"norm_groups={norm_groups} must divide the channels of every level, {level_channels}"
+            )
+        self.num_classes = (
+            None if num_classes is None else check_positive_int("num_classes", num_classes)
+        )
+
+        self.time_embedding = TimeEmbedding(base_channels, 4 * base_channels)
+        time_dim = self.time_embedding.out_dim
+        self.label_embedding = (
+            nn.Embedding(num_classes + 1, time_dim) if num_classes is not None else None
+        )
+
+        def stage(n_in: int, n_out: int, resolution: int) -> _Stage:
+            attention = resolution in self.attention_resolutions
+            return _Stage(n_in, n_out, time_dim, dropout, norm_groups, attention, num_heads)
+
+        self.input_conv = nn.Conv2d(channels, base_channels, 3, padding=1)
+        skip_channels = [base_channels]
+        self.down = nn.ModuleList()
+        width = base_channels
+        for level, resolution in enumerate(self.resolutions):
+            for _ in range(num_res_blocks):
+                self.down.append(stage(width, level_channels[level], resolution))
+                width = level_channels[level]
+                skip_channels.append(width)
+            if level < len(level_channels) - 1:
+                self.down.append(Downsample(width))
+                skip_channels.append(width)
+
+        self.middle = nn.ModuleList(
+            [
+                _Stage(width, width, time_dim, dropout, norm_groups, True, num_heads),
+                _Stage(width, width, time_dim, dropout, norm_groups, False, num_heads),
+            ]
+        )
+
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(level_channels))):
+            for _ in range(num_res_blocks + 1):
+                n_in = width + skip_channels.pop()
+                self.up.append(stage(n_in, level_channels[level], self.resolutions[level]))
+                width = level_channels[level]
+            if level > 0:
+                self.up.append(Upsample(width))
+
+        # The last convolution starts at zero so the untrained model predicts eps = 0, the
+        # mean of the noise it must predict: the first loss is then exactly E||eps||^2 = 1
+        # per dimension rather than a random network's much larger error, and early
+        # gradients do not have to undo a random output first.
+        self.output = nn.Sequential(
+            nn.GroupNorm(norm_groups, width),
+            nn.SiLU(),
+            _zero_init(nn.Conv2d(width, channels, 3, padding=1)),
+        )
+
+    @property
+    def null_label(self) -> int:
+        """The label index that means "no label" (``num_classes``); only for conditional models."""
+        if self.num_classes is None:
+            raise AttributeError(
+                "an unconditional AttentionUNet (num_classes=None) has no null_label"
+            )
+        return self.num_classes
+
+    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Predict the noise in ``x_t`` (B, C, H, W) at 0-based timesteps ``t`` (B,)."""
+        check_image_batch(type(self).__name__, x_t, self.channels, self.image_size)
+        if not torch.compiler.is_compiling():
+            check_timesteps(t, self.timesteps, x_t.shape[0])
+        embedding = self.time_embedding(t)
+        label_embedding = self._embed_labels(labels, x_t.shape[0], x_t.device)
+        if label_embedding is not None:
+            embedding = embedding + label_embedding
+        time_features = F.silu(embedding)
+
+        h = self.input_conv(x_t)
+        skips = [h]
+        for module in self.down:
+            h = module(h, time_features) if isinstance(module, _Stage) else module(h)
+            skips.append(h)
+        for module in self.middle:
+            h = module(h, time_features)
+        for module in self.up:
+            if isinstance(module, _Stage):
+                h = module(torch.cat([h, skips.pop()], dim=1), time_features)
+            else:
+                h = module(h)
+        return self.output(h)
+
+    def _embed_labels(
+        self, labels: Tensor | None, batch: int, device: torch.device
+    ) -> Tensor | None:
+        """(B, time_dim) label embeddings, the null label's where ``labels`` is None."""
+        if self.label_embedding is None:
+            if labels is not None:
+                raise ValueError(
+                    "this AttentionUNet is unconditional (num_classes=None) and takes no labels; "
+                    "build it with num_classes=... to condition on labels"
+                )
+            return None
+        if labels is None:
+            labels = torch.full((batch,), self.null_label, dtype=torch.long, device=device)
+        elif not torch.compiler.is_compiling():
+            _check_labels(labels, self.null_label, batch)
+        return self.label_embedding(labels)
+
+
+def _resolutions(image_size: int, levels: int) -> list[int]:
+    """Side lengths of the levels, halving each time: 28, 14, 7 for three levels."""
+    divisor = 2 ** (levels - 1)
+    if image_size % divisor:
+        raise ValueError(
+            f"image_size={image_size} cannot be halved {levels - 1} times "
+            f"({levels} channel_multipliers levels); use a multiple of {divisor}"
+        )
+    return [image_size // 2**level for level in range(levels)]
+
+
+def _attention_resolutions(
+    requested: tuple[int, ...] | None, resolutions: list[int]
+) -> tuple[int, ...]:
+    if requested is None:
+        return tuple(resolutions[1:])
+    unknown = [r for r in requested if r not in resolutions]
+    if unknown:
+        raise ValueError(
+            f"attention_resolutions {unknown} are not resolutions of this model; "
+            f"choose from {', '.join(map(str, resolutions))}"
+        )
+    return tuple(requested)
+
+
+def _check_labels(labels: Tensor, null_label: int, batch: int) -> None:
+    """Raise ``ValueError`` unless ``labels`` is an integer tensor (B,) with values 0..null_label."""
+    if not isinstance(labels, Tensor):
+        raise ValueError(
+            f"labels must be an int64 tensor of shape (B,), got {type(labels).__name__}"
+        )
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(
+            f"labels must hold integer class indices (int64), got dtype {labels.dtype}"
+        )
+    if labels.shape != (batch,):
+        raise ValueError(
+            f"labels must have shape ({batch},), one per image; got {tuple(labels.shape)}"
+        )
+    if labels.numel() and bool(((labels < 0) | (labels > null_label)).any()):
+        raise ValueError(
+            f"labels must lie in 0..{null_label} (0..{null_label - 1} are classes, {null_label} is "
+            f"the null label); got values from {int(labels.min())} to {int(labels.max())}"
+        )

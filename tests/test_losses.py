@@ -1,0 +1,168 @@
+"""The simplified loss and the variational-bound terms against independent computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from diffusion_lib import (
+    NoiseSchedule,
+    diffusion_loss,
+    discretized_gaussian_log_likelihood,
+    elbo_bits_per_dim,
+    normal_kl,
+    prior_bits_per_dim,
+    vb_term_bits_per_dim,
+)
+
+
+@pytest.fixture
+def schedule() -> NoiseSchedule:
+    return NoiseSchedule.from_name("linear", timesteps=1000)
+
+
+def oracle_for(schedule: NoiseSchedule, x0: torch.Tensor):
+    """A model that knows the clean batch, hence the exact noise: the bound's terms vanish."""
+    return lambda x_t, t: schedule.predict_eps(x_t, t, x0)
+
+
+def test_diffusion_loss_is_the_noise_mse(schedule: NoiseSchedule) -> None:
+    x0, noise = torch.rand(4, 1, 5, 5) * 2 - 1, torch.randn(4, 1, 5, 5)
+    t = torch.tensor([0, 10, 500, 999])
+    zero = diffusion_loss(lambda x, t: torch.zeros_like(x), schedule, x0, t=t, noise=noise)
+    torch.testing.assert_close(zero, (noise**2).mean())
+    perfect = diffusion_loss(oracle_for(schedule, x0), schedule, x0, t=t, noise=noise)
+    assert perfect.item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_diffusion_loss_draws_timesteps_uniformly(schedule: NoiseSchedule) -> None:
+    seen = []
+
+    def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(t)
+        return torch.zeros_like(x_t)
+
+    for _ in range(50):
+        diffusion_loss(model, schedule, torch.zeros(200, 1, 1, 1))
+    t = torch.cat(seen)
+    assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 999
+    # 10,000 uniform draws on 0..999: mean 499.5, standard error about 2.9.
+    assert t.float().mean().item() == pytest.approx(499.5, abs=15)
+
+
+def test_diffusion_loss_passes_labels(schedule: NoiseSchedule) -> None:
+    got = {}
+
+    def model(x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        got["labels"] = labels
+        return torch.zeros_like(x_t)
+
+    diffusion_loss(model, schedule, torch.zeros(3, 1, 2, 2), labels=torch.tensor([1, 2, 3]))
+    assert got["labels"].tolist() == [1, 2, 3]
+
+
+def test_normal_kl_matches_torch_distributions() -> None:
+    mean1, mean2 = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    log_var1, log_var2 = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    expected = kl_divergence(
+        Normal(mean1, (0.5 * log_var1).exp()), Normal(mean2, (0.5 * log_var2).exp())
+    )
+    torch.testing.assert_close(normal_kl(mean1, log_var1, mean2, log_var2), expected)
+
+
+def test_discretised_likelihood_sums_to_one_over_the_256_bins() -> None:
+    bins = torch.linspace(-1, 1, 256, dtype=torch.float64)
+    for mean, log_scale in [(0.0, -3.0), (0.7, -1.0), (-0.95, 0.5), (0.2, -6.0)]:
+        log_p = discretized_gaussian_log_likelihood(
+            bins, mean=torch.tensor(mean, dtype=torch.float64), log_scale=torch.tensor(log_scale)
+        )
+        assert log_p.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_discretised_likelihood_of_an_inner_bin_is_the_cdf_difference() -> None:
+    x = torch.tensor(-1 + 2 * 100 / 255, dtype=torch.float64)
+    normal = Normal(torch.tensor(0.1, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64))
+    expected = torch.log(normal.cdf(x + 1 / 255) - normal.cdf(x - 1 / 255))
+    got = discretized_gaussian_log_likelihood(x, mean=normal.mean, log_scale=normal.stddev.log())
+    torch.testing.assert_close(got, expected)
+
+
+def test_prior_term_is_the_kl_to_the_standard_normal(schedule: NoiseSchedule) -> None:
+    x0 = torch.rand(3, 1, 4, 4, dtype=torch.float64) * 2 - 1
+    abar = schedule.alphas_cumprod[-1]
+    expected = kl_divergence(Normal(abar.sqrt() * x0, (1 - abar).sqrt()), Normal(0.0, 1.0))
+    expected_bits = expected.flatten(1).mean(1) / math.log(2)
+    torch.testing.assert_close(prior_bits_per_dim(schedule, x0), expected_bits)
+    assert (prior_bits_per_dim(schedule, x0) < 1e-4).all(), (
+        "the linear schedule ends close to N(0, I)"
+    )
+
+
+def test_denoising_terms_vanish_for_a_perfect_model(schedule: NoiseSchedule) -> None:
+    x0 = torch.rand(4, 1, 3, 3, dtype=torch.float64) * 2 - 1
+    t = torch.tensor([1, 5, 400, 999])
+    x_t = schedule.q_sample(x0, t)
+    terms = vb_term_bits_per_dim(oracle_for(schedule, x0), schedule, x0, x_t, t)
+    torch.testing.assert_close(terms, torch.zeros(4, dtype=torch.float64), atol=1e-9, rtol=0)
+    wrong = vb_term_bits_per_dim(lambda x, t: torch.zeros_like(x), schedule, x0, x_t, t)
+    assert (wrong > 0).all()
+
+
+def test_denoising_term_matches_the_gaussian_kl(schedule: NoiseSchedule) -> None:
+    """L_{t-1} for a zero predictor, recomputed from the posterior with torch.distributions."""
+    x0 = torch.rand(2, 1, 2, 2, dtype=torch.float64) * 2 - 1
+    t = torch.tensor([10, 700])
+    x_t = schedule.q_sample(x0, t)
+    zero = torch.zeros_like(x0)
+    true_mean, true_var, _ = schedule.q_posterior(x0, x_t, t)
+    model_mean, model_var, _ = schedule.q_posterior(schedule.predict_x0(x_t, t, zero), x_t, t)
+    expected = kl_divergence(
+        Normal(true_mean, true_var.sqrt()), Normal(model_mean, model_var.sqrt())
+    )
+    got = vb_term_bits_per_dim(lambda x, t: torch.zeros_like(x), schedule, x0, x_t, t)
+    torch.testing.assert_close(got, expected.flatten(1).mean(1) / math.log(2))
+
+
+def test_decoder_term_is_the_discretised_nll_at_t0(schedule: NoiseSchedule) -> None:
+    pixels = torch.randint(0, 256, (2, 1, 3, 3)).double()
+    x0 = pixels / 127.5 - 1
+    t = torch.zeros(2, dtype=torch.long)
+    x_t = schedule.q_sample(x0, t)
+    bits = vb_term_bits_per_dim(oracle_for(schedule, x0), schedule, x0, x_t, t)
+    # A perfect model centres its decoder on x0 with std sqrt(beta_tilde at 0-based step 1);
+    # the probability of the right bin is then the same for every inner pixel.
+    std = schedule.posterior_variance[1].sqrt()
+    normal = Normal(torch.tensor(0.0, dtype=torch.float64), std)
+    inner = normal.cdf(torch.tensor(1 / 255)) - normal.cdf(torch.tensor(-1 / 255))
+    edge = normal.cdf(torch.tensor(1 / 255))
+    at_edge = (pixels == 0) | (pixels == 255)
+    expected_nats = -torch.where(at_edge, edge.log(), inner.log())
+    torch.testing.assert_close(bits, expected_nats.flatten(1).mean(1) / math.log(2))
+
+
+def test_elbo_collects_every_term() -> None:
+    schedule = NoiseSchedule.from_name("linear", timesteps=20, beta_end=0.5)
+    x0 = torch.randint(0, 256, (3, 1, 4, 4)).double() / 127.5 - 1
+    zero_model = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    bound = elbo_bits_per_dim(zero_model, schedule, x0, generator=torch.Generator().manual_seed(0))
+    assert bound.terms.shape == (3, 20) and bound.prior.shape == (3,)
+    torch.testing.assert_close(bound.total, bound.prior + bound.terms.sum(1))
+    assert (bound.terms > 0).all()
+    perfect = elbo_bits_per_dim(oracle_for(schedule, x0), schedule, x0)
+    assert (perfect.terms[:, 1:].abs() < 1e-9).all()
+    assert (perfect.total < bound.total).all()
+
+
+def test_bad_input(schedule: NoiseSchedule) -> None:
+    x0 = torch.zeros(2, 1, 2, 2)
+    with pytest.raises(ValueError, match=r"timesteps must lie in 0\.\.999"):
+        diffusion_loss(lambda x, t: x, schedule, x0, t=torch.tensor([0, 1000]))
+    with pytest.raises(ValueError, match="noise must have the shape of x0"):
+        diffusion_loss(lambda x, t: x, schedule, x0, noise=torch.zeros(2, 1, 2, 3))
+    with pytest.raises(ValueError, match="the model's output must have the shape of x0"):
+        diffusion_loss(lambda x, t: x.flatten(1), schedule, x0)
+    with pytest.raises(ValueError, match="x0 must be finite"):
+        elbo_bits_per_dim(lambda x, t: x, schedule, x0 * float("nan"))

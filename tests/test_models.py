@@ -1,0 +1,420 @@
+"""Tests for diffusion_lib.models: shapes, gradients, embeddings, conditioning and input checks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusion_lib.models import (
+    MODELS,
+    AttentionUNet,
+    DenoisingAutoencoder,
+    FCUNet,
+    TimeEmbedding,
+    build_model,
+    count_parameters,
+    sinusoidal_embedding,
+)
+from diffusion_lib.models.attention_unet import SelfAttention
+from diffusion_lib.sampling import predict_noise
+
+T = 1000
+
+
+def tiny_fc_unet(channels: int, image_size: int, **kwargs: object) -> FCUNet:
+    return FCUNet(image_size=image_size, channels=channels, widths=(32, 16, 8), **kwargs)
+
+
+def tiny_attention_unet(channels: int, image_size: int, **kwargs: object) -> AttentionUNet:
+    options = dict(base_channels=8, channel_multipliers=(1, 2, 2), num_res_blocks=1, num_heads=2)
+    options.update(kwargs)
+    return AttentionUNet(image_size=image_size, channels=channels, **options)
+
+
+NOISE_PREDICTORS: dict[str, Callable[[int, int], nn.Module]] = {
+    "fc_unet_scalar": tiny_fc_unet,
+    "fc_unet_sinusoidal_layer_norm": lambda c, s: tiny_fc_unet(
+        c, s, time_embedding="sinusoidal", layer_norm=True, time_embedding_dim=8
+    ),
+    "attention_unet": tiny_attention_unet,
+    "attention_unet_conditional": lambda c, s: tiny_attention_unet(c, s, num_classes=10),
+}
+
+
+def perturb(model: nn.Module, scale: float = 0.1) -> nn.Module:
+    """Add noise to every parameter, so zero-initialised layers no longer hide the rest."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def inputs(channels: int, image_size: int, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    x_t = torch.randn(batch, channels, image_size, image_size)
+    t = torch.randint(0, T, (batch,))
+    return x_t, t
+
+
+# --- sinusoidal embedding -------------------------------------------------------------------
+
+
+def vaswani_position_encoding(positions: np.ndarray, dim: int, max_period: float) -> np.ndarray:
+    """PE(pos, 2i) = sin(pos / P^(2i/d)), PE(pos, 2i+1) = cos(pos / P^(2i/d)), interleaved."""
+    table = np.zeros((len(positions), dim))
+    for row, pos in enumerate(positions):
+        for i in range(dim // 2):
+            angle = pos / max_period ** (2 * i / dim)
+            table[row, 2 * i] = math.sin(angle)
+            table[row, 2 * i + 1] = math.cos(angle)
+    return table
+
+
+@pytest.mark.parametrize("dim", [2, 8, 32])
+@pytest.mark.parametrize("max_period", [10000.0, 100.0])
+def test_sinusoidal_embedding_matches_vaswani_formula(dim: int, max_period: float) -> None:
+    t = torch.tensor([0, 1, 2, 17, 500, 999])
+    expected = vaswani_position_encoding(t.numpy(), dim, max_period)
+    # The library puts all sines first, then all cosines: the same columns in another order.
+    expected = np.concatenate([expected[:, 0::2], expected[:, 1::2]], axis=1)
+    actual = sinusoidal_embedding(t, dim, max_period)
+    assert actual.shape == (6, dim) and actual.dtype == torch.float32
+    np.testing.assert_allclose(actual.numpy(), expected, atol=2e-4)
+
+
+def test_sinusoidal_embedding_odd_dim_pads_with_zero() -> None:
+    t = torch.arange(0, T, 37)
+    odd = sinusoidal_embedding(t, 7)
+    assert odd.shape == (len(t), 7)
+    torch.testing.assert_close(odd[:, :6], sinusoidal_embedding(t, 6))
+    assert torch.all(odd[:, 6] == 0)
+
+
+def test_distinct_timesteps_give_distinct_embeddings() -> None:
+    embeddings = sinusoidal_embedding(torch.arange(T), 32).double()
+    distances = torch.cdist(embeddings, embeddings)
+    distances.fill_diagonal_(float("inf"))
+    # Neighbouring timesteps differ by at least the fastest frequency's step, 2 sin(1/2) ~ 0.96.
+    assert distances.min() > 0.5
+
+
+def test_time_embedding_is_sinusoid_then_mlp() -> None:
+    embedding = TimeEmbedding(8)
+    assert embedding.out_dim == 32
+    t = torch.tensor([0, 5, 999])
+    first, second = embedding.mlp[0], embedding.mlp[2]
+    expected = second(F.silu(first(sinusoidal_embedding(t, 8))))
+    torch.testing.assert_close(embedding(t), expected)
+    assert embedding(t).shape == (3, 32)
+
+
+# --- shapes and gradients -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NOISE_PREDICTORS)
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("image_size", [28, 32])
+def test_noise_predictor_output_shape(name: str, channels: int, image_size: int) -> None:
+    model = NOISE_PREDICTORS[name](channels, image_size)
+    x_t, t = inputs(channels, image_size)
+    eps = model(x_t, t)
+    assert eps.shape == x_t.shape and eps.dtype == x_t.dtype
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("image_size", [28, 32])
+def test_autoencoder_shapes(channels: int, image_size: int) -> None:
+    model = DenoisingAutoencoder(channels, image_size, hidden=(4, 8), latent_dim=5)
+    x, _ = inputs(channels, image_size)
+    assert model.encode(x).shape == (3, 5)
+    assert model(x).shape == x.shape
+
+
+def test_autoencoder_output_is_not_squashed() -> None:
+    model = DenoisingAutoencoder(hidden=(4, 8), latent_dim=5)
+    with torch.no_grad():
+        model.decoder[-1].bias.fill_(3.0)
+    # With a sigmoid the output could never exceed 1; the linear output layer can.
+    assert model(torch.rand(2, 1, 28, 28)).min() > 1.0
+
+
+@pytest.mark.parametrize("name", NOISE_PREDICTORS)
+def test_gradients_reach_every_parameter(name: str) -> None:
+    model = perturb(NOISE_PREDICTORS[name](3, 28))
+    x_t, t = inputs(3, 28, batch=4)
+    args = (torch.tensor([0, 1, 2, 10]),) if name.endswith("conditional") else ()
+    model(x_t, t, *args).square().sum().backward()
+    for parameter_name, parameter in model.named_parameters():
+        assert parameter.grad is not None, parameter_name
+        assert torch.isfinite(parameter.grad).all(), parameter_name
+        assert parameter.grad.abs().sum() > 0, parameter_name
+
+
+def test_autoencoder_gradients_reach_every_parameter() -> None:
+    model = DenoisingAutoencoder(hidden=(4, 8), latent_dim=5)
+    model(torch.rand(2, 1, 28, 28)).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", NOISE_PREDICTORS)
+def test_untrained_noise_predictor_outputs_zero(name: str) -> None:
+    model = NOISE_PREDICTORS[name](1, 28)
+    x_t, t = inputs(1, 28)
+    assert torch.equal(model(x_t, t), torch.zeros_like(x_t))
+
+
+@pytest.mark.parametrize("name", NOISE_PREDICTORS)
+def test_samples_in_a_batch_do_not_interact(name: str) -> None:
+    model = perturb(NOISE_PREDICTORS[name](3, 32)).eval()
+    x_t, t = inputs(3, 32, batch=4)
+    together = model(x_t, t)
+    for i in range(4):
+        torch.testing.assert_close(together[i : i + 1], model(x_t[i : i + 1], t[i : i + 1]))
+
+
+@pytest.mark.parametrize("name", NOISE_PREDICTORS)
+def test_timestep_changes_the_output(name: str) -> None:
+    model = perturb(NOISE_PREDICTORS[name](1, 28))
+    x_t = torch.randn(1, 1, 28, 28).expand(2, -1, -1, -1)
+    eps = model(x_t, torch.tensor([0, 999]))
+    assert (eps[0] - eps[1]).abs().max() > 1e-4
+
+
+def test_attention_unet_accepts_channels_last() -> None:
+    model = perturb(tiny_attention_unet(3, 32))
+    x_t, t = inputs(3, 32)
+    expected = model(x_t, t)
+    actual = model(x_t.contiguous(memory_format=torch.channels_last), t)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+
+
+# --- FCUNet structure -----------------------------------------------------------------------
+
+
+def test_fc_unet_scalar_time_input_is_t_over_T() -> None:
+    model = tiny_fc_unet(1, 28)
+    seen = []
+    model.encoder[0].linear.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    t = torch.tensor([0, 250, 999])
+    model(torch.randn(3, 1, 28, 28), t)
+    assert seen[0].shape == (3, 28 * 28 + 1)
+    torch.testing.assert_close(seen[0][:, -1], t.float() / T)
+
+
+@pytest.mark.parametrize("widths", [(32, 16, 8), (20, 10), (12,)])
+def test_fc_unet_skip_pairs_have_equal_width(widths: tuple[int, ...]) -> None:
+    model = FCUNet(widths=widths)
+    assert len(model.encoder) == len(widths) and len(model.decoder) == len(widths) - 1
+    assert len(model.skip_pairs) == len(widths) - 1
+    for encoder_index, decoder_index in model.skip_pairs:
+        encoder_width = model.encoder[encoder_index].linear.out_features
+        assert encoder_width == model.decoder[decoder_index].linear.out_features
+    assert model.output.in_features == widths[0]
+
+
+def test_fc_unet_skip_connections_carry_encoder_activations() -> None:
+    """With the decoder layers zeroed, only the outermost skip reaches the output layer."""
+    model = perturb(tiny_fc_unet(1, 28))
+    with torch.no_grad():
+        for parameter in model.decoder.parameters():
+            parameter.zero_()
+    x_t, t = inputs(1, 28)
+    first_layer_input = torch.cat([x_t.flatten(1), (t.float() / T)[:, None]], dim=1)
+    h_0 = F.silu(model.encoder[0].linear(first_layer_input))
+    expected = model.output(h_0).reshape(x_t.shape)
+    torch.testing.assert_close(model(x_t, t), expected)
+
+
+def test_fc_unet_default_size() -> None:
+    model = FCUNet()
+    assert model.widths == (2000, 1000, 500)
+    assert 5_000_000 <= count_parameters(model) <= 10_000_000
+
+
+# --- AttentionUNet structure and conditioning -----------------------------------------------
+
+
+def test_self_attention_matches_softmax_formula() -> None:
+    layer = perturb(SelfAttention(channels=8, num_heads=2, groups=4), scale=0.3)
+    x = torch.randn(2, 8, 3, 5)
+    tokens = layer.norm(x).flatten(2).transpose(1, 2)  # (B, N, C)
+    query, key, value = layer.qkv(tokens).chunk(3, dim=-1)
+    heads = []
+    for head in range(2):
+        part = slice(4 * head, 4 * head + 4)
+        weights = torch.softmax(query[..., part] @ key[..., part].transpose(1, 2) / 2.0, dim=-1)
+        heads.append(weights @ value[..., part])
+    out = layer.output(torch.cat(heads, dim=-1)).transpose(1, 2).reshape(x.shape)
+    torch.testing.assert_close(layer(x), x + out)
+
+
+@pytest.mark.parametrize(
+    ("image_size", "attention_resolutions", "expected"),
+    [(28, None, (14, 7)), (32, None, (16, 8)), (28, (7,), (7,)), (32, (), ())],
+)
+def test_attention_placed_at_requested_resolutions(
+    image_size: int, attention_resolutions: tuple[int, ...] | None, expected: tuple[int, ...]
+) -> None:
+    model = tiny_attention_unet(1, image_size, attention_resolutions=attention_resolutions)
+    assert model.attention_resolutions == expected
+    layers = sum(isinstance(m, SelfAttention) for m in model.modules())
+    # Per attended level: 1 block on the way down and 2 on the way up; plus 1 in the middle.
+    assert layers == 3 * len(expected) + 1
+
+
+def test_attention_unet_default_size() -> None:
+    model = AttentionUNet()
+    assert model.resolutions == [28, 14, 7]
+    assert 500_000 <= count_parameters(model) <= 5_000_000
+
+
+def test_labels_change_the_output_and_none_means_null_label() -> None:
+    model = perturb(tiny_attention_unet(1, 28, num_classes=10))
+    assert model.null_label == 10
+    assert model.label_embedding.num_embeddings == 11
+    x_t = torch.randn(1, 1, 28, 28).expand(3, -1, -1, -1)
+    t = torch.full((3,), 500)
+    eps = model(x_t, t, torch.tensor([0, 1, 10]))
+    assert (eps[0] - eps[1]).abs().max() > 1e-4
+    assert (eps[0] - eps[2]).abs().max() > 1e-4
+    torch.testing.assert_close(model(x_t, t), model(x_t, t, torch.full((3,), 10)))
+
+
+def test_conditional_model_supports_classifier_free_guidance() -> None:
+    model = perturb(tiny_attention_unet(1, 28, num_classes=10))
+    x_t, t = inputs(1, 28)
+    labels = torch.tensor([3, 4, 5])
+    guided = predict_noise(model, x_t, t, labels, guidance=2.0, null_label=model.null_label)
+    expected = 3.0 * model(x_t, t, labels) - 2.0 * model(x_t, t)
+    torch.testing.assert_close(guided, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (torch.tensor([0, 11]), "0..10"),
+        (torch.tensor([-1, 3]), "0..10"),
+        (torch.tensor([0.0, 1.0]), "integer"),
+        (torch.tensor([0, 1, 2]), "shape (2,)"),
+    ],
+)
+def test_bad_labels_raise(labels: torch.Tensor, message: str) -> None:
+    model = tiny_attention_unet(1, 28, num_classes=10)
+    x_t, t = inputs(1, 28, batch=2)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        model(x_t, t, labels)
+
+
+def test_unconditional_model_rejects_labels() -> None:
+    model = tiny_attention_unet(1, 28)
+    x_t, t = inputs(1, 28, batch=2)
+    with pytest.raises(ValueError, match="unconditional"):
+        model(x_t, t, torch.tensor([0, 1]))
+    with pytest.raises(AttributeError, match="null_label"):
+        _ = model.null_label
+
+
+# --- input checks ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NOISE_PREDICTORS)
+def test_wrong_image_size_raises(name: str) -> None:
+    model = NOISE_PREDICTORS[name](1, 28)
+    with pytest.raises(ValueError, match="image_size=28"):
+        model(torch.randn(2, 1, 32, 32), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", NOISE_PREDICTORS)
+def test_wrong_channel_count_raises(name: str) -> None:
+    model = NOISE_PREDICTORS[name](1, 28)
+    with pytest.raises(ValueError, match="built for 1-channel images, got 3"):
+        model(torch.randn(2, 3, 28, 28), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", NOISE_PREDICTORS)
+def test_missing_batch_dimension_raises(name: str) -> None:
+    model = NOISE_PREDICTORS[name](1, 28)
+    with pytest.raises(ValueError, match=r"shape \(B, 1, 28, 28\)"):
+        model(torch.randn(1, 28, 28), torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", NOISE_PREDICTORS)
+@pytest.mark.parametrize(
+    ("t", "message"), [(torch.tensor([0, T]), "0..999"), (torch.tensor([0.5, 1.0]), "integer")]
+)
+def test_bad_timesteps_raise(name: str, t: torch.Tensor, message: str) -> None:
+    model = NOISE_PREDICTORS[name](1, 28)
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(2, 1, 28, 28), t)
+
+
+def test_autoencoder_checks_its_input() -> None:
+    model = DenoisingAutoencoder(hidden=(4, 8), latent_dim=5)
+    with pytest.raises(ValueError, match="image_size=28"):
+        model(torch.rand(2, 1, 32, 32))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        DenoisingAutoencoder(image_size=30)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(image_size=30), "multiple of 4"),
+        (dict(channel_multipliers=(1, 2, 2, 2)), "multiple of 8"),
+        (dict(attention_resolutions=(16,)), "choose from 28, 14, 7"),
+        (dict(norm_groups=3), "norm_groups=3"),
+        (dict(num_heads=3), "num_heads=3"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(channel_multipliers=()), "channel_multipliers"),
+    ],
+)
+def test_attention_unet_rejects_bad_configurations(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AttentionUNet(**{"base_channels": 8, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [(dict(time_embedding="learned"), "scalar, sinusoidal"), (dict(widths=()), "widths")],
+)
+def test_fc_unet_rejects_bad_configurations(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        FCUNet(**kwargs)
+
+
+# --- registry and parameter counts ----------------------------------------------------------
+
+
+def test_build_model_uses_the_registry() -> None:
+    assert set(MODELS) == {"fc_unet", "attention_unet"}
+    model = build_model("fc_unet", widths=(8, 4), image_size=4)
+    assert isinstance(model, FCUNet) and model.widths == (8, 4)
+    assert isinstance(build_model("attention_unet", base_channels=8), AttentionUNet)
+
+
+def test_build_model_rejects_unknown_name() -> None:
+    with pytest.raises(ValueError, match="unet.*fc_unet, attention_unet"):
+        build_model("unet")
+
+
+def test_count_parameters_by_hand() -> None:
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Linear(3, 4), shared, shared)
+    assert count_parameters(model) == (3 * 4 + 4) + (4 * 4 + 4)
+    model[0].requires_grad_(False)
+    assert count_parameters(model) == 4 * 4 + 4
+
+
+def test_count_parameters_of_a_tiny_fc_unet() -> None:
+    model = FCUNet(image_size=4, channels=1, widths=(6, 3))
+    pixels = 16
+    encoder = ((pixels + 1) * 6 + 6) + (6 * 3 + 3)
+    decoder = 3 * 6 + 6
+    output = 6 * pixels + pixels
+    assert count_parameters(model) == encoder + decoder + output

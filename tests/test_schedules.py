@@ -1,0 +1,228 @@
+"""NoiseSchedule against closed forms computed independently in NumPy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from diffusion_lib import SCHEDULES, NoiseSchedule
+
+NAMES = sorted(SCHEDULES)
+
+
+@pytest.fixture(params=NAMES)
+def schedule(request: pytest.FixtureRequest) -> NoiseSchedule:
+    return NoiseSchedule.from_name(request.param, timesteps=1000)
+
+
+def test_invariants(schedule: NoiseSchedule) -> None:
+    assert schedule.timesteps == 1000
+    for table in (schedule.betas, schedule.alphas, schedule.alphas_cumprod):
+        assert table.shape == (1000,) and table.dtype == torch.float64
+    assert ((schedule.betas > 0) & (schedule.betas < 1)).all()
+    assert (schedule.alphas_cumprod.diff() < 0).all(), "alpha-bar must strictly decrease"
+    assert schedule.alphas_cumprod[-1] < 1e-3, "x_T must be nearly pure noise"
+    torch.testing.assert_close(schedule.alphas, 1 - schedule.betas)
+    torch.testing.assert_close(
+        schedule.signal_to_noise_ratio, schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)
+    )
+
+
+def test_linear_values_at_known_points() -> None:
+    schedule = NoiseSchedule.from_name("linear")
+    betas = np.linspace(1e-4, 0.02, 1000)
+    np.testing.assert_allclose(schedule.betas.numpy(), betas, rtol=1e-12)
+    np.testing.assert_allclose(schedule.alphas_cumprod.numpy(), np.cumprod(1 - betas), rtol=1e-10)
+    # Ho et al.'s schedule leaves alpha-bar_T around 4e-5: almost no signal at the end.
+    assert schedule.alphas_cumprod[-1].item() == pytest.approx(4.036e-5, rel=1e-3)
+
+
+def test_quadratic_has_linear_square_roots() -> None:
+    schedule = NoiseSchedule.from_name("quadratic", timesteps=50)
+    roots = schedule.betas.sqrt().numpy()
+    np.testing.assert_allclose(np.diff(roots), np.full(49, np.diff(roots)[0]), rtol=1e-9)
+    assert roots[0] == pytest.approx(math.sqrt(1e-4)) and roots[-1] == pytest.approx(
+        math.sqrt(0.02)
+    )
+
+
+def test_cosine_matches_the_defining_formula() -> None:
+    T, s = 1000, 0.008
+    schedule = NoiseSchedule.from_name("cosine", timesteps=T)
+    f = np.cos((np.arange(T + 1) / T + s) / (1 + s) * np.pi / 2) ** 2
+    expected = f[1:] / f[0]
+    unclipped = schedule.betas.numpy() < 0.999
+    np.testing.assert_allclose(
+        schedule.alphas_cumprod.numpy()[unclipped], expected[unclipped], rtol=1e-9
+    )
+    assert schedule.betas.max().item() == pytest.approx(0.999)
+
+
+def test_keyword_arguments_reach_the_schedule() -> None:
+    schedule = NoiseSchedule.from_name("linear", timesteps=10, beta_start=0.001, beta_end=0.1)
+    assert schedule.betas[0].item() == pytest.approx(0.001)
+    assert schedule.betas[-1].item() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_used_in_the_inputs_dtype(name: str) -> None:
+    schedule = NoiseSchedule.from_name(name, timesteps=100)
+    t = torch.tensor([0, 99])
+    for dtype in (torch.float32, torch.float64):
+        x0 = torch.randn(2, 1, 4, 4, dtype=dtype)
+        assert schedule.q_sample(x0, t).dtype == dtype
+        mean, variance, log_variance = schedule.q_posterior(x0, x0, t)
+        assert mean.dtype == variance.dtype == log_variance.dtype == dtype
+
+
+def test_to_moves_every_table() -> None:
+    schedule = NoiseSchedule.from_name("linear", timesteps=10)
+    assert schedule.to("cpu") is schedule
+    moved = schedule.to(torch.device("meta"))
+    assert all(v.device.type == "meta" for v in vars(moved).values())
+    assert moved.timesteps == 10
+
+
+def test_q_sample_statistics_match_the_closed_form(schedule: NoiseSchedule) -> None:
+    """Monte Carlo mean and variance of x_t for a fixed x_0 (Ho et al. eq. 4)."""
+    n = 200_000
+    x0 = torch.full((n, 1), 0.7, dtype=torch.float64)
+    for step in (0, 300, 999):
+        t = torch.full((n,), step)
+        x_t = schedule.q_sample(x0, t)
+        alpha_bar = schedule.alphas_cumprod[step].item()
+        # Standard error of the mean is at most 1/sqrt(n) ~ 0.0022; allow 5 of them.
+        assert x_t.mean().item() == pytest.approx(math.sqrt(alpha_bar) * 0.7, abs=0.011)
+        assert x_t.var().item() == pytest.approx(1 - alpha_bar, rel=0.02, abs=1e-6)
+
+
+def test_markov_chain_and_closed_form_agree() -> None:
+    """Running q(x_t | x_{t-1}) step by step gives the law of q(x_t | x_0)."""
+    schedule = NoiseSchedule.from_name("linear", timesteps=200)
+    n, x0 = 100_000, 0.5
+    x = torch.full((n,), x0, dtype=torch.float64)
+    for beta in schedule.betas:
+        x = (1 - beta).sqrt() * x + beta.sqrt() * torch.randn(n, dtype=torch.float64)
+    alpha_bar = schedule.alphas_cumprod[-1].item()
+    assert x.mean().item() == pytest.approx(math.sqrt(alpha_bar) * x0, abs=0.015)
+    assert x.var().item() == pytest.approx(1 - alpha_bar, rel=0.02)
+
+
+def test_posterior_matches_bayes_rule(schedule: NoiseSchedule) -> None:
+    """Multiply the Gaussians q(x_t | x_{t-1}) and q(x_{t-1} | x_0) and normalise (precision form)."""
+    t = torch.tensor([1, 10, 500, 999])
+    x0 = torch.tensor([0.3, -0.8, 1.0, 0.1], dtype=torch.float64).reshape(4, 1)
+    x_t = torch.tensor([0.1, 0.4, -1.2, 2.0], dtype=torch.float64).reshape(4, 1)
+    mean, variance, log_variance = schedule.q_posterior(x0, x_t, t)
+    a = schedule.alphas.numpy()[t]
+    ab_prev = schedule.alphas_cumprod.numpy()[t - 1]
+    b = schedule.betas.numpy()[t]
+    precision = 1 / (1 - ab_prev) + a / b
+    expected_var = 1 / precision
+    expected_mean = expected_var * (
+        np.sqrt(ab_prev) * x0.numpy()[:, 0] / (1 - ab_prev) + np.sqrt(a) * x_t.numpy()[:, 0] / b
+    )
+    np.testing.assert_allclose(mean.numpy()[:, 0], expected_mean, rtol=1e-9)
+    np.testing.assert_allclose(variance.numpy()[:, 0], expected_var, rtol=1e-9)
+    np.testing.assert_allclose(log_variance.numpy()[:, 0], np.log(expected_var), rtol=1e-9)
+
+
+def test_posterior_against_monte_carlo() -> None:
+    """Sample (x_{t-1}, x_t) jointly from the forward process; regress x_{t-1} on x_t."""
+    schedule = NoiseSchedule.from_name("linear", timesteps=1000)
+    step, n, x0_value = 400, 400_000, 0.6
+    x0 = torch.full((n, 1), x0_value, dtype=torch.float64)
+    x_prev = schedule.q_sample(x0, torch.full((n,), step - 1))
+    beta = schedule.betas[step]
+    x_t = (1 - beta).sqrt() * x_prev + beta.sqrt() * torch.randn_like(x_prev)
+    # Conditional of a bivariate Gaussian: slope = Cov / Var, residual variance.
+    slope = torch.cov(torch.stack([x_prev[:, 0], x_t[:, 0]]))[0, 1] / x_t.var()
+    residual = x_prev - slope * x_t
+    mean, variance, _ = schedule.q_posterior(x0[:1], x_t[:1] * 0, torch.tensor([step]))
+    assert slope.item() == pytest.approx(schedule.posterior_mean_coef2[step].item(), rel=0.01)
+    assert residual.mean().item() == pytest.approx(mean.item(), abs=0.005)
+    assert residual.var().item() == pytest.approx(variance.item(), rel=0.02)
+
+
+def test_posterior_at_the_first_step_returns_x0() -> None:
+    schedule = NoiseSchedule.from_name("cosine", timesteps=100)
+    x0, x_t = torch.randn(3, 2), torch.randn(3, 2)
+    mean, variance, log_variance = schedule.q_posterior(x0, x_t, torch.zeros(3, dtype=torch.long))
+    torch.testing.assert_close(mean, x0)
+    assert (variance == 0).all() and torch.isfinite(log_variance).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    name=st.sampled_from(NAMES),
+    timesteps=st.integers(1, 2000),
+    fraction=st.floats(0, 1, exclude_max=True),
+)
+def test_predict_x0_inverts_q_sample(name: str, timesteps: int, fraction: float) -> None:
+    schedule = NoiseSchedule.from_name(name, timesteps=timesteps)
+    t = torch.tensor([int(fraction * timesteps)] * 2)
+    x0, noise = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    x_t = schedule.q_sample(x0, t, noise)
+    # Near alpha-bar = 0 the inversion divides by a tiny number, so compare relative to it.
+    tolerance = 1e-9 / schedule.sqrt_alphas_cumprod[t[0]].item()
+    torch.testing.assert_close(schedule.predict_x0(x_t, t, noise), x0, rtol=0, atol=tolerance)
+    torch.testing.assert_close(schedule.predict_eps(x_t, t, x0), noise, rtol=0, atol=tolerance)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_unknown_name_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="unknown schedule 'cosin'.*cosine, linear, quadratic"):
+        NoiseSchedule.from_name("cosin")
+
+
+@pytest.mark.parametrize("timesteps", [0, -5, 2.5, True])
+def test_bad_timestep_counts(timesteps: object) -> None:
+    with pytest.raises(ValueError, match="timesteps must be an integer >= 1"):
+        NoiseSchedule.from_name("linear", timesteps=timesteps)  # type: ignore[arg-type]
+
+
+def test_bad_keyword_is_named() -> None:
+    with pytest.raises(ValueError, match="bad keyword arguments for the 'cosine' schedule"):
+        NoiseSchedule.from_name("cosine", beta_start=0.1)
+
+
+@pytest.mark.parametrize("betas", [[0.1, 1.0], [0.0, 0.1], [float("nan")], [[0.1]]])
+def test_bad_betas(betas: list) -> None:
+    with pytest.raises(ValueError, match="beta"):
+        NoiseSchedule(torch.tensor(betas))
+
+
+@pytest.mark.parametrize(
+    ("t", "message"),
+    [
+        (torch.tensor([0, 10]), r"0\.\.9 \(0-based, T=10\)"),
+        (torch.tensor([-1, 0]), r"0\.\.9"),
+        (torch.tensor([0.0, 1.0]), "integer timesteps"),
+        (torch.tensor([1]), "t has 1 entries but the batch has 2"),
+        (torch.tensor([[1, 2]]), r"shape \(B,\)"),
+    ],
+)
+def test_bad_timesteps(t: torch.Tensor, message: str) -> None:
+    schedule = NoiseSchedule.from_name("linear", timesteps=10)
+    with pytest.raises(ValueError, match=message):
+        schedule.q_sample(torch.zeros(2, 3), t)
+
+
+def test_shape_mismatch_and_non_finite_inputs() -> None:
+    schedule = NoiseSchedule.from_name("linear", timesteps=10)
+    t = torch.tensor([1, 2])
+    with pytest.raises(
+        ValueError, match=r"noise must have the shape of x0, \(2, 3\); got \(2, 4\)"
+    ):
+        schedule.q_sample(torch.zeros(2, 3), t, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="x0 must be finite, but 2 of its 6 values"):
+        schedule.q_sample(torch.tensor([[0.0, float("nan"), 0.0]] * 2), t)
+    with pytest.raises(ValueError, match="eps must be finite"):
+        schedule.predict_x0(torch.zeros(2, 3), t, torch.full((2, 3), float("inf")))
+    with pytest.raises(ValueError, match="x_t must have the shape of x0"):
+        schedule.q_posterior(torch.zeros(2, 3), torch.zeros(3, 3), t)
