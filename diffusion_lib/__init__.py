@@ -39,6 +39,15 @@ from diffusion_lib.sampling import (
 )
 from diffusion_lib.schedules import SCHEDULES, NoiseSchedule
 from diffusion_lib.smoke import smoke_mode
+from diffusion_lib.training import (
+    CheckpointError,
+    NonFiniteLossError,
+    TrainingHistory,
+    TrainingResult,
+    load_checkpoint,
+    select_device,
+    train,
+)
 
 __all__ = [
     "CLASS_NAMES",
@@ -77,4 +86,11 @@ __all__ = [
     "build_model",
     "count_parameters",
     "sinusoidal_embedding",
+    "CheckpointError",
+    "NonFiniteLossError",
+    "TrainingHistory",
+    "TrainingResult",
+    "load_checkpoint",
+    "select_device",
+    "train",
 ]

@@ -1,0 +1,378 @@
+"""Command line: ``python -m diffusion_lib train ...`` trains a model, ``... sample ...`` draws from it.
+
+A checkpoint written by ``train`` records the model's name and arguments, the schedule, the
+dataset and its value range, so ``sample`` rebuilds everything from the file alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.utils import make_grid, save_image
+
+from diffusion_lib.checkpoints import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    check_state_dict_fits,
+    load_checkpoint,
+)
+from diffusion_lib.data import (
+    CLASS_NAMES,
+    DATASETS,
+    DataNotFoundError,
+    load_images,
+    to_unit_interval,
+)
+from diffusion_lib.devices import select_device
+from diffusion_lib.models import MODELS, build_model, count_parameters
+from diffusion_lib.sampling import ddim_sample, ddpm_sample
+from diffusion_lib.schedules import SCHEDULES, NoiseSchedule
+from diffusion_lib.smoke import cap_samples
+from diffusion_lib.training import train
+
+SAMPLERS = ("ddpm", "ddim")
+IMAGE_SIZE, IMAGE_CHANNELS = 28, 1  # MNIST and Fashion-MNIST
+
+EPILOG = """\
+examples:
+  python -m diffusion_lib train --model fc_unet --dataset mnist --steps 5000 --output runs/fc_unet
+  python -m diffusion_lib train --model attention_unet --dataset fashion_mnist \\
+      --schedule cosine --steps 20000 --batch-size 256 --conditional --output runs/fashion
+  python -m diffusion_lib sample --checkpoint runs/fc_unet/checkpoint.pt --sampler ddim \\
+      --steps 50 --num 64 --output samples.png
+  python -m diffusion_lib sample --checkpoint runs/fashion/checkpoint.pt --label 7 \\
+      --guidance 3 --output sneakers.png
+
+Datasets are read from $DIFFUSION_LIB_DATA (torchvision layout). Set DIFFUSION_LIB_SMOKE=1
+for a quick run with capped steps, data and samples.
+"""
+
+
+class CommandError(Exception):
+    """A problem with the command's inputs, reported as one line on stderr (exit status 1)."""
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as JSON where it parses (numbers, lists, true), else a string."""
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _add_model_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--model", required=True, choices=sorted(MODELS), help="network")
+    group.add_argument(
+        "--model-arg",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra model argument, VALUE as JSON, e.g. --model-arg widths=[512,256] (repeatable)",
+    )
+    group.add_argument(
+        "--schedule", default="linear", choices=list(SCHEDULES), help="(default: linear)"
+    )
+    group.add_argument("--timesteps", type=int, default=1000, help="T (default: 1000)")
+    group.add_argument("--conditional", action="store_true", help="condition on class labels")
+    group.add_argument(
+        "--label-dropout",
+        type=float,
+        default=0.1,
+        help="with --conditional: share of labels dropped, for classifier-free guidance "
+        "(default: 0.1)",
+    )
+
+
+def _add_data_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--dataset", required=True, choices=list(DATASETS), help="training images")
+    group.add_argument(
+        "--value-range",
+        type=float,
+        nargs=2,
+        default=(-1.0, 1.0),
+        metavar=("LOW", "HIGH"),
+        help="pixel range the model sees (default: -1 1)",
+    )
+    group.add_argument("--limit", type=int, metavar="N", help="use only the first N images")
+
+
+def _add_optimisation_options(group: argparse._ArgumentGroup) -> None:
+    length = group.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int, help="optimisation steps")
+    length.add_argument("--epochs", type=float, help="passes over the data (may be fractional)")
+    group.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
+    group.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default: 2e-4)")
+    group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    group.add_argument("--compile", action="store_true", help="run the model through torch.compile")
+    group.add_argument("--device", help="cuda, mps or cpu (default: the fastest present)")
+
+
+def _add_output_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--output", required=True, type=Path, metavar="DIR", help="folder for checkpoint.pt"
+    )
+    group.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue from DIR/checkpoint.pt if it exists (default: yes)",
+    )
+    group.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1000,
+        help="steps between checkpoints (default: 1000)",
+    )
+    group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _add_train_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "train",
+        help="train a noise predictor and write DIR/checkpoint.pt",
+        description="Train a noise predictor with the simplified loss (Ho et al. 2020).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_options(parser.add_argument_group("model and diffusion"))
+    _add_data_options(parser.add_argument_group("data"))
+    _add_optimisation_options(parser.add_argument_group("optimisation"))
+    _add_output_options(parser.add_argument_group("checkpoint"))
+    parser.set_defaults(run=run_train)
+
+
+def _add_sample_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "sample",
+        help="draw images from a checkpoint and save them as a grid",
+        description="Draw samples with the EMA weights of a checkpoint and save them as one image.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, type=Path, help="a checkpoint.pt written by train"
+    )
+    parser.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="(default: ddim)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="denoising steps, at most T (default: T for ddpm, 50 for ddim)",
+    )
+    parser.add_argument(
+        "--eta", type=float, default=0.0, help="ddim noise: 0 deterministic, 1 DDPM-like"
+    )
+    parser.add_argument("--num", type=int, default=64, help="number of images (default: 64)")
+    parser.add_argument("--output", type=Path, default=Path("samples.png"), help="PNG to write")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--label", type=int, help="class to draw (conditional checkpoints)")
+    parser.add_argument(
+        "--guidance", type=float, default=0.0, help="classifier-free guidance weight w"
+    )
+    parser.add_argument("--device", help="cuda, mps or cpu (default: the fastest present)")
+    parser.set_defaults(run=run_sample)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m diffusion_lib`` argument parser with its ``train`` and ``sample`` commands."""
+    parser = argparse.ArgumentParser(
+        prog="python -m diffusion_lib",
+        description="Train denoising diffusion models on MNIST-like data and sample from them.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(title="commands", dest="command", required=True)
+    _add_train_parser(commands)
+    _add_sample_parser(commands)
+    return parser
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "image_size": IMAGE_SIZE,
+        "channels": IMAGE_CHANNELS,
+        "timesteps": args.timesteps,
+        **dict(args.model_arg),
+    }
+    if args.conditional:
+        if "num_classes" not in inspect.signature(MODELS[args.model]).parameters:
+            conditional = [
+                name
+                for name, cls in MODELS.items()
+                if "num_classes" in inspect.signature(cls).parameters
+            ]
+            raise CommandError(
+                f"--conditional needs a model that takes class labels; {args.model} does not "
+                f"(choose one of {', '.join(conditional) or 'none'})"
+            )
+        kwargs["num_classes"] = len(CLASS_NAMES[args.dataset])
+    return kwargs
+
+
+def run_train(args: argparse.Namespace) -> None:
+    """``train``: load the dataset, build model and schedule, train, report the checkpoint."""
+    low, high = args.value_range
+    kwargs = _model_kwargs(args)
+    try:
+        model = build_model(args.model, **kwargs)
+    except TypeError as error:
+        raise CommandError(f"bad --model-arg for {args.model}: {error}") from None
+    schedule = NoiseSchedule.from_name(args.schedule, args.timesteps)
+    images, labels = load_images(
+        args.dataset, train=True, value_range=(low, high), limit=args.limit
+    )
+    config = {
+        "model": {"name": args.model, "kwargs": kwargs},
+        "schedule": {"name": args.schedule, "timesteps": args.timesteps},
+        "dataset": args.dataset,
+        "value_range": [low, high],
+        "conditional": args.conditional,
+    }
+    print(f"{args.model}: {count_parameters(model):,} trainable parameters; {len(images):,} images")
+    result = train(
+        model,
+        schedule,
+        images,
+        labels=labels if args.conditional else None,
+        label_dropout=args.label_dropout if args.conditional else 0.0,
+        steps=args.steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        compile=args.compile,
+        checkpoint_dir=args.output,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        seed=args.seed,
+        progress=not args.no_progress,
+        config=config,
+    )
+    final = result.history.loss[-1] if result.history.loss else float("nan")
+    print(f"trained {result.steps} steps in {result.seconds:.1f} s, final loss {final:.4f}")
+    print(f"checkpoint written to {result.checkpoint_path}")
+
+
+def _read_sampling_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CommandError(
+            f"no checkpoint at {path}; write one with: python -m diffusion_lib train ... --output DIR"
+        )
+    state = load_checkpoint(path)
+    if not state.get("config"):
+        raise CommandError(
+            f"checkpoint {path} has no config (model and schedule), so it cannot be rebuilt here; "
+            "load it in Python with diffusion_lib.training.load_checkpoint(path, model)"
+        )
+    return path, state
+
+
+def _check_sampling_args(args: argparse.Namespace, config: dict[str, Any]) -> int:
+    """Validate the sampling options against the checkpoint; return the number of steps."""
+    timesteps = config["schedule"]["timesteps"]
+    steps = (
+        args.steps
+        if args.steps is not None
+        else (timesteps if args.sampler == "ddpm" else min(50, timesteps))
+    )
+    if not 1 <= steps <= timesteps:
+        raise CommandError(
+            f"--steps must lie in 1..{timesteps} (T of this checkpoint), got {steps}"
+        )
+    if args.num < 1:
+        raise CommandError(f"--num must be >= 1, got {args.num}")
+    if args.eta < 0:
+        raise CommandError(f"--eta must be >= 0, got {args.eta}")
+    if args.eta > 0 and args.sampler != "ddim":
+        raise CommandError("--eta applies to --sampler ddim only")
+    if args.guidance < 0:
+        raise CommandError(f"--guidance must be >= 0 (0 means no guidance), got {args.guidance}")
+    num_classes = config["model"]["kwargs"].get("num_classes")
+    if args.label is None:
+        if args.guidance > 0:
+            raise CommandError("--guidance needs --label: guidance steers towards a class")
+        return steps
+    if not num_classes:
+        raise CommandError(
+            "--label needs a conditional checkpoint (trained with --conditional); this one is unconditional"
+        )
+    if not 0 <= args.label < num_classes:
+        names = CLASS_NAMES.get(config.get("dataset"), [str(k) for k in range(num_classes)])
+        choices = ", ".join(f"{k} ({name})" for k, name in enumerate(names))
+        raise CommandError(f"--label must be one of {choices}; got {args.label}")
+    return steps
+
+
+def _rebuild(
+    path: Path, state: dict[str, Any], device: torch.device
+) -> tuple[nn.Module, NoiseSchedule]:
+    """The model (with the EMA weights, in eval mode) and the schedule described by the checkpoint."""
+    config = state["config"]
+    model = build_model(config["model"]["name"], **config["model"]["kwargs"])
+    check_state_dict_fits(path, state["ema"], model)
+    model.load_state_dict(state["ema"])
+    schedule = NoiseSchedule.from_name(config["schedule"]["name"], config["schedule"]["timesteps"])
+    return model.to(device).eval(), schedule
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    """``sample``: rebuild model and schedule from the checkpoint and save a grid of samples."""
+    path, state = _read_sampling_checkpoint(args.checkpoint)
+    config = state["config"]
+    steps = _check_sampling_args(args, config)
+    device = select_device(args.device)
+    model, schedule = _rebuild(path, state, device)
+    num = cap_samples(args.num)
+    kwargs = config["model"]["kwargs"]
+    size = kwargs.get("image_size", IMAGE_SIZE)
+    shape = (num, kwargs.get("channels", IMAGE_CHANNELS), size, size)
+    # Noise comes from a CPU generator, so a seed gives the same images on every device.
+    options: dict[str, Any] = {
+        "steps": steps,
+        "generator": torch.Generator().manual_seed(args.seed),
+        "device": device,
+    }
+    if args.label is not None:
+        options["labels"] = torch.full((num,), args.label, dtype=torch.long, device=device)
+        options.update(guidance=args.guidance, null_label=model.null_label)
+    if args.sampler == "ddim":
+        options["eta"] = args.eta
+    sampler = ddpm_sample if args.sampler == "ddpm" else ddim_sample
+    samples = sampler(model, schedule, shape, **options)
+    pictures = to_unit_interval(samples.float().cpu(), tuple(config["value_range"]))
+    grid = make_grid(pictures, nrow=math.ceil(math.sqrt(num)), padding=2)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, args.output)
+    width, height = grid.shape[2], grid.shape[1]
+    print(
+        f"saved {num} samples ({args.sampler}, {steps} steps) to {args.output} ({width}x{height})"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 success, 1 failure, 2 usage error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (CommandError, CheckpointError, DataNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Checkpoints: atomic writes, safe loading, and clear errors that never cost the good file."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from diffusion_lib.checkpoints import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from diffusion_lib.schedules import NoiseSchedule
+from diffusion_lib.training import TrainingResult, train
+
+
+class SmallDenoiser(nn.Module):
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(17, hidden), nn.SiLU(), nn.Linear(hidden, 16))
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        features = torch.cat([x_t.flatten(1), t[:, None].float() / 20], dim=1)
+        return self.net(features).reshape(x_t.shape)
+
+
+class Opaque:
+    """An arbitrary Python object: ``weights_only`` loading must refuse to rebuild it."""
+
+
+def run(folder, model: nn.Module | None = None, steps: int = 6, **kwargs) -> TrainingResult:
+    torch.manual_seed(0)
+    images = torch.randn(32, 1, 4, 4)
+    schedule = NoiseSchedule.from_name("linear", 20)
+    return train(
+        model if model is not None else SmallDenoiser(), schedule, images,
+        steps=steps, batch_size=8, checkpoint_dir=folder, checkpoint_every=3, progress=False,
+        device="cpu", **kwargs,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def trained(tmp_path) -> TrainingResult:
+    return run(
+        tmp_path,
+        config={"model": {"name": "small", "kwargs": {"hidden": 16}}, "value_range": (-1, 1)},
+    )
+
+
+def test_checkpoint_holds_the_run_and_loads_into_a_fresh_model(trained: TrainingResult) -> None:
+    path = trained.checkpoint_path
+    assert path.name == CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    assert state["step"] == 6 and state["history"]["loss"] == trained.history.loss
+    assert state["config"] == {
+        "model": {"name": "small", "kwargs": {"hidden": 16}},
+        "value_range": [-1, 1],
+    }
+    assert {"optimizer", "lr_scheduler", "rng", "data_order"} <= set(state)
+    for weights, reference in (("ema", trained.ema_model), ("model", trained.model)):
+        fresh = SmallDenoiser()
+        load_checkpoint(path, fresh, weights=weights)
+        for name, tensor in reference.state_dict().items():
+            assert torch.equal(fresh.state_dict()[name], tensor), (weights, name)
+    # EMA and raw weights really differ after a few steps.
+    assert not torch.equal(trained.ema_model.net[0].weight, trained.model.net[0].weight)
+    assert [entry.name for entry in path.parent.iterdir()] == [CHECKPOINT_NAME]
+
+
+def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(trained) -> None:
+    path = trained.checkpoint_path
+    before = path.read_bytes()
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        save_checkpoint(path, {"step": lambda: 0})
+    assert path.read_bytes() == before
+    assert [entry.name for entry in path.parent.iterdir()] == [CHECKPOINT_NAME]
+
+
+def corrupt(path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        path.write_bytes(os.urandom(2048))
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "foreign object":
+        torch.save({"step": Opaque()}, path)
+    elif how == "not a dict":
+        torch.save([1, 2, 3], path)
+    elif how == "missing entries":
+        torch.save({"format_version": 1, "step": 3}, path)
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("truncated", "truncated, corrupt"),
+        ("garbage", "truncated, corrupt"),
+        ("empty", "truncated, corrupt"),
+        ("foreign object", "truncated, corrupt"),
+        ("not a dict", "holds a list"),
+        ("missing entries", "lacks the entries"),
+    ],
+)
+def test_a_bad_file_raises_a_clear_error_and_is_not_overwritten(
+    tmp_path, trained, how, message
+) -> None:
+    path = trained.checkpoint_path
+    corrupt(path, how)
+    damaged = path.read_bytes()
+    with pytest.raises(CheckpointError, match=message) as caught:
+        load_checkpoint(path)
+    assert str(path) in str(caught.value)
+    with pytest.raises(CheckpointError, match=message):
+        run(tmp_path, steps=9)  # resume=True must refuse rather than start over
+    assert path.read_bytes() == damaged
+
+
+def test_a_different_architecture_is_named_and_the_good_checkpoint_kept(tmp_path, trained) -> None:
+    path = trained.checkpoint_path
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError, match=r"different architecture.*net\.0\.weight") as caught:
+        run(tmp_path, SmallDenoiser(hidden=24), steps=9)
+    assert str(path) in str(caught.value)
+    assert path.read_bytes() == before
+    with pytest.raises(CheckpointError, match="different architecture"):
+        load_checkpoint(path, nn.Linear(3, 3))
+
+
+def test_a_different_config_is_refused_on_resume(tmp_path, trained) -> None:
+    with pytest.raises(CheckpointError, match="config"):
+        run(tmp_path, steps=9, config={"model": {"name": "other"}})
+
+
+def test_missing_file_and_unknown_weights(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        read_checkpoint(tmp_path / "absent.pt")
+    with pytest.raises(ValueError, match="choose one of ema, model"):
+        load_checkpoint(tmp_path / "absent.pt", weights="best")
+    assert issubclass(CheckpointError, ValueError)

@@ -1,0 +1,186 @@
+"""The command line: help, argument errors, and train -> sample end to end in smoke mode."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from diffusion_lib.__main__ import main
+from diffusion_lib.checkpoints import load_checkpoint
+from diffusion_lib.data import DATA_VARIABLE, data_root
+from diffusion_lib.smoke import SMOKE_VARIABLE
+
+DATA_FOLDER = data_root()
+needs_mnist = pytest.mark.skipif(
+    not (DATA_FOLDER / "MNIST" / "raw").is_dir(), reason=f"MNIST not found under {DATA_FOLDER}"
+)
+TINY_FC_UNET = ["--model", "fc_unet", "--model-arg", "widths=[32,16]"]
+TINY_ATTENTION_UNET = [
+    "--model", "attention_unet", "--model-arg", "base_channels=8",
+    "--model-arg", "channel_multipliers=[1,2]", "--model-arg", "num_res_blocks=1",
+]  # fmt: skip
+TIMESTEPS = 40
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: on a small shared CPU, more threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_cli(*arguments: str) -> subprocess.CompletedProcess:
+    environment = {
+        **os.environ, SMOKE_VARIABLE: "1", DATA_VARIABLE: str(DATA_FOLDER), "OMP_NUM_THREADS": "1",
+    }  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "diffusion_lib", *arguments],
+        capture_output=True, text=True, env=environment, timeout=120,
+    )  # fmt: skip
+
+
+def train_arguments(output: Path, model: list[str], *extra: str) -> list[str]:
+    return [
+        "train", *model, "--dataset", "mnist", "--timesteps", str(TIMESTEPS), "--steps", "3",
+        "--batch-size", "8", "--output", str(output), "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["sample"]])
+def test_help_exits_cleanly_and_shows_examples(command: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "examples:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("arguments", "choices"),
+    [
+        (["--model", "resnet", "--dataset", "mnist"], "attention_unet"),
+        (["--model", "fc_unet", "--dataset", "cifar10"], "fashion_mnist"),
+        (["--model", "fc_unet", "--dataset", "mnist", "--schedule", "sigmoid"], "cosine"),
+    ],
+)
+def test_unknown_names_list_the_valid_choices(arguments, choices, capsys, tmp_path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *arguments, "--steps", "1", "--output", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert choices in capsys.readouterr().err
+
+
+@needs_mnist
+def test_train_then_sample_end_to_end_in_smoke_mode(tmp_path) -> None:
+    trained = run_cli(*train_arguments(tmp_path / "run", TINY_FC_UNET))
+    assert trained.returncode == 0, trained.stderr
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    assert checkpoint.is_file()
+    assert "trainable parameters" in trained.stdout and str(checkpoint) in trained.stdout
+    config = load_checkpoint(checkpoint)["config"]
+    assert config["model"] == {
+        "name": "fc_unet",
+        "kwargs": {"image_size": 28, "channels": 1, "timesteps": TIMESTEPS, "widths": [32, 16]},
+    }
+    assert config["schedule"] == {"name": "linear", "timesteps": TIMESTEPS}
+    assert config["dataset"] == "mnist" and config["value_range"] == [-1.0, 1.0]
+    # Sampling runs in-process: one interpreter start-up per test is slow enough on a small CPU.
+    grid = tmp_path / "grid.png"
+    with pytest.MonkeyPatch.context() as patch, one_thread():
+        patch.setenv(SMOKE_VARIABLE, "1")
+        status = main([
+            "sample", "--checkpoint", str(checkpoint), "--sampler", "ddpm", "--steps", "5",
+            "--num", "5", "--output", str(grid),
+        ])  # fmt: skip
+    assert status == 0
+    with Image.open(grid) as image:
+        # 5 images of 28x28 make 3 columns and 2 rows, each image with a 2-pixel border.
+        assert image.size == (3 * 30 + 2, 2 * 30 + 2)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """An unconditional and a conditional checkpoint, trained in-process in smoke mode."""
+    if not (DATA_FOLDER / "MNIST" / "raw").is_dir():
+        pytest.skip(f"MNIST not found under {DATA_FOLDER}")
+    folder = tmp_path_factory.mktemp("cli")
+    with pytest.MonkeyPatch.context() as patch, one_thread():
+        patch.setenv(SMOKE_VARIABLE, "1")
+        patch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+        assert main(train_arguments(folder / "plain", TINY_FC_UNET)) == 0
+        conditional = train_arguments(folder / "labels", TINY_ATTENTION_UNET, "--conditional")
+        assert main(conditional) == 0
+    return {
+        "plain": folder / "plain" / "checkpoint.pt",
+        "labels": folder / "labels" / "checkpoint.pt",
+    }
+
+
+@pytest.mark.parametrize(
+    ("which", "arguments", "message"),
+    [
+        ("plain", ["--label", "1"], "needs a conditional checkpoint"),
+        ("plain", ["--steps", str(TIMESTEPS + 1)], f"1..{TIMESTEPS}"),
+        ("plain", ["--steps", "0"], f"1..{TIMESTEPS}"),
+        ("plain", ["--guidance", "2"], "--guidance needs --label"),
+        ("plain", ["--sampler", "ddpm", "--eta", "0.5"], "ddim only"),
+        ("labels", ["--label", "10"], r"0 \(0\), 1 \(1\)"),
+        ("labels", ["--label", "-1"], "--label must be one of"),
+        ("labels", ["--label", "2", "--guidance", "-1"], "guidance must be >= 0"),
+    ],
+)
+def test_sampling_errors_are_clear(
+    checkpoints, which, arguments, message, tmp_path, capsys
+) -> None:
+    output = tmp_path / "never.png"
+    status = main(
+        ["sample", "--checkpoint", str(checkpoints[which]), "--output", str(output), *arguments]
+    )
+    assert status == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not output.exists()
+
+
+def test_missing_checkpoint_is_reported(tmp_path, capsys) -> None:
+    status = main(
+        [
+            "sample",
+            "--checkpoint",
+            str(tmp_path / "nothing.pt"),
+            "--output",
+            str(tmp_path / "x.png"),
+        ]
+    )
+    assert status == 1
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_conditional_needs_a_model_that_takes_labels(tmp_path, capsys) -> None:
+    status = main(train_arguments(tmp_path, TINY_FC_UNET, "--conditional"))
+    assert status == 1
+    assert "attention_unet" in capsys.readouterr().err
+
+
+def test_guided_sampling_of_a_class_writes_the_grid(checkpoints, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    output = tmp_path / "sevens.png"
+    with one_thread():
+        status = main([
+            "sample", "--checkpoint", str(checkpoints["labels"]), "--label", "7",
+            "--guidance", "2", "--steps", "4", "--num", "4", "--eta", "1", "--output", str(output),
+        ])  # fmt: skip
+    assert status == 0
+    with Image.open(output) as image:
+        assert image.size == (2 * 30 + 2, 2 * 30 + 2)

@@ -1,0 +1,287 @@
+"""The training engine: learning, reproducibility, exact resumption, EMA, warmup, bad inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from diffusion_lib.devices import ProcessGroup
+from diffusion_lib.schedules import NoiseSchedule
+from diffusion_lib.smoke import MAX_TRAINING_STEPS, SMOKE_VARIABLE
+from diffusion_lib.training import (
+    ExponentialMovingAverage,
+    NonFiniteLossError,
+    TrainingResult,
+    _BatchPlan,
+    select_device,
+    train,
+)
+
+IMAGE_SHAPE = (1, 4, 4)
+TIMESTEPS = 50
+
+
+class TinyDenoiser(nn.Module):
+    """An MLP on the flattened image and t / T; dropout exercises the global random stream."""
+
+    def __init__(self, hidden: int = 32, dropout: float = 0.1) -> None:
+        super().__init__()
+        pixels = math.prod(IMAGE_SHAPE)
+        self.net = nn.Sequential(
+            nn.Linear(pixels + 1, hidden), nn.SiLU(), nn.Dropout(dropout), nn.Linear(hidden, pixels)
+        )
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        features = torch.cat([x_t.flatten(1), t[:, None].float() / TIMESTEPS], dim=1)
+        return self.net(features).reshape(x_t.shape)
+
+
+class TinyConditionalDenoiser(TinyDenoiser):
+    """Adds a label embedding; label ``null_label`` means "no label". Records the labels it sees."""
+
+    null_label = 3
+
+    def __init__(self) -> None:
+        super().__init__(dropout=0.0)
+        self.label_embedding = nn.Embedding(self.null_label + 1, math.prod(IMAGE_SHAPE))
+        self.seen: list[tuple[Tensor, Tensor]] = []
+
+    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+        self.seen.append((x_t.detach().clone(), labels.detach().clone()))
+        shift = self.label_embedding(labels).reshape(x_t.shape)
+        return super().forward(x_t, t) + shift
+
+
+def toy_images(count: int = 64, seed: int = 0) -> Tensor:
+    """A learnable toy: one fixed pattern plus a little noise, shape (count, 1, 4, 4)."""
+    generator = torch.Generator().manual_seed(seed)
+    pattern = torch.linspace(-1, 1, math.prod(IMAGE_SHAPE)).reshape(1, *IMAGE_SHAPE)
+    return pattern + 0.05 * torch.randn(count, *IMAGE_SHAPE, generator=generator)
+
+
+@pytest.fixture
+def schedule() -> NoiseSchedule:
+    return NoiseSchedule.from_name("linear", TIMESTEPS)
+
+
+def quick_train(
+    schedule: NoiseSchedule, model: nn.Module | None = None, **kwargs
+) -> TrainingResult:
+    options = {"steps": 30, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "progress": False}
+    options.update(kwargs)
+    images = options.pop("images", toy_images())
+    torch.manual_seed(1)  # the model's initial weights
+    return train(
+        model if model is not None else TinyDenoiser(), schedule, images, device="cpu", **options
+    )
+
+
+def test_loss_falls_on_a_learnable_toy(schedule: NoiseSchedule) -> None:
+    result = quick_train(schedule, steps=200)
+    losses = result.history.loss
+    assert len(losses) == result.steps == 200
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    # The optimal denoiser of a single pattern removes most of the unit-variance noise.
+    assert last < 0.6 * first
+    assert result.ema_model.training is False
+    assert result.history.images_per_second > 0
+
+
+def test_same_seed_gives_identical_losses_and_another_seed_does_not(
+    schedule: NoiseSchedule,
+) -> None:
+    first = quick_train(schedule, seed=3).history.loss
+    again = quick_train(schedule, seed=3).history.loss
+    other = quick_train(schedule, seed=4).history.loss
+    assert first == again
+    assert first != other
+
+
+def test_training_does_not_disturb_the_callers_random_stream(schedule: NoiseSchedule) -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train(
+        TinyDenoiser(), schedule, toy_images(), steps=3, batch_size=8, progress=False, device="cpu"
+    )
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_interrupted_and_resumed_run_repeats_the_uninterrupted_one(
+    schedule: NoiseSchedule, tmp_path, conditional: bool
+) -> None:
+    def run(folder: str, steps: int) -> TrainingResult:
+        torch.manual_seed(1)
+        model = TinyConditionalDenoiser() if conditional else TinyDenoiser()
+        extra = {"labels": torch.arange(64) % 3, "label_dropout": 0.3} if conditional else {}
+        return quick_train(
+            schedule,
+            model,
+            steps=steps,
+            checkpoint_dir=tmp_path / folder,
+            checkpoint_every=7,
+            **extra,
+        )
+
+    uninterrupted = run("whole", 30)
+    run("pieces", 14)  # stops mid-epoch (4 steps per epoch), after a checkpoint at step 7
+    resumed = run("pieces", 30)
+    assert resumed.steps == 30
+    assert resumed.history.loss == uninterrupted.history.loss
+    for name, tensor in uninterrupted.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], tensor), name
+    for name, tensor in uninterrupted.ema_model.state_dict().items():
+        assert torch.equal(resumed.ema_model.state_dict()[name], tensor), name
+
+
+def test_resume_false_starts_afresh_and_finished_runs_return_at_once(schedule, tmp_path) -> None:
+    finished = quick_train(schedule, steps=10, checkpoint_dir=tmp_path)
+    again = quick_train(schedule, steps=10, checkpoint_dir=tmp_path)
+    assert again.steps == 10 and again.history.loss == finished.history.loss
+    longer = quick_train(schedule, steps=12, checkpoint_dir=tmp_path)
+    assert longer.history.loss[:10] == finished.history.loss
+    fresh = quick_train(schedule, steps=4, checkpoint_dir=tmp_path, resume=False)
+    assert fresh.steps == 4 and fresh.history.loss == finished.history.loss[:4]
+
+
+def test_epochs_are_converted_to_steps_with_whole_batches(schedule: NoiseSchedule) -> None:
+    # 64 images in batches of 16 make 4 steps per epoch, so 1.5 epochs take 6 steps.
+    result = quick_train(schedule, steps=None, epochs=1.5)
+    assert result.steps == 6 and len(result.history.loss) == 6
+
+
+def test_smoke_mode_caps_the_steps(schedule, monkeypatch) -> None:
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    result = quick_train(schedule, steps=MAX_TRAINING_STEPS + 15)
+    assert result.steps == MAX_TRAINING_STEPS
+
+
+def test_each_epoch_visits_every_image_once_and_processes_split_each_batch() -> None:
+    single = _BatchPlan(12, 4, seed=5, group=ProcessGroup())
+    for epoch in range(2):
+        visited = torch.cat([single.indices(epoch * 3 + k, torch.device("cpu")) for k in range(3)])
+        assert sorted(visited.tolist()) == list(range(12))
+    ranks = [_BatchPlan(12, 4, seed=5, group=ProcessGroup(rank, 2)) for rank in range(2)]
+    for step in range(6):
+        shards = [plan.indices(step, torch.device("cpu")) for plan in ranks]
+        assert torch.equal(torch.cat(shards), single.indices(step, torch.device("cpu")))
+
+
+def test_first_update_moves_weights_by_lr_over_warmup_steps(schedule: NoiseSchedule) -> None:
+    # Adam's first step moves every weight with a non-zero gradient by lr * g / |g| = lr
+    # (up to eps), so the size of the move reveals the warmed-up learning rate lr / warmup.
+    torch.manual_seed(1)
+    model = TinyDenoiser(dropout=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, schedule, toy_images(), steps=1, batch_size=16, lr=1e-2, warmup_steps=4,
+          grad_clip=None, progress=False, device="cpu")  # fmt: skip
+    moves = torch.cat(
+        [(p.detach() - b).abs().flatten() for p, b in zip(model.parameters(), before, strict=True)]
+    )
+    moved = moves[moves > 0]
+    # rtol allows for Adam's eps where a gradient is tiny; lr / 3 or lr would be far off.
+    torch.testing.assert_close(moved, torch.full_like(moved, 1e-2 / 4), rtol=1e-2, atol=0)
+
+
+def test_moving_average_follows_its_closed_form() -> None:
+    model = nn.Linear(2, 1)
+    average = ExponentialMovingAverage(model, decay=0.9)
+    expected = model.weight.detach().clone()
+    for step in range(5):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        decay = min(0.9, (1 + step) / (10 + step))
+        expected = decay * expected + (1 - decay) * model.weight.detach()
+        average.update(step)
+    torch.testing.assert_close(average.module.weight, expected)
+    assert not average.module.weight.requires_grad
+
+
+def test_label_dropout_replaces_a_share_of_labels_by_the_null_label(schedule) -> None:
+    # Tiny betas keep x_t close to x_0, so each image (filled with its label) shows which label
+    # the engine paired it with.
+    faint = NoiseSchedule(torch.full((TIMESTEPS,), 1e-7))
+    labels = torch.arange(64) % 3
+    images = labels.float().reshape(-1, 1, 1, 1).expand(-1, *IMAGE_SHAPE).clone()
+    model = TinyConditionalDenoiser()
+    quick_train(faint, model, images=images, labels=labels, label_dropout=0.5, steps=40)
+    x_t = torch.cat([x for x, _ in model.seen])
+    seen_labels = torch.cat([y for _, y in model.seen])
+    kept = seen_labels != model.null_label
+    assert 0.4 < 1 - kept.float().mean().item() < 0.6
+    image_labels = x_t.flatten(1).mean(1).round().long()
+    assert torch.equal(image_labels[kept], seen_labels[kept])
+
+
+def test_a_diverging_loss_stops_training_and_keeps_the_last_good_checkpoint(
+    schedule, tmp_path
+) -> None:
+    class Diverging(TinyDenoiser):
+        calls = 0
+
+        def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+            Diverging.calls += 1
+            eps = super().forward(x_t, t)
+            return eps * float("nan") if Diverging.calls > 12 else eps
+
+    with pytest.raises(NonFiniteLossError, match=r"step 13.*from step 10") as caught:
+        quick_train(schedule, Diverging(), checkpoint_dir=tmp_path, checkpoint_every=5)
+    assert isinstance(caught.value, FloatingPointError)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 10
+    assert all(math.isfinite(value) for value in saved["history"]["loss"])
+    assert all(torch.isfinite(tensor).all() for tensor in saved["model"].values())
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"steps": 5, "epochs": 1.0}, "exactly one of steps"),
+        ({"steps": None}, "exactly one of steps"),
+        ({"steps": 0}, "steps"),
+        ({"epochs": -1.0, "steps": None}, "epochs"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": -1e-3}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"labels": torch.zeros(5, dtype=torch.long)}, "labels has 5 entries"),
+        ({"labels": torch.zeros(64, dtype=torch.long), "label_dropout": 0.1}, "null_label"),
+        ({"label_dropout": 1.5}, "label_dropout"),
+        ({"images": torch.zeros(0, *IMAGE_SHAPE)}, "empty"),
+        ({"images": torch.zeros(8, 16)}, "4-D"),
+        ({"images": torch.zeros(8, *IMAGE_SHAPE, dtype=torch.long)}, "floating"),
+        ({"checkpoint_every": 0}, "checkpoint_every"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"config": {"schedule": object()}}, "JSON"),
+    ],
+)
+def test_bad_arguments_raise_value_errors(schedule, arguments, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        quick_train(schedule, **arguments)
+
+
+def test_select_device_prefers_what_is_asked_and_rejects_what_is_absent() -> None:
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device().type in ("cuda", "mps", "cpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        select_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            select_device("cuda")
+
+
+def test_a_batch_larger_than_the_dataset_uses_the_whole_dataset(schedule: NoiseSchedule) -> None:
+    batch_sizes = []
+
+    class Recording(TinyDenoiser):
+        def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+            batch_sizes.append(x_t.shape[0])
+            return super().forward(x_t, t)
+
+    quick_train(schedule, Recording(), images=toy_images(10), batch_size=32, steps=3)
+    assert batch_sizes == [10, 10, 10]
