@@ -6,8 +6,14 @@ import torch
 from torch import Tensor
 
 
-def check_timesteps(t: Tensor, timesteps: int, batch_size: int | None = None) -> None:
-    """Raise ``ValueError`` unless ``t`` is an integer tensor of shape (B,) with values in 0..T-1."""
+def check_timesteps(
+    t: Tensor, timesteps: int, batch_size: int | None = None, *, values: bool = True
+) -> None:
+    """Raise ``ValueError`` unless ``t`` is an integer tensor of shape (B,) with values in 0..T-1.
+
+    ``values=False`` checks only dtype and shape: reading the values of a GPU tensor makes the
+    CPU wait for the GPU, which a model's forward pass should not do at every training step.
+    """
     if not isinstance(t, Tensor):
         raise ValueError(f"t must be an int64 tensor of shape (B,), got {type(t).__name__}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
@@ -18,7 +24,7 @@ def check_timesteps(t: Tensor, timesteps: int, batch_size: int | None = None) ->
         raise ValueError(
             f"t has {t.shape[0]} entries but the batch has {batch_size}; give one timestep per sample"
         )
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= timesteps):
+    if values and t.numel() and (int(t.min()) < 0 or int(t.max()) >= timesteps):
         raise ValueError(
             f"timesteps must lie in 0..{timesteps - 1} (0-based, T={timesteps}); "
             f"got values from {int(t.min())} to {int(t.max())}"
