@@ -30,12 +30,14 @@ from diffusion_lib.plotting import (
 )
 from diffusion_lib.sampling import (
     Trajectory,
+    ddim_encode,
     ddim_sample,
     ddim_timesteps,
     ddpm_sample,
     p_mean_variance,
     predict_noise,
     respace,
+    slerp,
 )
 from diffusion_lib.schedules import SCHEDULES, NoiseSchedule
 from diffusion_lib.smoke import smoke_mode
@@ -58,6 +60,7 @@ __all__ = [
     "NoiseSchedule",
     "Trajectory",
     "data_root",
+    "ddim_encode",
     "ddim_sample",
     "ddim_timesteps",
     "ddpm_sample",
@@ -70,6 +73,7 @@ __all__ = [
     "predict_noise",
     "prior_bits_per_dim",
     "respace",
+    "slerp",
     "smoke_mode",
     "vb_term_bits_per_dim",
     "pixel_histogram",

@@ -328,3 +328,59 @@ def ddim_sample(
     if not return_trajectory:
         return x
     return x, Trajectory(torch.stack(states), torch.cat([visited.flip(0), torch.tensor([-1])]))
+
+
+def ddim_encode(
+    model: NoisePredictor,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    *,
+    steps: int = 50,
+    labels: Tensor | None = None,
+    return_trajectory: bool = False,
+) -> Tensor | tuple[Tensor, Trajectory]:
+    """Run deterministic DDIM backwards: map images x_0 to the noise x_T that DDIM would decode to them.
+
+    The eta = 0 update (Song et al. 2021, eq. 12) is the Euler step of an ODE (eq. 14), so it
+    can be integrated from x_0 towards x_T over the same timesteps as :func:`ddim_sample`; each
+    step evaluates the model at the state it leaves and the timestep it moves to. With enough
+    steps, ``ddim_sample(..., x_T=ddim_encode(...))`` gives back x_0 up to discretisation error.
+    ``x0``: (B, C, H, W). Returns x_T of the same shape, or ``(x_T, trajectory)``.
+    """
+    steps = cap_sampling_steps(steps)
+    visited = ddim_timesteps(schedule.timesteps, steps)
+    schedule = schedule.to(x0.device)
+    labels = _check_labels(labels, x0.shape[0], x0.device)
+    x, states = x0, [x0.cpu()]
+    alpha_bar = torch.ones(x0.shape[0], *([1] * (x0.dim() - 1)), dtype=x0.dtype, device=x0.device)
+    with _evaluating(model):
+        for i in range(steps):
+            t = torch.full((x.shape[0],), int(visited[i]), device=x.device, dtype=torch.long)
+            eps = predict_noise(model, x, t, labels).to(x.dtype)
+            x0_estimate = (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+            alpha_bar = _gather(schedule.alphas_cumprod, t, x)
+            x = alpha_bar.sqrt() * x0_estimate + (1 - alpha_bar).sqrt() * eps
+            if return_trajectory:
+                states.append(x.cpu())
+    if not return_trajectory:
+        return x
+    return x, Trajectory(torch.stack(states), torch.cat([torch.tensor([-1]), visited]))
+
+
+def slerp(x0: Tensor, x1: Tensor, weight: float | Tensor) -> Tensor:
+    """Spherical interpolation between two noise tensors (Shoemake 1985), as used on DDIM latents.
+
+    Gaussian noise in many dimensions lives near a sphere of radius sqrt(d); a straight line
+    between two such points passes inside it, where the model has never seen its inputs, while
+    ``sin((1 - w) theta) / sin(theta) x0 + sin(w theta) / sin(theta) x1`` stays on it.
+    ``x0``, ``x1``: same shape (..., D...) with the first dimension as batch; ``weight`` in [0, 1].
+    """
+    check_same_shape("x1", x1, "x0", x0)
+    flat0, flat1 = x0.flatten(1), x1.flatten(1)
+    cosine = (flat0 * flat1).sum(1) / (flat0.norm(dim=1) * flat1.norm(dim=1))
+    theta = torch.arccos(cosine.clamp(-1.0, 1.0)).reshape(-1, *([1] * (x0.dim() - 1)))
+    weight = torch.as_tensor(weight, dtype=x0.dtype, device=x0.device)
+    sin_theta = torch.sin(theta).clamp(min=1e-8)
+    mixed = (torch.sin((1 - weight) * theta) * x0 + torch.sin(weight * theta) * x1) / sin_theta
+    # Nearly parallel inputs: the spherical formula degenerates, fall back to a straight line.
+    return torch.where(theta < 1e-4, (1 - weight) * x0 + weight * x1, mixed)

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_lib import NoiseSchedule, ddim_sample, ddim_timesteps, ddpm_sample, respace
+from diffusion_lib import (
+    NoiseSchedule,
+    ddim_encode,
+    ddim_sample,
+    ddim_timesteps,
+    ddpm_sample,
+    respace,
+    slerp,
+)
 from diffusion_lib.smoke import MAX_SAMPLING_STEPS, SMOKE_VARIABLE
 
 
@@ -234,3 +242,34 @@ def test_guidance_combines_conditional_and_unconditional(linear: NoiseSchedule) 
     expected = 3.0 * labels.float() - 2.0 * 10.0
     torch.testing.assert_close(guided.flatten(), expected)
     assert math.isclose(predict_noise(model, x, t, labels).flatten()[1].item(), 5.0)
+
+
+def test_ddim_encode_follows_the_exact_flow_of_gaussian_data(linear: NoiseSchedule) -> None:
+    """For N(mean, std^2) data the flow keeps (xbar - mean) / sqrt(std^2 + sigma^2) constant."""
+    mean, std = 0.3, 0.5
+    model = GaussianOptimalPredictor(linear, mean, std)
+    x0 = torch.tensor([-0.6, 0.1, 0.3, 0.9], dtype=torch.float64).reshape(4, 1, 1, 1)
+    x_T = ddim_encode(model, linear, x0, steps=1000)
+    abar = linear.alphas_cumprod[-1]
+    sigma = ((1 - abar) / abar).sqrt()
+    exact = abar.sqrt() * (mean + (x0 - mean) * (std**2 + sigma**2).sqrt() / std)
+    torch.testing.assert_close(x_T, exact, rtol=0.01, atol=0.01)
+    back = ddim_sample(model, linear, (4, 1, 1, 1), steps=1000, x_T=x_T, clip_x0=None)
+    torch.testing.assert_close(back, x0, rtol=0, atol=0.01)
+
+
+def test_slerp_stays_on_the_sphere_and_hits_the_ends() -> None:
+    a, b = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(slerp(a, b, 0.0), a)
+    torch.testing.assert_close(slerp(a, b, 1.0), b)
+    unit_a, unit_b = (
+        a / a.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1),
+        b / b.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1),
+    )
+    middle = slerp(unit_a, unit_b, 0.5)
+    torch.testing.assert_close(middle.flatten(1).norm(dim=1), torch.ones(3))
+    # Equal angles to both ends at w = 0.5.
+    cos_a = (middle.flatten(1) * unit_a.flatten(1)).sum(1)
+    cos_b = (middle.flatten(1) * unit_b.flatten(1)).sum(1)
+    torch.testing.assert_close(cos_a, cos_b)
+    torch.testing.assert_close(slerp(a, a, 0.3), a)
