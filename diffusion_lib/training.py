@@ -18,7 +18,6 @@ adds what makes that loop practical:
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import hashlib
 import json
@@ -49,6 +48,7 @@ from diffusion_lib.devices import (
     select_device,
     synchronize,
 )
+from diffusion_lib.ema import ExponentialMovingAverage
 from diffusion_lib.losses import diffusion_loss
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import cap_dataset_size, cap_training_steps
@@ -108,39 +108,6 @@ class TrainingResult:
     steps: int
     checkpoint_path: Path | None
     device: torch.device
-
-
-class ExponentialMovingAverage:
-    """``theta_ema <- d theta_ema + (1 - d) theta`` after every step, on all tensors at once.
-
-    ``module`` is a frozen copy of ``model`` that holds the average. The decay warms up as
-    ``d_k = min(decay, (1 + k) / (10 + k))`` at step k, so that a short run's average is not
-    dominated by the random initial weights. Floating-point parameters and buffers are
-    averaged by one fused ``torch._foreach_lerp_`` call; integer buffers are copied.
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        pairs = list(
-            zip(
-                [*self.module.parameters(), *self.module.buffers()],
-                [*model.parameters(), *model.buffers()],
-                strict=True,
-            )
-        )
-        self._averaged = [a for a, _ in pairs if a.dtype.is_floating_point]
-        self._current = [c for a, c in pairs if a.dtype.is_floating_point]
-        self._copied = [(a, c) for a, c in pairs if not a.dtype.is_floating_point]
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        """Fold the tracked model's current weights in; ``step`` counts updates from 0."""
-        decay = min(self.decay, (1 + step) / (10 + step))
-        if self._averaged:
-            torch._foreach_lerp_(self._averaged, self._current, 1.0 - decay)
-        for averaged, current in self._copied:
-            averaged.copy_(current)
 
 
 def _derived_seed(seed: int, *parts: object) -> int:
