@@ -10,6 +10,13 @@ from diffusion_lib.losses import (
     prior_bits_per_dim,
     vb_term_bits_per_dim,
 )
+from diffusion_lib.metrics import (
+    QualityScore,
+    ReferenceClassifier,
+    frechet_distance,
+    get_classifier,
+    score_samples,
+)
 from diffusion_lib.models import (
     MODELS,
     AttentionUNet,
@@ -97,4 +104,9 @@ __all__ = [
     "load_checkpoint",
     "select_device",
     "train",
+    "QualityScore",
+    "ReferenceClassifier",
+    "frechet_distance",
+    "get_classifier",
+    "score_samples",
 ]

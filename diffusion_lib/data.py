@@ -68,6 +68,7 @@ def load_images(
     value_range: tuple[float, float] = (-1.0, 1.0),
     limit: int | None = None,
     root: str | os.PathLike | None = None,
+    smoke_cap: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Load a whole dataset as tensors.
 
@@ -78,6 +79,8 @@ def load_images(
             what Ho et al. use, (0, 1) the raw intensities.
         limit: keep only the first ``limit`` images (capped further in smoke mode).
         root: data folder, default :func:`data_root`.
+        smoke_cap: cap the size in smoke mode; measuring instruments (the quality
+            classifier) turn this off so that they are never trained on a fraction.
 
     Returns ``images`` (N, 1, 28, 28) float32 and ``labels`` (N,) int64, on the CPU.
     """
@@ -89,7 +92,8 @@ def load_images(
     count = len(dataset.data) if limit is None else min(int(limit), len(dataset.data))
     if count < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    count = cap_dataset_size(count)
+    if smoke_cap:
+        count = cap_dataset_size(count)
     pixels = dataset.data[:count].unsqueeze(1).float() / 255.0
     return low + (high - low) * pixels, dataset.targets[:count].long().clone()
 
