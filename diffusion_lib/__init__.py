@@ -1,6 +1,13 @@
 """diffusion_lib: the small library behind the book's chapters on diffusion models."""
 
 from diffusion_lib.data import CLASS_NAMES, DATA_VARIABLE, DataNotFoundError, data_root, load_images
+from diffusion_lib.latent import (
+    AutoencoderHistory,
+    LatentAutoencoder,
+    LatentScaler,
+    encode_dataset,
+    train_autoencoder,
+)
 from diffusion_lib.losses import (
     BoundTerms,
     diffusion_loss,
@@ -109,4 +116,9 @@ __all__ = [
     "frechet_distance",
     "get_classifier",
     "score_samples",
+    "AutoencoderHistory",
+    "LatentAutoencoder",
+    "LatentScaler",
+    "encode_dataset",
+    "train_autoencoder",
 ]
