@@ -979,7 +979,11 @@ def render_report(runs: Sequence[dict], rows: Sequence[dict]) -> str:
 
 
 class ResultsFile:
-    """The report and its JSON twin; rows replace earlier rows of the same section and key."""
+    """The report and its JSON twin; rows replace earlier rows of the same section and key.
+
+    Rows of earlier measured runs are kept (unless ``fresh``); a quick run starts afresh and
+    refuses to replace a file that holds measurements.
+    """
 
     def __init__(self, output: Path, run: dict, fresh: bool) -> None:
         self.output = output
@@ -993,8 +997,9 @@ class ResultsFile:
                 f"{output} holds measured results; a --quick run will not overwrite them. "
                 "Choose another --output (a quick run's default is a temporary file)."
             )
-        if not run["quick"] and any(earlier_quick):
-            previous = {"runs": [], "rows": []}  # quick rows never mix with measurements
+        if run["quick"] or any(earlier_quick):
+            # A quick run stands alone, and its rows never mix with measurements.
+            previous = {"runs": [], "rows": []}
         self.runs: list[dict] = previous["runs"]
         self.rows: list[dict] = previous["rows"]
         run["id"] = max((r["id"] for r in self.runs), default=0) + 1

@@ -281,6 +281,13 @@ def test_results_merge_and_quick_runs_never_overwrite_measurements(tmp_path: Pat
     quick = benchmark.parse_args(["--quick", "--device", "cpu", "--output", str(output)])
     with pytest.raises(SystemExit, match="will not overwrite"):
         benchmark.ResultsFile(output, benchmark.run_record(quick, ["z"]), fresh=False)
+    quick_output = tmp_path / "quick" / "RESULTS.md"
+    for command in ("q1", "q2"):
+        results = benchmark.ResultsFile(
+            quick_output, benchmark.run_record(quick, [command]), fresh=False
+        )
+        results.record({"section": "train", "key": command, "status": "measured"})
+    assert [row["key"] for row in results.rows] == ["q2"]
 
 
 def _train_row(key: str, model: str, speed: float) -> dict:
