@@ -797,6 +797,11 @@ def _status(row: dict) -> str:
     return "" if row.get("status") == "measured" else str(row.get("status", ""))
 
 
+def _scored_status(row: dict) -> str:
+    """The run's status, else the scoring's status; empty when both went as planned."""
+    return _status(row) or ("" if row.get("score_status") == "scored" else row.get("score_status"))
+
+
 def _train_table(rows: Sequence[dict]) -> str:
     plain = {
         row.get("model"): row.get("images_per_second")
@@ -844,8 +849,7 @@ def _quality_table(rows: Sequence[dict]) -> str:
             _number(row.get("class_entropy"), ".3f"),
             _number(row.get("classes_present")),
             row["run"],
-            _status(row)
-            or ("" if row.get("score_status") == "scored" else row.get("score_status")),
+            _scored_status(row),
         ]
         for row in ordered
     ]
@@ -875,8 +879,7 @@ def _sampling_table(rows: Sequence[dict]) -> str:
                 _number(row.get("class_entropy"), ".3f"),
                 _number(row.get("classes_present")),
                 row["run"],
-                _status(row)
-                or ("" if row.get("score_status") == "scored" else row.get("score_status")),
+                _scored_status(row),
             ]
         )
     headers = ["sampler", "steps", "samples", "images/s", "speed vs DDPM", "Fréchet distance"]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_lib.latent import (
+    AutoencoderHistory,
     LatentAutoencoder,
     LatentScaler,
     encode_dataset,
@@ -167,20 +168,19 @@ def test_training_lowers_the_reconstruction_error() -> None:
     torch.testing.assert_close(autoencoder.scaler.std, torch.ones(4))  # not fitted by training
 
 
+def train_quick_autoencoder(images: torch.Tensor, steps: int, **options) -> AutoencoderHistory:
+    """A freshly seeded quick autoencoder trained with batch 32 and learning rate 3e-3."""
+    torch.manual_seed(0)
+    return train_autoencoder(
+        quick_autoencoder(), images, steps=steps, batch_size=32, lr=3e-3, progress=False, **options
+    )
+
+
 def test_a_larger_latent_penalty_gives_smaller_latents() -> None:
     images = blob_images(128)
     sizes = []
     for penalty in (0.0, 1.0):
-        torch.manual_seed(0)
-        history = train_autoencoder(
-            quick_autoencoder(),
-            images,
-            steps=60,
-            batch_size=32,
-            lr=3e-3,
-            latent_penalty=penalty,
-            progress=False,
-        )
+        history = train_quick_autoencoder(images, steps=60, latent_penalty=penalty)
         sizes.append(np.mean(history.latent_square[-10:]))
     assert sizes[1] < 0.5 * sizes[0], sizes
 
@@ -191,16 +191,7 @@ def test_latent_noise_is_what_the_decoder_must_see_through() -> None:
     images = blob_images(128)
     errors = []
     for noise in (0.0, 100.0):
-        torch.manual_seed(0)
-        history = train_autoencoder(
-            quick_autoencoder(),
-            images,
-            steps=100,
-            batch_size=32,
-            lr=3e-3,
-            latent_noise=noise,
-            progress=False,
-        )
+        history = train_quick_autoencoder(images, steps=100, latent_noise=noise)
         errors.append(np.mean(history.reconstruction[-10:]))
     variance = float(images.var(dim=0).mean())
     assert errors[0] < 0.3 * variance, (errors, variance)
