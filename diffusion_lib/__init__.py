@@ -1,6 +1,7 @@
 """diffusion_lib: the small library behind the book's chapters on diffusion models."""
 
 from diffusion_lib.data import CLASS_NAMES, DATA_VARIABLE, DataNotFoundError, data_root, load_images
+from diffusion_lib.langevin import annealed_langevin_sample, langevin_sample, langevin_timesteps
 from diffusion_lib.latent import (
     AutoencoderHistory,
     LatentAutoencoder,
@@ -30,6 +31,7 @@ from diffusion_lib.models import (
     DenoisingAutoencoder,
     FCUNet,
     TimeEmbedding,
+    ToyMLP,
     build_model,
     count_parameters,
     sinusoidal_embedding,
@@ -37,7 +39,9 @@ from diffusion_lib.models import (
 from diffusion_lib.plotting import (
     pixel_histogram,
     plot_loss,
+    plot_points,
     plot_schedules,
+    plot_score_field,
     plot_trajectory,
     show_grid,
     timestep_slider,
@@ -55,6 +59,7 @@ from diffusion_lib.sampling import (
 )
 from diffusion_lib.schedules import SCHEDULES, NoiseSchedule
 from diffusion_lib.smoke import smoke_mode
+from diffusion_lib.toy import GaussianMixture, OptimalNoisePredictor
 from diffusion_lib.training import (
     CheckpointError,
     NonFiniteLossError,
@@ -92,6 +97,8 @@ __all__ = [
     "vb_term_bits_per_dim",
     "pixel_histogram",
     "plot_loss",
+    "plot_points",
+    "plot_score_field",
     "plot_schedules",
     "plot_trajectory",
     "show_grid",
@@ -101,6 +108,7 @@ __all__ = [
     "DenoisingAutoencoder",
     "FCUNet",
     "TimeEmbedding",
+    "ToyMLP",
     "build_model",
     "count_parameters",
     "sinusoidal_embedding",
@@ -121,4 +129,9 @@ __all__ = [
     "LatentScaler",
     "encode_dataset",
     "train_autoencoder",
+    "annealed_langevin_sample",
+    "langevin_sample",
+    "langevin_timesteps",
+    "GaussianMixture",
+    "OptimalNoisePredictor",
 ]

@@ -448,3 +448,77 @@ __all__ = [
     "slider_timesteps",
     "timestep_slider",
 ]
+
+
+# ------------------------------------------------------------------ points in the plane
+def _check_points_2d(name: str, points: Tensor) -> np.ndarray:
+    if not isinstance(points, Tensor) or points.dim() != 2 or points.shape[1] != 2:
+        shape = tuple(points.shape) if isinstance(points, Tensor) else type(points).__name__
+        raise ValueError(f"{name} must be 2-D points of shape (N, 2), got {shape}")
+    return points.detach().cpu().double().numpy()
+
+
+def _plane_axes(ax: Axes, limits: tuple[float, float], title: str | None) -> None:
+    ax.set_xlim(*limits)
+    ax.set_ylim(*limits)
+    ax.set_aspect("equal")
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
+    if title:
+        ax.set_title(title)
+
+
+def plot_points(
+    points: Tensor,
+    *,
+    ax: Axes | None = None,
+    title: str | None = None,
+    limits: tuple[float, float] = (-2.0, 2.0),
+    color: str = "C0",
+) -> Figure:
+    """A scatter plot of points (N, 2) in the square ``limits`` x ``limits``. Returns the figure."""
+    array = _check_points_2d("points", points)
+    figure, ax = _new_axes(ax, (3.2, 3.2))
+    ax.scatter(array[:, 0], array[:, 1], s=2, alpha=0.4, color=color, linewidths=0)
+    _plane_axes(ax, limits, title)
+    return figure
+
+
+def plot_score_field(
+    score: Any,
+    *,
+    log_density: Any = None,
+    ax: Axes | None = None,
+    title: str | None = None,
+    limits: tuple[float, float] = (-2.0, 2.0),
+    arrows: int = 21,
+) -> Figure:
+    """Arrows of a vector field ``score((N, 2) points) -> (N, 2)`` on an ``arrows`` x ``arrows``
+    grid, over the filled contours of ``log_density((N, 2)) -> (N,)`` when given.
+
+    Arrow lengths are scaled by the plot so that the longest fits a grid cell; only directions
+    and relative lengths are meaningful. Returns the figure.
+    """
+    count = check_positive_int("arrows", arrows)
+    figure, ax = _new_axes(ax, (3.2, 3.2))
+    if log_density is not None:
+        fine = torch.linspace(*limits, 200, dtype=torch.float64)
+        x, y = torch.meshgrid(fine, fine, indexing="xy")
+        values = log_density(torch.stack([x.flatten(), y.flatten()], dim=1)).exp()
+        ax.contourf(
+            x.numpy(), y.numpy(), values.reshape(x.shape).detach().cpu().numpy(), 20, cmap="Greys"
+        )
+    coarse = torch.linspace(*limits, count, dtype=torch.float64)
+    x, y = torch.meshgrid(coarse, coarse, indexing="xy")
+    grid = torch.stack([x.flatten(), y.flatten()], dim=1)
+    vectors = _check_points_2d("score(points)", score(grid))
+    ax.quiver(
+        grid[:, 0].numpy(),
+        grid[:, 1].numpy(),
+        vectors[:, 0],
+        vectors[:, 1],
+        color="C1",
+        angles="xy",
+    )
+    _plane_axes(ax, limits, title)
+    return figure

@@ -259,3 +259,45 @@ class NoiseSchedule:
         return (x_t - _gather(self.sqrt_alphas_cumprod, t, x_t) * x0) / _gather(
             self.sqrt_one_minus_alphas_cumprod, t, x_t
         )
+
+    # ------------------------------------------------------------------ other parameterisations
+    def score_from_eps(self, t: Tensor, eps: Tensor) -> Tensor:
+        """The score of the noised data, ``grad log q(x_t) = -eps / sqrt(1 - alpha_bar_t)``.
+
+        Exact for the optimal noise predictor ``eps = E[eps | x_t]``: Tweedie's formula (Efron
+        2011) applied to Ho et al.'s eq. 4 gives ``grad log q(x_t) = -E[eps | x_t] / sqrt(1 -
+        alpha_bar_t)``. ``eps``: (B, ...), ``t``: (B,). Returns the score, like ``eps``.
+        """
+        check_timesteps(t, self.timesteps, eps.shape[0])
+        return -eps / _gather(self.sqrt_one_minus_alphas_cumprod, t, eps)
+
+    def eps_from_score(self, t: Tensor, score: Tensor) -> Tensor:
+        """Inverse of :meth:`score_from_eps`: ``eps = -sqrt(1 - alpha_bar_t) score``."""
+        check_timesteps(t, self.timesteps, score.shape[0])
+        return -_gather(self.sqrt_one_minus_alphas_cumprod, t, score) * score
+
+    def velocity(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """The v-prediction target ``v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0``.
+
+        Salimans & Ho 2022, sec. 4: with ``alpha = sqrt(alpha_bar_t)`` and
+        ``sigma = sqrt(1 - alpha_bar_t)`` (so alpha^2 + sigma^2 = 1), ``x_t = alpha x0 + sigma
+        eps`` and ``v`` is the rate of change of x_t along the circle they trace. ``x0``,
+        ``eps``: (B, ...), ``t``: (B,). Returns v, like ``x0``.
+        """
+        check_same_shape("eps", eps, "x0", x0)
+        check_timesteps(t, self.timesteps, x0.shape[0])
+        alpha = _gather(self.sqrt_alphas_cumprod, t, x0)
+        sigma = _gather(self.sqrt_one_minus_alphas_cumprod, t, x0)
+        return alpha * eps - sigma * x0
+
+    def x0_and_eps_from_velocity(self, x_t: Tensor, t: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Both estimates from a v-prediction: ``x0 = alpha x_t - sigma v``, ``eps = sigma x_t +
+        alpha v`` (Salimans & Ho 2022, sec. 4; alpha and sigma as in :meth:`velocity`).
+
+        ``x_t``, ``v``: (B, ...), ``t``: (B,). Returns ``(x0, eps)``, each like ``x_t``.
+        """
+        check_same_shape("v", v, "x_t", x_t)
+        check_timesteps(t, self.timesteps, x_t.shape[0])
+        alpha = _gather(self.sqrt_alphas_cumprod, t, x_t)
+        sigma = _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        return alpha * x_t - sigma * v, sigma * x_t + alpha * v

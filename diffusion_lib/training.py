@@ -189,7 +189,8 @@ class _Trainer:
         self.settings, self.device, self.group = settings, device, group
         on_cuda = device.type == "cuda"
         # Channels-last lets cuDNN's bf16 convolutions run without layout transposes.
-        self.memory_format = torch.channels_last if on_cuda else torch.preserve_format
+        images_4d = images.dim() == 4
+        self.memory_format = torch.channels_last if on_cuda and images_4d else torch.preserve_format
         self.model = model.to(device=device, memory_format=self.memory_format).train()
         self.schedule = schedule.to(device)
         self.images = images.to(device)
@@ -339,9 +340,12 @@ class _Trainer:
 
 
 def _check_data(images: Tensor, labels: Tensor | None) -> None:
-    if not isinstance(images, Tensor) or images.dim() != 4:
+    if not isinstance(images, Tensor) or images.dim() not in (2, 4):
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"images must be a 4-D tensor (N, C, H, W), got {shape}")
+        raise ValueError(
+            f"images must be a 4-D tensor of images (N, C, H, W) or a 2-D tensor of points "
+            f"(N, D), got {shape}"
+        )
     if not images.dtype.is_floating_point:
         raise ValueError(
             f"images must be floating point, scaled as the model expects; got {images.dtype}"
@@ -491,7 +495,8 @@ def train(
         model: ``model(x_t, t) -> eps``, or ``model(x_t, t, labels)`` when ``labels`` are given.
             It is moved to the device and trained in place.
         schedule: the noise schedule; moved to the device.
-        images: (N, C, H, W) float data, already scaled as the model expects (e.g. to [-1, 1]).
+        images: (N, C, H, W) float data, already scaled as the model expects (e.g. to [-1, 1]),
+            or (N, D) points for a model of points such as :class:`~diffusion_lib.ToyMLP`.
         labels: (N,) int64 class labels for a conditional model.
         steps, epochs: the length of the run; give exactly one. ``epochs`` may be fractional.
         batch_size: the global batch: images per optimisation step over all processes (each of

@@ -17,6 +17,7 @@ from diffusion_lib.models import (
     DenoisingAutoencoder,
     FCUNet,
     TimeEmbedding,
+    ToyMLP,
     build_model,
     count_parameters,
     sinusoidal_embedding,
@@ -418,3 +419,34 @@ def test_count_parameters_of_a_tiny_fc_unet() -> None:
     decoder = 3 * 6 + 6
     output = 6 * pixels + pixels
     assert count_parameters(model) == encoder + decoder + output
+
+
+def test_toy_mlp_counts_and_shapes() -> None:
+    model = ToyMLP(dim=3, hidden=16, blocks=2, embedding_dim=8)
+    embedding = 8 * 16 + 16 + 16 * 16 + 16
+    lift, block, project = 3 * 16 + 16, 2 * (16 * 16 + 16), 16 * 3 + 3
+    assert count_parameters(model) == embedding + lift + 2 * block + project
+    x_t = torch.randn(5, 3)
+    eps = model(x_t, torch.tensor([0, 1, 2, 500, 999]))
+    assert eps.shape == (5, 3)
+    changed = model(x_t, torch.tensor([999, 999, 999, 0, 0]))
+    assert not torch.allclose(eps, changed), "the timestep must reach the output"
+
+
+def test_toy_mlp_points_do_not_interact() -> None:
+    model = ToyMLP()
+    x_t, t = torch.randn(4, 2), torch.tensor([3, 30, 300, 900])
+    torch.testing.assert_close(model(x_t, t)[1:2], model(x_t[1:2], t[1:2]))
+
+
+@pytest.mark.parametrize(
+    "x_t, t, message",
+    [
+        (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), r"\(B, 2\)"),
+        (torch.zeros(2, 1, 2), torch.zeros(2, dtype=torch.long), r"\(B, 2\)"),
+        (torch.zeros(2, 2), torch.zeros(3, dtype=torch.long), r"\(2,\)"),
+    ],
+)
+def test_toy_mlp_checks_its_input(x_t: torch.Tensor, t: torch.Tensor, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ToyMLP()(x_t, t)

@@ -226,3 +226,86 @@ def test_shape_mismatch_and_non_finite_inputs() -> None:
         schedule.predict_x0(torch.zeros(2, 3), t, torch.full((2, 3), float("inf")))
     with pytest.raises(ValueError, match="x_t must have the shape of x0"):
         schedule.q_posterior(torch.zeros(2, 3), torch.zeros(3, 3), t)
+
+
+# ---------------------------------------------------------------- score and velocity
+
+
+def test_score_from_eps_is_the_score_of_gaussian_data_by_monte_carlo() -> None:
+    """Data x0 ~ N(m, s^2): regress eps on x_t by Monte Carlo (E[eps | x_t] is linear here),
+    turn the fit into a score and compare with the autograd gradient of log N(x_t; ...)."""
+    schedule = NoiseSchedule.from_name("linear")
+    generator = torch.Generator().manual_seed(0)
+    mean, std, n = 0.7, 0.4, 400_000
+    for step in (50, 300, 800):
+        alpha_bar = schedule.alphas_cumprod[step].item()
+        x0 = mean + std * torch.randn(n, 1, generator=generator, dtype=torch.float64)
+        eps = torch.randn(n, 1, generator=generator, dtype=torch.float64)
+        t = torch.full((n,), step)
+        x_t = schedule.q_sample(x0, t, noise=eps)
+        design = torch.cat([x_t, torch.ones_like(x_t)], dim=1)
+        slope, intercept = torch.linalg.lstsq(design, eps).solution.flatten()
+        points = torch.linspace(-1.5, 1.5, 7, dtype=torch.float64)[:, None].requires_grad_()
+        variance = alpha_bar * std**2 + 1 - alpha_bar
+        log_density = -((points - math.sqrt(alpha_bar) * mean) ** 2) / (2 * variance)
+        (exact,) = torch.autograd.grad(log_density.sum(), points)
+        fitted_eps = slope * points.detach() + intercept
+        score = schedule.score_from_eps(torch.full((7,), step), fitted_eps)
+        torch.testing.assert_close(score, exact, atol=0.01 * exact.abs().max(), rtol=0.0)
+
+
+def test_eps_from_score_inverts_score_from_eps(schedule: NoiseSchedule) -> None:
+    eps = torch.randn(6, 1, 4, 4, dtype=torch.float64)
+    t = torch.tensor([0, 1, 10, 500, 998, 999])
+    torch.testing.assert_close(schedule.eps_from_score(t, schedule.score_from_eps(t, eps)), eps)
+
+
+def test_velocity_is_the_derivative_along_the_circle() -> None:
+    """With x(phi) = cos(phi) x0 + sin(phi) eps and alpha_bar = cos^2(phi), v = dx/dphi
+    (Salimans & Ho 2022): compare with a central finite difference in phi."""
+    schedule = NoiseSchedule.from_name("cosine")
+    x0, eps = torch.randn(2, 5, 3, dtype=torch.float64)
+    for step in (3, 400, 990):
+        phi = math.acos(schedule.sqrt_alphas_cumprod[step].item())
+        h = 1e-6
+        derivative = (
+            (math.cos(phi + h) - math.cos(phi - h)) * x0
+            + (math.sin(phi + h) - math.sin(phi - h)) * eps
+        ) / (2 * h)
+        v = schedule.velocity(x0, torch.full((5,), step), eps)
+        torch.testing.assert_close(v, derivative, atol=1e-8, rtol=1e-6)
+
+
+def test_x0_and_eps_from_velocity_recover_both(schedule: NoiseSchedule) -> None:
+    x0, eps = torch.randn(2, 4, 1, 3, 3, dtype=torch.float64)
+    t = torch.tensor([0, 200, 700, 999])
+    x_t = schedule.q_sample(x0, t, noise=eps)
+    x0_back, eps_back = schedule.x0_and_eps_from_velocity(x_t, t, schedule.velocity(x0, t, eps))
+    torch.testing.assert_close(x0_back, x0)
+    torch.testing.assert_close(eps_back, eps)
+
+
+def test_errors_of_the_three_targets_differ_by_snr_weights(schedule: NoiseSchedule) -> None:
+    """For one x_t, an error in eps is an error in x0 scaled by 1/SNR and in v by 1/alpha_bar
+    (squared), the weights behind the choice of prediction target."""
+    x0, eps, eps_hat = torch.randn(3, 8, 2, dtype=torch.float64)
+    t = torch.tensor([0, 1, 50, 250, 500, 750, 900, 999])
+    x_t = schedule.q_sample(x0, t, noise=eps)
+    x0_hat = schedule.predict_x0(x_t, t, eps_hat)
+    alpha, sigma = schedule.sqrt_alphas_cumprod[t], schedule.sqrt_one_minus_alphas_cumprod[t]
+    v_hat = (eps_hat - sigma[:, None] * x_t) / alpha[:, None]  # eps = sigma x_t + alpha v
+    eps_error = (eps_hat - eps).pow(2).sum(1)
+    snr = schedule.signal_to_noise_ratio[t]
+    torch.testing.assert_close((x0_hat - x0).pow(2).sum(1), eps_error / snr)
+    v_error = (v_hat - schedule.velocity(x0, t, eps)).pow(2).sum(1)
+    torch.testing.assert_close(v_error, eps_error / schedule.alphas_cumprod[t])
+
+
+def test_parameterisations_check_their_input() -> None:
+    schedule = NoiseSchedule.from_name("linear", timesteps=10)
+    with pytest.raises(ValueError, match="0..9"):
+        schedule.score_from_eps(torch.tensor([10]), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="shape"):
+        schedule.velocity(torch.zeros(2, 3), torch.tensor([0, 1]), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="one timestep per sample"):
+        schedule.x0_and_eps_from_velocity(torch.zeros(2, 3), torch.tensor([0]), torch.zeros(2, 3))

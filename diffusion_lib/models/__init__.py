@@ -12,6 +12,7 @@ from diffusion_lib.models.attention_unet import AttentionUNet
 from diffusion_lib.models.autoencoder import DenoisingAutoencoder
 from diffusion_lib.models.embeddings import TimeEmbedding, sinusoidal_embedding
 from diffusion_lib.models.fc_unet import FCUNet
+from diffusion_lib.models.toy_mlp import ToyMLP
 from diffusion_lib.validation import check_choice
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -37,6 +38,7 @@ __all__ = [
     "DenoisingAutoencoder",
     "FCUNet",
     "TimeEmbedding",
+    "ToyMLP",
     "build_model",
     "count_parameters",
     "sinusoidal_embedding",

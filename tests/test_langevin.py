@@ -1,0 +1,145 @@
+"""Langevin dynamics against the closed-form stationary law of the discretised chain."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusion_lib import (
+    GaussianMixture,
+    NoiseSchedule,
+    annealed_langevin_sample,
+    langevin_sample,
+    langevin_timesteps,
+)
+from diffusion_lib.smoke import SMOKE_VARIABLE
+
+
+def test_chain_on_a_gaussian_reaches_the_discretised_stationary_law() -> None:
+    """For N(m, s^2) the chain x + h (m - x) / s^2 + sqrt(2 h) z is an AR(1) process whose
+    stationary variance is s^2 / (1 - h / (2 s^2)), not s^2: check both mean and variance."""
+    mean, std, step = 1.5, 0.5, 0.05
+    x = torch.zeros(40_000, 1, dtype=torch.float64)
+    samples = langevin_sample(
+        lambda x: (mean - x) / std**2,
+        x,
+        step_size=step,
+        steps=300,
+        generator=torch.Generator().manual_seed(0),
+    )
+    variance = std**2 / (1 - step / (2 * std**2))
+    assert abs(samples.mean().item() - mean) < 0.01
+    assert abs(samples.var().item() / variance - 1) < 0.03
+    assert abs(samples.var().item() / std**2 - 1) > 0.08, "the step's bias must be visible"
+
+
+def test_trajectory_and_seed() -> None:
+    score = lambda x: -x  # noqa: E731
+    start = torch.ones(3, 2)
+    first, states = langevin_sample(
+        score,
+        start,
+        step_size=0.1,
+        steps=5,
+        generator=torch.Generator().manual_seed(3),
+        return_trajectory=True,
+    )
+    again = langevin_sample(
+        score, start, step_size=0.1, steps=5, generator=torch.Generator().manual_seed(3)
+    )
+    assert states.shape == (6, 3, 2)
+    torch.testing.assert_close(states[0], start)
+    torch.testing.assert_close(states[-1], first)
+    torch.testing.assert_close(first, again)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"step_size": 0.0}, "step_size"),
+        ({"step_size": "big"}, "step_size"),
+        ({"steps": 0}, "steps"),
+    ],
+)
+def test_bad_arguments_raise(kwargs: dict, message: str) -> None:
+    arguments = {"step_size": 0.1, "steps": 3, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        langevin_sample(lambda x: -x, torch.zeros(2, 2), **arguments)
+
+
+def test_levels_are_evenly_spaced_from_the_last_step_to_the_first() -> None:
+    schedule = NoiseSchedule.from_name("linear")
+    assert langevin_timesteps(schedule, 5).tolist() == [999, 749, 500, 250, 0]
+    assert langevin_timesteps(schedule, 1).tolist() == [999]
+    with pytest.raises(ValueError, match="levels"):
+        langevin_timesteps(schedule, 0)
+    with pytest.raises(ValueError, match="at most 1000"):
+        langevin_timesteps(schedule, 1001)
+
+
+def _two_far_modes() -> GaussianMixture:
+    return GaussianMixture(torch.tensor([[-4.0, 0.0], [4.0, 0.0]]), 0.5, torch.tensor([0.8, 0.2]))
+
+
+def test_annealing_recovers_the_weights_that_plain_langevin_misses() -> None:
+    """Song & Ermon (2019, sec. 3.2.2): between far-apart modes the score says nothing about
+    their weights, so a chain started between them splits about evenly; annealing through the
+    noised marginals, where the modes overlap, restores 80/20."""
+    mixture = _two_far_modes()
+    schedule = NoiseSchedule.from_name("linear")
+    predictor = mixture.optimal_noise_predictor(schedule)
+    generator = torch.Generator().manual_seed(0)
+    annealed = annealed_langevin_sample(
+        predictor, schedule, (4000, 2), levels=20, steps_per_level=100, generator=generator
+    )
+    plain = langevin_sample(
+        mixture.score,
+        torch.randn(4000, 2, dtype=torch.float64),
+        step_size=0.01,
+        steps=2000,
+        generator=generator,
+    )
+    assert abs(mixture.proportions(annealed)[0].item() - 0.8) < 0.04
+    assert abs(mixture.proportions(plain)[0].item() - 0.5) < 0.04
+    assert mixture.log_prob(annealed).mean() > mixture.log_prob(mixture.sample(4000)).mean() - 0.1
+
+
+def test_annealed_trajectory_ends_with_the_denoised_sample() -> None:
+    mixture = _two_far_modes()
+    schedule = NoiseSchedule.from_name("linear", timesteps=100)
+    predictor = mixture.optimal_noise_predictor(schedule)
+    samples, trajectory = annealed_langevin_sample(
+        predictor,
+        schedule,
+        (5, 2),
+        levels=4,
+        steps_per_level=3,
+        generator=torch.Generator().manual_seed(0),
+        return_trajectory=True,
+    )
+    levels = langevin_timesteps(schedule, 4)
+    assert trajectory.states.shape == (len(levels) + 1, 5, 2)
+    assert trajectory.timesteps.tolist() == [*levels.tolist(), -1]
+    torch.testing.assert_close(trajectory.states[-1], samples)
+    undenoised, _ = annealed_langevin_sample(
+        predictor,
+        schedule,
+        (5, 2),
+        levels=4,
+        steps_per_level=3,
+        denoise=False,
+        generator=torch.Generator().manual_seed(0),
+        return_trajectory=True,
+    )
+    t = torch.zeros(5, dtype=torch.long)
+    torch.testing.assert_close(
+        samples, schedule.predict_x0(undenoised, t, predictor(undenoised, t))
+    )
+
+
+def test_smoke_mode_caps_the_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    _, states = langevin_sample(
+        lambda x: -x, torch.zeros(1, 1), step_size=0.1, steps=10_000, return_trajectory=True
+    )
+    assert states.shape[0] < 10_001
