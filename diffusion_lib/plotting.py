@@ -492,12 +492,13 @@ def plot_score_field(
     title: str | None = None,
     limits: tuple[float, float] = (-2.0, 2.0),
     arrows: int = 21,
+    directions_only: bool = False,
 ) -> Figure:
     """Arrows of a vector field ``score((N, 2) points) -> (N, 2)`` on an ``arrows`` x ``arrows``
     grid, over the filled contours of ``log_density((N, 2)) -> (N,)`` when given.
 
-    Arrow lengths are scaled by the plot so that the longest fits a grid cell; only directions
-    and relative lengths are meaningful. Returns the figure.
+    Arrows are scaled together so that the longest spans one grid cell, or, with
+    ``directions_only``, all drawn at one length. Returns the figure.
     """
     count = check_positive_int("arrows", arrows)
     figure, ax = _new_axes(ax, (3.2, 3.2))
@@ -512,6 +513,12 @@ def plot_score_field(
     x, y = torch.meshgrid(coarse, coarse, indexing="xy")
     grid = torch.stack([x.flatten(), y.flatten()], dim=1)
     vectors = _check_points_2d("score(points)", score(grid))
+    lengths = np.linalg.norm(vectors, axis=1, keepdims=True)
+    cell = (limits[1] - limits[0]) / max(count - 1, 1)
+    if directions_only:
+        vectors = vectors / np.maximum(lengths, 1e-12) * 0.8 * cell
+    else:
+        vectors = vectors / max(lengths.max(), 1e-12) * cell
     ax.quiver(
         grid[:, 0].numpy(),
         grid[:, 1].numpy(),
@@ -519,6 +526,9 @@ def plot_score_field(
         vectors[:, 1],
         color="C1",
         angles="xy",
+        scale_units="xy",
+        scale=1.0,
+        width=0.004,
     )
     _plane_axes(ax, limits, title)
     return figure

@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_lib import NoiseSchedule, Trajectory
+from diffusion_lib import GaussianMixture, NoiseSchedule, Trajectory
 from diffusion_lib.plotting import (
     pixel_histogram,
     plot_loss,
+    plot_points,
     plot_schedules,
+    plot_score_field,
     plot_trajectory,
     show_grid,
     slider_timesteps,
@@ -240,3 +242,32 @@ def test_plot_loss_reads_a_training_result() -> None:
         raw = figure.axes[0].get_lines()[0]
         np.testing.assert_allclose(raw.get_ydata(), history.loss)
         plt.close(figure)
+
+
+def test_plot_points_draws_every_point_with_labelled_axes():
+    points = torch.tensor([[0.0, 1.0], [-1.0, 0.5], [1.5, -1.5]])
+    figure = plot_points(points, title="three", limits=(-3.0, 3.0))
+    ax = figure.axes[0]
+    np.testing.assert_allclose(ax.collections[0].get_offsets(), points.numpy())
+    assert ax.get_xlim() == (-3.0, 3.0) and ax.get_xlabel() == "$x_1$" and ax.get_title() == "three"
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        plot_points(torch.zeros(4, 3))
+    plt.close("all")
+
+
+def test_plot_score_field_scales_arrows_to_the_grid():
+    field = lambda x: torch.stack([x[:, 0], 2 * x[:, 1]], dim=1)  # noqa: E731
+    figure = plot_score_field(field, limits=(-1.0, 1.0), arrows=5)
+    quiver = figure.axes[0].collections[-1]
+    lengths = np.hypot(quiver.U, quiver.V)
+    assert quiver.N == 25
+    np.testing.assert_allclose(lengths.max(), 0.5)  # one grid cell of 2 / (5 - 1)
+    np.testing.assert_allclose(quiver.U * 2 * quiver.Y, quiver.V * quiver.X, atol=1e-12)
+    mixture = GaussianMixture(torch.zeros(1, 2), 0.5)
+    figure = plot_score_field(
+        mixture.score, log_density=mixture.log_prob, arrows=5, directions_only=True
+    )
+    quiver = figure.axes[0].collections[-1]
+    np.testing.assert_allclose(np.hypot(quiver.U, quiver.V)[quiver.X**2 + quiver.Y**2 > 0], 0.8)
+    assert len(figure.axes[0].collections) > 1, "the density is drawn under the arrows"
+    plt.close("all")
