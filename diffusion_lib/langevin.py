@@ -72,16 +72,21 @@ def langevin_sample(
 
 
 def langevin_timesteps(schedule: NoiseSchedule, levels: int) -> Tensor:
-    """``levels`` evenly spaced timesteps from T-1 down to 0 (rounded), shape (levels,).
+    """Up to ``levels`` timesteps, largest first, evenly spaced in log signal-to-noise ratio
+    from step T-1 to step 0, shape (L,) with L <= levels.
 
     Song & Ermon (2019, sec. 4.2) space their noise levels geometrically, for noise that grows
-    far beyond the scale of the data. In the variance-preserving process the modes of the data
-    emerge while ``sqrt(1 - alpha_bar_t)`` is still close to 1, where a geometric spacing would
-    put a single level; the schedule's own evenly spaced timesteps cover that range.
+    far beyond the scale of the data. In the variance-preserving process the noise saturates at
+    1 while the signal fades, so the natural variable is ``log SNR(t)`` (Kingma et al. 2021),
+    which changes evenly over both the noisy end, where the modes of the data merge, and the
+    clean end, where the noise falls from 0.2 to 0.01 within the first 50 steps. Each target
+    is rounded to the nearest timestep, and repeats are kept once.
     """
     check_positive_int("levels", levels, maximum=schedule.timesteps)
-    last = schedule.timesteps - 1
-    return torch.linspace(last, 0, levels, dtype=torch.float64).round().long()
+    log_snr = schedule.signal_to_noise_ratio.cpu().log()
+    targets = torch.linspace(log_snr[-1].item(), log_snr[0].item(), levels, dtype=torch.float64)
+    nearest = (log_snr[None, :] - targets[:, None]).abs().argmin(dim=1)
+    return torch.unique_consecutive(nearest)
 
 
 def annealed_langevin_sample(
@@ -91,7 +96,7 @@ def annealed_langevin_sample(
     *,
     levels: int = 20,
     steps_per_level: int = 100,
-    relative_step: float = 0.1,
+    relative_step: float = 0.2,
     denoise: bool = True,
     x_T: Tensor | None = None,
     generator: torch.Generator | None = None,

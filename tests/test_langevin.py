@@ -67,9 +67,16 @@ def test_bad_arguments_raise(kwargs: dict, message: str) -> None:
         langevin_sample(lambda x: -x, torch.zeros(2, 2), **arguments)
 
 
-def test_levels_are_evenly_spaced_from_the_last_step_to_the_first() -> None:
+def test_levels_are_evenly_spaced_in_log_snr_from_the_last_step_to_the_first() -> None:
     schedule = NoiseSchedule.from_name("linear")
-    assert langevin_timesteps(schedule, 5).tolist() == [999, 749, 500, 250, 0]
+    timesteps = langevin_timesteps(schedule, 20)
+    assert timesteps[0] == 999 and timesteps[-1] == 0
+    assert (timesteps.diff() < 0).all()
+    log_snr = schedule.signal_to_noise_ratio.log()
+    gaps = log_snr[timesteps].diff()
+    # Rounding to whole timesteps moves each level by at most half a step's change in log SNR.
+    step_change = log_snr.diff().abs()
+    assert (gaps - gaps.mean()).abs().max() <= step_change.max()
     assert langevin_timesteps(schedule, 1).tolist() == [999]
     with pytest.raises(ValueError, match="levels"):
         langevin_timesteps(schedule, 0)
