@@ -8,6 +8,7 @@ import torch
 from diffusion_lib import (
     GaussianMixture,
     NoiseSchedule,
+    Trajectory,
     annealed_langevin_sample,
     langevin_sample,
     langevin_timesteps,
@@ -115,29 +116,25 @@ def test_annealed_trajectory_ends_with_the_denoised_sample() -> None:
     mixture = _two_far_modes()
     schedule = NoiseSchedule.from_name("linear", timesteps=100)
     predictor = mixture.optimal_noise_predictor(schedule)
-    samples, trajectory = annealed_langevin_sample(
-        predictor,
-        schedule,
-        (5, 2),
-        levels=4,
-        steps_per_level=3,
-        generator=torch.Generator().manual_seed(0),
-        return_trajectory=True,
-    )
+
+    def run(denoise: bool) -> tuple[torch.Tensor, Trajectory]:
+        return annealed_langevin_sample(
+            predictor,
+            schedule,
+            (5, 2),
+            levels=4,
+            steps_per_level=3,
+            denoise=denoise,
+            generator=torch.Generator().manual_seed(0),
+            return_trajectory=True,
+        )
+
+    samples, trajectory = run(denoise=True)
     levels = langevin_timesteps(schedule, 4)
     assert trajectory.states.shape == (len(levels) + 1, 5, 2)
     assert trajectory.timesteps.tolist() == [*levels.tolist(), -1]
     torch.testing.assert_close(trajectory.states[-1], samples)
-    undenoised, _ = annealed_langevin_sample(
-        predictor,
-        schedule,
-        (5, 2),
-        levels=4,
-        steps_per_level=3,
-        denoise=False,
-        generator=torch.Generator().manual_seed(0),
-        return_trajectory=True,
-    )
+    undenoised, _ = run(denoise=False)
     t = torch.zeros(5, dtype=torch.long)
     torch.testing.assert_close(
         samples, schedule.predict_x0(undenoised, t, predictor(undenoised, t))
