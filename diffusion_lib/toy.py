@@ -79,9 +79,13 @@ class GaussianMixture:
 
     def _log_joint(self, x: Tensor) -> Tensor:
         """``log w_k + log N(x; mu_k, s_k^2 I)``, shape (N, K)."""
-        x = self._check_points(x)
-        squared = (x[:, None, :] - self.means[None]).pow(2).sum(-1)
-        variances = self.stds.pow(2)
+        offsets = self._check_points(x)[:, None, :] - self.means[None]
+        return self._weighted_log_normal(offsets, self.stds.pow(2))
+
+    def _weighted_log_normal(self, offsets: Tensor, variances: Tensor) -> Tensor:
+        """``log w_k + log N(0; offsets, variances I)`` for offsets (N, K, D) from each
+        component's mean and variances broadcasting to (N, K); returns (N, K)."""
+        squared = offsets.pow(2).sum(-1)
         log_normal = -0.5 * (squared / variances + self.dim * torch.log(2 * math.pi * variances))
         return self.weights.log() + log_normal
 
@@ -152,10 +156,7 @@ class OptimalNoisePredictor:
         sigma = _gather(self.schedule.sqrt_one_minus_alphas_cumprod, t, points)
         variances = alpha.pow(2) * mixture.stds.pow(2) + sigma.pow(2)  # (B, K)
         offsets = points[:, None, :] - alpha[:, :, None] * mixture.means[None]  # (B, K, D)
-        squared = offsets.pow(2).sum(-1)
-        log_joint = mixture.weights.log() - 0.5 * (
-            squared / variances + mixture.dim * torch.log(2 * math.pi * variances)
-        )
+        log_joint = mixture._weighted_log_normal(offsets, variances)
         weights = torch.softmax(log_joint, dim=1)[..., None]
         eps = (weights * sigma[:, :, None] * offsets / variances[..., None]).sum(1)
         return eps.to(device=x_t.device, dtype=x_t.dtype)
