@@ -52,3 +52,14 @@ def test_the_installed_torchvision_imports_with_the_installed_torch() -> None:
 
     images = torch.rand(4, 1, 8, 8)
     assert torchvision.utils.make_grid(images, nrow=2).shape == (3, 2 * 8 + 6, 2 * 8 + 6)
+
+
+def test_pre_commit_hooks_use_the_ruff_release_that_make_test_installs() -> None:
+    test_extra = PYPROJECT["project"]["optional-dependencies"]["test"]
+    pinned = [d for d in test_extra if d.startswith("ruff")]
+    assert len(pinned) == 1 and "==" in pinned[0], f"pin ruff exactly in the test extra: {pinned}"
+    config = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text())
+    hooks = [hook for repo in config["repos"] for hook in repo["hooks"]]
+    assert {hook["id"] for hook in hooks} == {"ruff-check", "ruff-format"}
+    for hook in hooks:
+        assert hook["additional_dependencies"] == pinned, hook["id"]
