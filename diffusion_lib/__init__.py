@@ -1,6 +1,7 @@
 """diffusion_lib: the small library behind the book's chapters on diffusion models."""
 
 from diffusion_lib.data import CLASS_NAMES, DATA_VARIABLE, DataNotFoundError, data_root, load_images
+from diffusion_lib.flow_matching import RectifiedFlow, flow_matching_loss, flow_sample, flow_times
 from diffusion_lib.langevin import annealed_langevin_sample, langevin_sample, langevin_timesteps
 from diffusion_lib.latent import (
     AutoencoderHistory,
@@ -59,7 +60,7 @@ from diffusion_lib.sampling import (
 )
 from diffusion_lib.schedules import SCHEDULES, NoiseSchedule
 from diffusion_lib.smoke import smoke_mode
-from diffusion_lib.toy import GaussianMixture, OptimalNoisePredictor
+from diffusion_lib.toy import GaussianMixture, OptimalNoisePredictor, OptimalVelocity, SampleQuality
 from diffusion_lib.training import (
     CheckpointError,
     NonFiniteLossError,
@@ -134,4 +135,10 @@ __all__ = [
     "langevin_timesteps",
     "GaussianMixture",
     "OptimalNoisePredictor",
+    "OptimalVelocity",
+    "SampleQuality",
+    "RectifiedFlow",
+    "flow_matching_loss",
+    "flow_sample",
+    "flow_times",
 ]

@@ -179,6 +179,15 @@ def plot_loss(
     return figure
 
 
+def _state_title(timesteps: Tensor, index: int) -> str:
+    """ "t = 250" for a diffusion timestep, "t = 0.25" for a flow's time, "sample" at the end."""
+    if timesteps.dtype.is_floating_point:
+        last = index == len(timesteps) - 1
+        return "sample" if last else f"t = {float(timesteps[index]):.2f}"
+    step = int(timesteps[index])
+    return "sample" if step < 0 else f"t = {step}"
+
+
 def plot_trajectory(
     trajectory: Trajectory,
     *,
@@ -189,7 +198,8 @@ def plot_trajectory(
     """One sample's way from noise to image: ``num_frames`` evenly spaced states in a row.
 
     ``trajectory.states``: (S + 1, B, C, H, W), ``trajectory.timesteps``: (S + 1,) with -1 for
-    the finished sample. Each frame is titled by its timestep. Returns the figure.
+    the finished sample, or float times in [0, 1] from a flow sampler. Each frame is titled by
+    its timestep. Returns the figure.
     """
     states, timesteps = trajectory.states, trajectory.timesteps
     if not 0 <= sample_index < states.shape[1]:
@@ -201,8 +211,7 @@ def plot_trajectory(
     for ax, frame, index in zip(axes[0], frames, chosen, strict=True):
         array, options = _image_display(frame, value_range)
         ax.imshow(array, **options)
-        step = int(timesteps[index])
-        ax.set_title("sample" if step < 0 else f"t = {step}", fontsize=10)
+        ax.set_title(_state_title(timesteps, index), fontsize=10)
         _hide_ticks(ax)
     axes[0, 0].set_ylabel(r"$x_t$")
     figure.suptitle("from noise to image", y=1.02)

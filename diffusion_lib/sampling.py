@@ -30,7 +30,9 @@ class Trajectory:
         states: (S + 1, B, C, H, W) on the CPU; ``states[0]`` is the starting noise x_T and
             ``states[-1]`` the finished sample.
         timesteps: (S + 1,) int64; ``timesteps[i]`` is the 0-based timestep at which
-            ``states[i]`` was handed to the model, and -1 for the finished sample.
+            ``states[i]`` was handed to the model, and -1 for the finished sample. For
+            :func:`~diffusion_lib.flow_matching.flow_sample` it is float32 instead: the time
+            t in [0, 1] of each state, from 1.0 (noise) to 0.0 (the finished sample).
     """
 
     states: Tensor
@@ -165,11 +167,12 @@ def _start(
     x_T: Tensor | None,
     generator: torch.Generator | None,
     device: torch.device | str | None,
+    name: str = "x_T",
 ) -> Tensor:
     if x_T is not None:
         if tuple(x_T.shape) != tuple(shape):
             raise ValueError(
-                f"x_T must have the requested shape {tuple(shape)}, got {tuple(x_T.shape)}"
+                f"{name} must have the requested shape {tuple(shape)}, got {tuple(x_T.shape)}"
             )
         return x_T.to(device) if device is not None else x_T
     if len(shape) < 2 or any(not isinstance(n, int) or n < 1 for n in shape):

@@ -49,6 +49,7 @@ from diffusion_lib.devices import (
     synchronize,
 )
 from diffusion_lib.ema import ExponentialMovingAverage
+from diffusion_lib.flow_matching import RectifiedFlow, flow_matching_loss
 from diffusion_lib.losses import diffusion_loss
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import cap_dataset_size, cap_training_steps
@@ -179,9 +180,10 @@ class _Trainer:
     def __init__(
         self,
         model: nn.Module,
-        schedule: NoiseSchedule,
+        schedule: NoiseSchedule | RectifiedFlow,
         images: Tensor,
         labels: Tensor | None,
+        noise: Tensor | None,
         settings: _Settings,
         device: torch.device,
         group: ProcessGroup,
@@ -193,7 +195,9 @@ class _Trainer:
         self.memory_format = torch.channels_last if on_cuda and images_4d else torch.preserve_format
         self.model = model.to(device=device, memory_format=self.memory_format).train()
         self.schedule = schedule.to(device)
+        self.loss = flow_matching_loss if isinstance(schedule, RectifiedFlow) else diffusion_loss
         self.images = images.to(device)
+        self.noise = None if noise is None else noise.to(device)
         self.labels = labels.to(device, torch.long) if labels is not None else None
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
@@ -239,7 +243,7 @@ class _Trainer:
         return labels
 
     def train_step(self) -> None:
-        """One step of Algorithm 1 (Ho et al. 2020); the loss is kept on the device."""
+        """One step of Algorithm 1 (Ho et al. 2020), or of flow matching; the loss stays on the device."""
         settings = self.settings
         indices = self.plan.indices(self.step, self.device)
         x0 = self.images[indices].contiguous(memory_format=self.memory_format)
@@ -247,10 +251,20 @@ class _Trainer:
             _derived_seed(settings.seed, "noise", self.step, self.group.rank)
         )
         labels = self._batch_labels(indices)
+        noise = (
+            None
+            if self.noise is None
+            else self.noise[indices].contiguous(memory_format=self.memory_format)
+        )
         amp = settings.amp and self.device.type == "cuda"
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = diffusion_loss(
-                self.forward_model, self.schedule, x0, labels=labels, generator=self.generator
+            loss = self.loss(
+                self.forward_model,
+                self.schedule,
+                x0,
+                noise=noise,
+                labels=labels,
+                generator=self.generator,
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -339,7 +353,7 @@ class _Trainer:
         self.last_saved_step = self.step
 
 
-def _check_data(images: Tensor, labels: Tensor | None) -> None:
+def _check_data(images: Tensor, labels: Tensor | None, noise: Tensor | None) -> None:
     if not isinstance(images, Tensor) or images.dim() not in (2, 4):
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(
@@ -352,6 +366,12 @@ def _check_data(images: Tensor, labels: Tensor | None) -> None:
         )
     if images.shape[0] == 0:
         raise ValueError("images is empty: the dataset needs at least one image")
+    if noise is not None and (not isinstance(noise, Tensor) or noise.shape != images.shape):
+        shape = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+        raise ValueError(
+            f"noise must pair one noise tensor with each image, shape {tuple(images.shape)}; "
+            f"got {shape}"
+        )
     if labels is None:
         return
     if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point:
@@ -466,10 +486,11 @@ def _run_loop(trainer: _Trainer, bar: tqdm) -> float:
 
 def train(
     model: nn.Module,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | RectifiedFlow,
     images: Tensor,
     *,
     labels: Tensor | None = None,
+    noise: Tensor | None = None,
     steps: int | None = None,
     epochs: float | None = None,
     batch_size: int = 128,
@@ -489,15 +510,19 @@ def train(
     progress: bool = True,
     config: dict[str, Any] | None = None,
 ) -> TrainingResult:
-    """Train a noise predictor with the simplified loss (Ho et al. 2020, Algorithm 1, eq. 14).
+    """Train a noise predictor with the simplified loss (Ho et al. 2020, Algorithm 1, eq. 14),
+    or a velocity model with the flow-matching loss when ``schedule`` is a :class:`RectifiedFlow`.
 
     Args:
         model: ``model(x_t, t) -> eps``, or ``model(x_t, t, labels)`` when ``labels`` are given.
             It is moved to the device and trained in place.
-        schedule: the noise schedule; moved to the device.
+        schedule: the noise schedule, moved to the device; or a
+            :class:`~diffusion_lib.flow_matching.RectifiedFlow` for flow matching.
         images: (N, C, H, W) float data, already scaled as the model expects (e.g. to [-1, 1]),
             or (N, D) points for a model of points such as :class:`~diffusion_lib.ToyMLP`.
         labels: (N,) int64 class labels for a conditional model.
+        noise: a fixed noise partner for every image, shaped like ``images``, used instead of
+            fresh noise at each step: the coupling that reflow trains on (Liu et al. 2023).
         steps, epochs: the length of the run; give exactly one. ``epochs`` may be fractional.
         batch_size: the global batch: images per optimisation step over all processes (each of
             W processes takes ``batch_size / W``). Capped at the dataset size.
@@ -525,7 +550,12 @@ def train(
     number of steps are capped. Under ``torchrun`` every process calls ``train`` alike.
     """
     started = time.perf_counter()
-    _check_data(images, labels)
+    if not isinstance(schedule, NoiseSchedule | RectifiedFlow):
+        raise ValueError(
+            "schedule must be a NoiseSchedule (noise prediction) or a RectifiedFlow (flow "
+            f"matching), got {type(schedule).__name__}"
+        )
+    _check_data(images, labels, noise)
     label_dropout = _check_number("label_dropout", label_dropout, 0.0, 1.0, low_open=False)
     if label_dropout > 0 and (labels is None or getattr(model, "null_label", None) is None):
         raise ValueError(
@@ -554,22 +584,23 @@ def train(
     }
     images = images[: cap_dataset_size(images.shape[0])]
     labels = labels[: images.shape[0]] if labels is not None else None
+    noise = noise[: images.shape[0]] if noise is not None else None
     device = select_device(device)
     group = join_process_group(device)
     try:
         batch = _global_batch_size(batch_size, images.shape[0], group)
         total_steps = _total_steps(steps, epochs, images.shape[0] // batch)
         settings = _Settings(total_steps=total_steps, batch_size=batch, **options)
-        return _train(model, schedule, images, labels, settings, device, group, started)
+        data = (images, labels, noise)
+        return _train(model, schedule, data, settings, device, group, started)
     finally:
         leave_process_group(group)
 
 
 def _train(
     model: nn.Module,
-    schedule: NoiseSchedule,
-    images: Tensor,
-    labels: Tensor | None,
+    schedule: NoiseSchedule | RectifiedFlow,
+    data: tuple[Tensor, Tensor | None, Tensor | None],
     settings: _Settings,
     device: torch.device,
     group: ProcessGroup,
@@ -578,7 +609,7 @@ def _train(
     cuda_devices = [device.index] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices, device_type="cuda"):
         _seed_global_generators(settings.seed, group.rank, device)
-        trainer = _Trainer(model, schedule, images, labels, settings, device, group)
+        trainer = _Trainer(model, schedule, *data, settings, device, group)
         trainer.resume()
         trainer.wrap()
         bar = tqdm(
