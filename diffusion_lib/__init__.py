@@ -40,6 +40,7 @@ from diffusion_lib.models import (
 from diffusion_lib.plotting import (
     pixel_histogram,
     plot_loss,
+    plot_paths,
     plot_points,
     plot_schedules,
     plot_score_field,
@@ -98,6 +99,7 @@ __all__ = [
     "vb_term_bits_per_dim",
     "pixel_histogram",
     "plot_loss",
+    "plot_paths",
     "plot_points",
     "plot_score_field",
     "plot_schedules",

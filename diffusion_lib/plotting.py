@@ -541,3 +541,31 @@ def plot_score_field(
     )
     _plane_axes(ax, limits, title)
     return figure
+
+
+def plot_paths(
+    trajectory: Trajectory,
+    *,
+    count: int = 200,
+    ax: Axes | None = None,
+    title: str | None = None,
+    limits: tuple[float, float] = (-2.5, 2.5),
+) -> Figure:
+    """The paths of the first ``count`` points of a 2-D sampler run, from noise to sample.
+
+    ``trajectory.states``: (S + 1, N, 2). Each path is a thin line; its start (the noise) is a
+    grey dot and its end (the sample) a coloured one. Returns the figure.
+    """
+    states = trajectory.states
+    if states.dim() != 3 or states.shape[2] != 2:
+        raise ValueError(
+            f"trajectory.states must have shape (S + 1, N, 2), got {tuple(states.shape)}"
+        )
+    shown = states[:, : check_positive_int("count", count)].detach().cpu().double().numpy()
+    figure, ax = _new_axes(ax, (3.6, 3.6))
+    ax.plot(shown[:, :, 0], shown[:, :, 1], color="C0", alpha=0.35, linewidth=0.7)
+    ax.scatter(shown[0, :, 0], shown[0, :, 1], s=5, color="grey", label="noise")
+    ax.scatter(shown[-1, :, 0], shown[-1, :, 1], s=5, color="C3", label="sample", zorder=3)
+    ax.legend(loc="lower right", fontsize=8, markerscale=2)
+    _plane_axes(ax, limits, title)
+    return figure

@@ -556,6 +556,11 @@ def train(
             f"matching), got {type(schedule).__name__}"
         )
     _check_data(images, labels, noise)
+    if not any(parameter.requires_grad for parameter in model.parameters()):
+        raise ValueError(
+            "the model has no parameters that require gradients (an EMA copy is frozen): "
+            "load its weights into a new model, or call model.requires_grad_() first"
+        )
     label_dropout = _check_number("label_dropout", label_dropout, 0.0, 1.0, low_open=False)
     if label_dropout > 0 and (labels is None or getattr(model, "null_label", None) is None):
         raise ValueError(

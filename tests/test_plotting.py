@@ -16,6 +16,7 @@ from diffusion_lib import GaussianMixture, NoiseSchedule, Trajectory
 from diffusion_lib.plotting import (
     pixel_histogram,
     plot_loss,
+    plot_paths,
     plot_points,
     plot_schedules,
     plot_score_field,
@@ -138,6 +139,34 @@ def test_plot_trajectory_titles_frames_by_timestep():
     assert figure.axes[0].get_ylabel()
     with pytest.raises(ValueError, match="sample_index"):
         plot_trajectory(trajectory, sample_index=2)
+
+
+def test_plot_trajectory_titles_flow_times():
+    trajectory = Trajectory(torch.randn(5, 1, 1, 4, 4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    figure = plot_trajectory(trajectory, num_frames=5)
+    assert [ax.get_title() for ax in figure.axes] == [
+        "t = 1.00",
+        "t = 0.75",
+        "t = 0.50",
+        "t = 0.25",
+        "sample",
+    ]
+    plt.close("all")
+
+
+def test_plot_paths_draws_each_path_from_noise_to_sample():
+    states = torch.cumsum(torch.randn(6, 10, 2), dim=0)
+    figure = plot_paths(Trajectory(states, torch.linspace(1, 0, 6)), count=4)
+    ax = figure.axes[0]
+    assert len(ax.lines) == 4
+    for index, line in enumerate(ax.lines):
+        np.testing.assert_allclose(line.get_xydata(), states[:, index].double().numpy())
+    starts, ends = ax.collections
+    np.testing.assert_allclose(starts.get_offsets(), states[0, :4].double().numpy())
+    np.testing.assert_allclose(ends.get_offsets(), states[-1, :4].double().numpy())
+    with pytest.raises(ValueError, match=r"shape \(S \+ 1, N, 2\)"):
+        plot_paths(Trajectory(torch.zeros(3, 4, 1, 2, 2), torch.zeros(3)))
+    plt.close("all")
 
 
 def test_pixel_histogram_matches_numpy_and_the_normal_density():

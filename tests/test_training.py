@@ -343,6 +343,12 @@ def test_bad_arguments_raise_value_errors(schedule, arguments, message) -> None:
         quick_train(schedule, **arguments)
 
 
+def test_a_frozen_model_raises(schedule: NoiseSchedule) -> None:
+    frozen = TinyDenoiser().requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameters that require gradients"):
+        quick_train(schedule, model=frozen)
+
+
 def test_a_schedule_of_another_kind_raises() -> None:
     with pytest.raises(ValueError, match="NoiseSchedule .* or a RectifiedFlow"):
         quick_train("linear")  # type: ignore[arg-type]
