@@ -31,6 +31,23 @@ def check_timesteps(
         )
 
 
+def check_model_times(t: Tensor, timesteps: int, batch_size: int, *, values: bool = True) -> None:
+    """What a network accepts as its time input: 0-based integer timesteps (see
+    :func:`check_timesteps`) or real times in [0, T], such as a flow's ``1000 t``."""
+    if not (isinstance(t, Tensor) and t.dtype.is_floating_point):
+        check_timesteps(t, timesteps, batch_size, values=values)
+        return
+    if t.shape != (batch_size,):
+        raise ValueError(
+            f"t must have shape ({batch_size},), one time per sample; got {tuple(t.shape)}"
+        )
+    if values and t.numel() and (float(t.min()) < 0 or float(t.max()) > timesteps):
+        raise ValueError(
+            f"real-valued times must lie in [0, {timesteps}]; "
+            f"got values from {float(t.min())} to {float(t.max())}"
+        )
+
+
 def check_finite(name: str, x: Tensor) -> None:
     """Raise ``ValueError`` if ``x`` holds NaN or infinite values."""
     if x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):

@@ -347,12 +347,33 @@ def test_missing_batch_dimension_raises(name: str) -> None:
 
 @pytest.mark.parametrize("name", NOISE_PREDICTORS)
 @pytest.mark.parametrize(
-    ("t", "message"), [(torch.tensor([0, T]), "0..999"), (torch.tensor([0.5, 1.0]), "integer")]
+    ("t", "message"),
+    [
+        (torch.tensor([0, T]), "0..999"),
+        (torch.tensor([0.5, T + 0.5]), r"real-valued times must lie in \[0, 1000\]"),
+        (torch.tensor([0.5]), r"shape \(2,\)"),
+    ],
 )
 def test_bad_timesteps_raise(name: str, t: torch.Tensor, message: str) -> None:
     model = NOISE_PREDICTORS[name](1, 28)
     with pytest.raises(ValueError, match=message):
         model(torch.randn(2, 1, 28, 28), t)
+
+
+@pytest.mark.parametrize("name", NOISE_PREDICTORS)
+def test_real_times_of_a_flow_are_accepted_and_match_integer_ones(name: str) -> None:
+    """A velocity model is called with 1000 t; whole-number times give the integer result,
+    and the output varies smoothly in between."""
+    model = NOISE_PREDICTORS[name](1, 28).eval()
+    for parameter in model.parameters():  # zero-initialised output layers would hide t
+        torch.nn.init.normal_(parameter, std=0.05)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        whole = model(x, torch.tensor([3, T - 1]))
+        real = model(x, torch.tensor([3.0, T - 1.0]))
+        nudged = model(x, torch.tensor([3.001, T - 1.0]))
+    torch.testing.assert_close(real, whole)
+    assert 0 < (nudged - real).abs().max() < 1e-2
 
 
 def test_autoencoder_checks_its_input() -> None:

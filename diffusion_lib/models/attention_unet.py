@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from diffusion_lib.models.autoencoder import check_image_batch
 from diffusion_lib.models.embeddings import TimeEmbedding
-from diffusion_lib.validation import check_positive_int, check_timesteps
+from diffusion_lib.validation import check_model_times, check_positive_int
 
 
 def _zero_init(module: nn.Module) -> nn.Module:
@@ -278,11 +278,15 @@ class AttentionUNet(nn.Module):
         return self.num_classes
 
     def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Predict the noise in ``x_t`` (B, C, H, W) at 0-based timesteps ``t`` (B,)."""
+        """Predict the noise in ``x_t`` (B, C, H, W) at 0-based timesteps ``t`` (B,).
+
+        ``t`` may also hold real times in [0, T]: a velocity model of a
+        :class:`~diffusion_lib.flow_matching.RectifiedFlow` is called with ``1000 t``.
+        """
         check_image_batch(type(self).__name__, x_t, self.channels, self.image_size)
         if not torch.compiler.is_compiling():
             # Range checks read t's values; skip them on accelerators to avoid a sync per step.
-            check_timesteps(t, self.timesteps, x_t.shape[0], values=t.device.type == "cpu")
+            check_model_times(t, self.timesteps, x_t.shape[0], values=t.device.type == "cpu")
         embedding = self.time_embedding(t)
         label_embedding = self._embed_labels(labels, x_t.shape[0], x_t.device)
         if label_embedding is not None:
