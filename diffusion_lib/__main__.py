@@ -32,13 +32,15 @@ from diffusion_lib.data import (
     to_unit_interval,
 )
 from diffusion_lib.devices import select_device
+from diffusion_lib.flow_matching import RectifiedFlow, flow_sample
 from diffusion_lib.models import MODELS, build_model, count_parameters
 from diffusion_lib.sampling import ddim_sample, ddpm_sample
 from diffusion_lib.schedules import SCHEDULES, NoiseSchedule
 from diffusion_lib.smoke import cap_samples
 from diffusion_lib.training import train
 
-SAMPLERS = ("ddpm", "ddim")
+OBJECTIVES = ("noise", "flow")  # L_simple with a noise schedule, or flow matching
+SAMPLERS = {"noise": ("ddpm", "ddim"), "flow": ("euler", "heun")}
 IMAGE_SIZE, IMAGE_CHANNELS = 28, 1  # MNIST and Fashion-MNIST
 
 EPILOG = """\
@@ -50,6 +52,9 @@ examples:
       --steps 50 --num 64 --output samples.png
   python -m diffusion_lib sample --checkpoint runs/fashion/checkpoint.pt --label 7 \\
       --guidance 3 --output sneakers.png
+  python -m diffusion_lib train --model fc_unet --dataset mnist --objective flow --steps 5000 \\
+      --output runs/flow
+  python -m diffusion_lib sample --checkpoint runs/flow/checkpoint.pt --sampler euler --steps 20
 
 Datasets are read from $DIFFUSION_LIB_DATA (torchvision layout). Set DIFFUSION_LIB_SMOKE=1
 for a quick run with capped steps, data and samples.
@@ -85,6 +90,13 @@ def _add_model_options(group: argparse._ArgumentGroup) -> None:
         "--schedule", default="linear", choices=list(SCHEDULES), help="(default: linear)"
     )
     group.add_argument("--timesteps", type=int, default=1000, help="T (default: 1000)")
+    group.add_argument(
+        "--objective",
+        default="noise",
+        choices=OBJECTIVES,
+        help="noise: predict the noise (L_simple); flow: predict the velocity of the straight "
+        "path (flow matching, sampled with euler or heun) (default: noise)",
+    )
     group.add_argument("--conditional", action="store_true", help="condition on class labels")
     group.add_argument(
         "--label-dropout",
@@ -164,11 +176,16 @@ def _add_sample_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--checkpoint", required=True, type=Path, help="a checkpoint.pt written by train"
     )
-    parser.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="(default: ddim)")
+    parser.add_argument(
+        "--sampler",
+        choices=[name for names in SAMPLERS.values() for name in names],
+        help="ddpm or ddim for a noise model, euler or heun for a flow "
+        "(default: ddim, or euler for a flow)",
+    )
     parser.add_argument(
         "--steps",
         type=int,
-        help="denoising steps, at most T (default: T for ddpm, 50 for ddim)",
+        help="denoising steps, at most T for ddpm and ddim (default: T for ddpm, else 50)",
     )
     parser.add_argument(
         "--eta", type=float, default=0.0, help="ddim noise: 0 deterministic, 1 DDPM-like"
@@ -229,6 +246,7 @@ def run_train(args: argparse.Namespace) -> None:
     except TypeError as error:
         raise CommandError(f"bad --model-arg for {args.model}: {error}") from None
     schedule = NoiseSchedule.from_name(args.schedule, args.timesteps)
+    process = schedule if args.objective == "noise" else RectifiedFlow(args.timesteps)
     images, labels = load_images(
         args.dataset, train=True, value_range=(low, high), limit=args.limit
     )
@@ -238,11 +256,12 @@ def run_train(args: argparse.Namespace) -> None:
         "dataset": args.dataset,
         "value_range": [low, high],
         "conditional": args.conditional,
+        "objective": args.objective,
     }
     print(f"{args.model}: {count_parameters(model):,} trainable parameters; {len(images):,} images")
     result = train(
         model,
-        schedule,
+        process,
         images,
         labels=labels if args.conditional else None,
         label_dropout=args.label_dropout if args.conditional else 0.0,
@@ -281,14 +300,26 @@ def _read_sampling_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def _check_sampling_args(args: argparse.Namespace, config: dict[str, Any]) -> int:
-    """Validate the sampling options against the checkpoint; return the number of steps."""
+    """Validate the sampling options against the checkpoint; set ``args.sampler`` if unset and
+    return the number of steps."""
+    objective = config.get("objective", "noise")
+    allowed = SAMPLERS[objective]
+    if args.sampler is None:
+        args.sampler = allowed[-1] if objective == "noise" else allowed[0]
+    if args.sampler not in allowed:
+        raise CommandError(
+            f"--sampler {args.sampler} does not fit this checkpoint, trained with --objective "
+            f"{objective}; choose {' or '.join(allowed)}"
+        )
     timesteps = config["schedule"]["timesteps"]
     steps = (
         args.steps
         if args.steps is not None
         else (timesteps if args.sampler == "ddpm" else min(50, timesteps))
     )
-    if not 1 <= steps <= timesteps:
+    if objective == "flow" and steps < 1:
+        raise CommandError(f"--steps must be >= 1, got {steps}")
+    if objective == "noise" and not 1 <= steps <= timesteps:
         raise CommandError(
             f"--steps must lie in 1..{timesteps} (T of this checkpoint), got {steps}"
         )
@@ -350,8 +381,12 @@ def run_sample(args: argparse.Namespace) -> None:
         options.update(guidance=args.guidance, null_label=model.null_label)
     if args.sampler == "ddim":
         options["eta"] = args.eta
-    sampler = ddpm_sample if args.sampler == "ddpm" else ddim_sample
-    samples = sampler(model, schedule, shape, **options)
+    if args.sampler in SAMPLERS["flow"]:
+        flow = RectifiedFlow(config["schedule"]["timesteps"])
+        samples = flow_sample(model, flow, shape, solver=args.sampler, **options)
+    else:
+        sampler = ddpm_sample if args.sampler == "ddpm" else ddim_sample
+        samples = sampler(model, schedule, shape, **options)
     pictures = to_unit_interval(samples.float().cpu(), tuple(config["value_range"]))
     grid = make_grid(pictures, nrow=math.ceil(math.sqrt(num)), padding=2)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -122,9 +122,11 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         assert main(train_arguments(folder / "plain", TINY_FC_UNET)) == 0
         conditional = train_arguments(folder / "labels", TINY_ATTENTION_UNET, "--conditional")
         assert main(conditional) == 0
+        assert main(train_arguments(folder / "flow", TINY_FC_UNET, "--objective", "flow")) == 0
     return {
         "plain": folder / "plain" / "checkpoint.pt",
         "labels": folder / "labels" / "checkpoint.pt",
+        "flow": folder / "flow" / "checkpoint.pt",
     }
 
 
@@ -139,6 +141,9 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         ("labels", ["--label", "10"], r"0 \(0\), 1 \(1\)"),
         ("labels", ["--label", "-1"], "--label must be one of"),
         ("labels", ["--label", "2", "--guidance", "-1"], "guidance must be >= 0"),
+        ("plain", ["--sampler", "euler"], "trained with --objective noise; choose ddpm or ddim"),
+        ("flow", ["--sampler", "ddim"], "trained with --objective flow; choose euler or heun"),
+        ("flow", ["--steps", "0"], "--steps must be >= 1"),
     ],
 )
 def test_sampling_errors_are_clear(
@@ -184,3 +189,36 @@ def test_guided_sampling_of_a_class_writes_the_grid(checkpoints, tmp_path, monke
     assert status == 0
     with Image.open(output) as image:
         assert image.size == (2 * 30 + 2, 2 * 30 + 2)
+
+
+@pytest.mark.parametrize(("sampler", "calls"), [(None, 4), ("heun", 8)])
+def test_a_flow_checkpoint_samples_with_an_ode_solver(
+    checkpoints, sampler, calls, tmp_path, monkeypatch, capsys
+) -> None:
+    """--objective flow trains a velocity model; sample picks Euler for it unless told Heun, and
+    calls the network once per Euler step and twice per Heun step."""
+    config = load_checkpoint(checkpoints["flow"])["config"]
+    assert config["objective"] == "flow"
+    assert load_checkpoint(checkpoints["plain"])["config"]["objective"] == "noise"
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    seen = []
+    original = torch.nn.Module.__call__
+
+    def counting(module, *args, **kwargs):
+        if type(module).__name__ == "FCUNet":
+            seen.append(args[1])
+        return original(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", counting)
+    output = tmp_path / "flow.png"
+    options = [] if sampler is None else ["--sampler", sampler]
+    with one_thread():
+        status = main([
+            "sample", "--checkpoint", str(checkpoints["flow"]), "--steps", "4", "--num", "4",
+            "--output", str(output), *options,
+        ])  # fmt: skip
+    assert status == 0 and output.is_file()
+    assert f"({sampler or 'euler'}, 4 steps)" in capsys.readouterr().out
+    assert len(seen) == calls
+    assert all(t.dtype.is_floating_point for t in seen)
+    assert float(seen[0][0]) == TIMESTEPS  # t = 1 is the model's time T
