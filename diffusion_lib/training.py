@@ -13,6 +13,9 @@ adds what makes that loop practical:
 * Atomic checkpoints and exact resumption: the data order and every random draw depend
   only on ``seed`` and the step number, so a resumed run repeats the uninterrupted one.
 * Several processes under ``torchrun``, with DistributedDataParallel.
+
+Given a :class:`~diffusion_lib.flow_matching.RectifiedFlow` instead of a noise schedule, the
+same loop trains a velocity model by flow matching.
 """
 
 from __future__ import annotations
