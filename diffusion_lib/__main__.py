@@ -299,23 +299,27 @@ def _read_sampling_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
     return path, state
 
 
-def _check_sampling_args(args: argparse.Namespace, config: dict[str, Any]) -> int:
-    """Validate the sampling options against the checkpoint; set ``args.sampler`` if unset and
-    return the number of steps."""
+def _sampler(args: argparse.Namespace, config: dict[str, Any]) -> str:
+    """The sampler asked for, or the checkpoint's default: ddim for noise, euler for a flow."""
     objective = config.get("objective", "noise")
     allowed = SAMPLERS[objective]
-    if args.sampler is None:
-        args.sampler = allowed[-1] if objective == "noise" else allowed[0]
-    if args.sampler not in allowed:
+    sampler = args.sampler or {"noise": "ddim", "flow": "euler"}[objective]
+    if sampler not in allowed:
         raise CommandError(
-            f"--sampler {args.sampler} does not fit this checkpoint, trained with --objective "
+            f"--sampler {sampler} does not fit this checkpoint, trained with --objective "
             f"{objective}; choose {' or '.join(allowed)}"
         )
+    return sampler
+
+
+def _check_sampling_args(args: argparse.Namespace, config: dict[str, Any], sampler: str) -> int:
+    """Validate the sampling options against the checkpoint; return the number of steps."""
+    objective = config.get("objective", "noise")
     timesteps = config["schedule"]["timesteps"]
     steps = (
         args.steps
         if args.steps is not None
-        else (timesteps if args.sampler == "ddpm" else min(50, timesteps))
+        else (timesteps if sampler == "ddpm" else min(50, timesteps))
     )
     if objective == "flow" and steps < 1:
         raise CommandError(f"--steps must be >= 1, got {steps}")
@@ -327,7 +331,7 @@ def _check_sampling_args(args: argparse.Namespace, config: dict[str, Any]) -> in
         raise CommandError(f"--num must be >= 1, got {args.num}")
     if args.eta < 0:
         raise CommandError(f"--eta must be >= 0, got {args.eta}")
-    if args.eta > 0 and args.sampler != "ddim":
+    if args.eta > 0 and sampler != "ddim":
         raise CommandError("--eta applies to --sampler ddim only")
     if args.guidance < 0:
         raise CommandError(f"--guidance must be >= 0 (0 means no guidance), got {args.guidance}")
@@ -363,7 +367,8 @@ def run_sample(args: argparse.Namespace) -> None:
     """``sample``: rebuild model and schedule from the checkpoint and save a grid of samples."""
     path, state = _read_sampling_checkpoint(args.checkpoint)
     config = state["config"]
-    steps = _check_sampling_args(args, config)
+    sampler = _sampler(args, config)
+    steps = _check_sampling_args(args, config, sampler)
     device = select_device(args.device)
     model, schedule = _rebuild(path, state, device)
     num = cap_samples(args.num)
@@ -379,22 +384,20 @@ def run_sample(args: argparse.Namespace) -> None:
     if args.label is not None:
         options["labels"] = torch.full((num,), args.label, dtype=torch.long, device=device)
         options.update(guidance=args.guidance, null_label=model.null_label)
-    if args.sampler == "ddim":
+    if sampler == "ddim":
         options["eta"] = args.eta
-    if args.sampler in SAMPLERS["flow"]:
+    if sampler in SAMPLERS["flow"]:
         flow = RectifiedFlow(config["schedule"]["timesteps"])
-        samples = flow_sample(model, flow, shape, solver=args.sampler, **options)
+        samples = flow_sample(model, flow, shape, solver=sampler, **options)
     else:
-        sampler = ddpm_sample if args.sampler == "ddpm" else ddim_sample
-        samples = sampler(model, schedule, shape, **options)
+        diffusion_sampler = ddpm_sample if sampler == "ddpm" else ddim_sample
+        samples = diffusion_sampler(model, schedule, shape, **options)
     pictures = to_unit_interval(samples.float().cpu(), tuple(config["value_range"]))
     grid = make_grid(pictures, nrow=math.ceil(math.sqrt(num)), padding=2)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, args.output)
     width, height = grid.shape[2], grid.shape[1]
-    print(
-        f"saved {num} samples ({args.sampler}, {steps} steps) to {args.output} ({width}x{height})"
-    )
+    print(f"saved {num} samples ({sampler}, {steps} steps) to {args.output} ({width}x{height})")
 
 
 def main(argv: list[str] | None = None) -> int:

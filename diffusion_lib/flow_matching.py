@@ -32,6 +32,7 @@ from diffusion_lib.sampling import (
     Trajectory,
     _check_labels,
     _evaluating,
+    _randn,
     _start,
     predict_noise,
 )
@@ -125,12 +126,11 @@ def flow_matching_loss(
     that reflow trains on (Liu et al. 2023, sec. 2.3). ``labels`` (B,) go to a conditional
     model as ``model(x_t, t, labels)``. Returns a scalar float32 tensor.
     """
-    source = generator.device if generator is not None else x0.device
     if t is None:
+        source = generator.device if generator is not None else x0.device
         t = torch.rand((x0.shape[0],), generator=generator, device=source).to(x0.device)
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=source, dtype=x0.dtype)
-        noise = noise.to(x0.device)
+        noise = _randn(tuple(x0.shape), generator, x0.device, x0.dtype)
     x_t = flow.interpolate(x0, noise, t)
     time = flow.model_time(t)
     v = model(x_t, time) if labels is None else model(x_t, time, labels)

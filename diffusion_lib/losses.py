@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffusion_lib.sampling import NoisePredictor, _evaluating, p_mean_variance
+from diffusion_lib.sampling import NoisePredictor, _evaluating, _randn, p_mean_variance
 from diffusion_lib.schedules import NoiseSchedule, _gather
 from diffusion_lib.validation import check_finite, check_same_shape, check_timesteps
 
@@ -48,10 +48,7 @@ def diffusion_loss(
     else:
         check_timesteps(t, schedule.timesteps, x0.shape[0])
     if noise is None:
-        source = generator.device if generator is not None else x0.device
-        noise = torch.randn(x0.shape, generator=generator, device=source, dtype=x0.dtype).to(
-            x0.device
-        )
+        noise = _randn(tuple(x0.shape), generator, x0.device, x0.dtype)
     else:
         check_same_shape("noise", noise, "x0", x0)
     x_t = schedule._q_sample(x0, t, noise)

@@ -154,11 +154,14 @@ def _model_device(model: NoisePredictor) -> torch.device:
 
 
 def _randn(
-    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Standard normal noise drawn on the generator's device, so a seed gives the same images anywhere."""
     source = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=source).to(device)
+    return torch.randn(shape, generator=generator, device=source, dtype=dtype).to(device)
 
 
 def _start(

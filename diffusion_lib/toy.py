@@ -91,6 +91,21 @@ class GaussianMixture:
         log_normal = -0.5 * (squared / variances + self.dim * torch.log(2 * math.pi * variances))
         return self.weights.log() + log_normal
 
+    def _conditioned_on_scaled_and_noised(
+        self, points: Tensor, alpha: Tensor, sigma: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-component Gaussian conditioning on ``x = alpha x_0 + sigma eps``.
+
+        ``points`` (B, D) float64, ``alpha`` and ``sigma`` (B, 1). Returns ``q(k | x)`` (B, K),
+        the offsets ``r = x - alpha mu_k`` (B, K, D) and the variances
+        ``V_k = alpha^2 s_k^2 + sigma^2`` (B, K), from which ``E[eps | x, k] = sigma r / V_k``
+        and ``E[x_0 | x, k] = mu_k + alpha s_k^2 r / V_k``.
+        """
+        variances = alpha.pow(2) * self.stds.pow(2) + sigma.pow(2)
+        offsets = points[:, None, :] - alpha[:, :, None] * self.means[None]
+        posterior = torch.softmax(self._weighted_log_normal(offsets, variances), dim=1)
+        return posterior, offsets, variances
+
     def _check_points(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -199,11 +214,10 @@ class OptimalNoisePredictor:
         t = t.cpu()
         alpha = _gather(self.schedule.sqrt_alphas_cumprod, t, points)  # (B, 1)
         sigma = _gather(self.schedule.sqrt_one_minus_alphas_cumprod, t, points)
-        variances = alpha.pow(2) * mixture.stds.pow(2) + sigma.pow(2)  # (B, K)
-        offsets = points[:, None, :] - alpha[:, :, None] * mixture.means[None]  # (B, K, D)
-        log_joint = mixture._weighted_log_normal(offsets, variances)
-        weights = torch.softmax(log_joint, dim=1)[..., None]
-        eps = (weights * sigma[:, :, None] * offsets / variances[..., None]).sum(1)
+        weights, offsets, variances = mixture._conditioned_on_scaled_and_noised(
+            points, alpha, sigma
+        )
+        eps = (weights[..., None] * sigma[:, :, None] * offsets / variances[..., None]).sum(1)
         return eps.to(device=x_t.device, dtype=x_t.dtype)
 
 
@@ -230,9 +244,7 @@ class OptimalVelocity:
         t = time.detach().cpu().to(torch.float64) / self.flow.time_scale
         _check_times(t, points.shape[0])
         a, b = (1 - t)[:, None], t[:, None]  # (B, 1)
-        variances = a.pow(2) * mixture.stds.pow(2) + b.pow(2)  # (B, K)
-        offsets = points[:, None, :] - a[:, :, None] * mixture.means[None]  # (B, K, D)
-        weights = torch.softmax(mixture._weighted_log_normal(offsets, variances), dim=1)
+        weights, offsets, variances = mixture._conditioned_on_scaled_and_noised(points, a, b)
         gains = (b - a * mixture.stds.pow(2)) / variances  # (B, K)
         velocities = gains[..., None] * offsets - mixture.means[None]
         v = (weights[..., None] * velocities).sum(1)
