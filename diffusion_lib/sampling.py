@@ -197,6 +197,44 @@ def _check_labels(labels: Tensor | None, batch_size: int, device: torch.device) 
     return labels
 
 
+def _conditioning(
+    labels: Tensor | None,
+    guidance: float,
+    null_label: int | None,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, object]:
+    """The keyword arguments :func:`predict_noise` needs for class conditioning, if any."""
+    labels = _check_labels(labels, batch_size, device)
+    if labels is None:
+        return {}
+    return {"labels": labels, "guidance": guidance, "null_label": null_label}
+
+
+def _ancestral_step(
+    model: NoisePredictor,
+    schedule: NoiseSchedule,
+    x: Tensor,
+    index: int,
+    generator: torch.Generator | None,
+    variance: str,
+    clip_x0: tuple[float, float] | None,
+    extra: dict[str, object],
+) -> Tensor:
+    """One step of Algorithm 2: x_{t-1} ~ p_theta(x_{t-1} | x_t) at the 0-based ``index`` = t.
+
+    ``schedule`` is the one the steps are counted in (a respaced one, with ``model`` wrapped to
+    match). No noise is added at index 0, the step that returns the sample.
+    """
+    t = torch.full((x.shape[0],), index, device=x.device, dtype=torch.long)
+    mean, _, log_variance, _ = p_mean_variance(
+        model, schedule, x, t, variance=variance, clip_x0=clip_x0, **extra
+    )
+    if index == 0:
+        return mean
+    return mean + (0.5 * log_variance).exp() * _randn(tuple(x.shape), generator, x.device)
+
+
 def ddpm_sample(
     model: NoisePredictor,
     schedule: NoiseSchedule,
@@ -239,21 +277,13 @@ def ddpm_sample(
     sampling_schedule, kept = respace(schedule, steps)
     sampling_schedule = sampling_schedule.to(x.device)
     wrapped = _RespacedModel(model, kept)
-    labels = _check_labels(labels, x.shape[0], x.device)
-    extra = (
-        {} if labels is None else {"labels": labels, "guidance": guidance, "null_label": null_label}
-    )
+    extra = _conditioning(labels, guidance, null_label, x.shape[0], x.device)
     states, visited = [x.cpu()], []
     with _evaluating(model):
         for index in reversed(range(steps)):
-            t = torch.full((x.shape[0],), index, device=x.device, dtype=torch.long)
-            mean, _, log_variance, _ = p_mean_variance(
-                wrapped, sampling_schedule, x, t, variance=variance, clip_x0=clip_x0, **extra
+            x = _ancestral_step(
+                wrapped, sampling_schedule, x, index, generator, variance, clip_x0, extra
             )
-            noise = (
-                _randn(tuple(x.shape), generator, x.device) if index > 0 else torch.zeros_like(x)
-            )
-            x = mean + (0.5 * log_variance).exp() * noise
             visited.append(int(kept[index]))
             if return_trajectory:
                 states.append(x.cpu())
@@ -300,10 +330,7 @@ def ddim_sample(
     visited = ddim_timesteps(schedule.timesteps, steps)
     x = _start(model, shape, x_T, generator, device)
     schedule = schedule.to(x.device)
-    labels = _check_labels(labels, x.shape[0], x.device)
-    extra = (
-        {} if labels is None else {"labels": labels, "guidance": guidance, "null_label": null_label}
-    )
+    extra = _conditioning(labels, guidance, null_label, x.shape[0], x.device)
     states = [x.cpu()]
     with _evaluating(model):
         for i in reversed(range(steps)):
