@@ -149,12 +149,14 @@ def sdedit(
 def repaint_schedule(steps: int, jump_length: int = 10, resamplings: int = 10) -> list[int]:
     """The levels RePaint visits, in order (Lugmayr et al. 2022, sec. 4.2 and Fig. 3).
 
-    The chain goes down one level at a time from ``steps`` to 0. On reaching a multiple ``n``
-    of ``jump_length`` from which a full jump fits, it jumps back up to ``n + jump_length`` and
-    comes down again, until that stretch has been walked ``resamplings`` times. With
-    ``resamplings = 1`` this is plain ancestral sampling: ``[steps, steps - 1, ..., 0]``.
-    Consecutive entries differ by -1 (a denoising step) or by ``+jump_length`` (noising).
-    About ``steps * resamplings`` denoising steps in all.
+    The chain goes down one level at a time from ``steps`` to 0. On reaching a level
+    ``n = 1, 1 + j, 1 + 2j, ...`` (``j = jump_length``) with ``n + j <= steps``, it jumps back
+    up to ``n + j`` and comes down again, until that stretch has been walked ``resamplings``
+    times. The stretches end at level 1, so the last step, which returns the image, is never
+    undone; with ``jump_length = 1`` this is the paper's Algorithm 1. ``resamplings = 1`` is
+    plain ancestral sampling: ``[steps, steps - 1, ..., 0]``. Consecutive entries differ by -1
+    (a denoising step) or by ``+jump_length`` (noising): about ``steps * resamplings``
+    denoising steps in all.
     """
     check_positive_int("steps", steps)
     check_positive_int("jump_length", jump_length, maximum=steps)
@@ -165,7 +167,8 @@ def repaint_schedule(steps: int, jump_length: int = 10, resamplings: int = 10) -
         level -= 1
         levels.append(level)
         walked = walks.get(level, 1)
-        if level % jump_length == 0 and level + jump_length <= steps and walked < resamplings:
+        is_jump_point = level >= 1 and (level - 1) % jump_length == 0
+        if is_jump_point and level + jump_length <= steps and walked < resamplings:
             walks[level] = walked + 1
             level += jump_length
             levels.append(level)

@@ -89,14 +89,15 @@ def test_repaint_schedule_walks_every_stretch_resamplings_times(
     assert levels[0] == steps and levels[-1] == 0
     moves = [b - a for a, b in zip(levels[:-1], levels[1:], strict=True)]
     assert set(moves) <= {-1, jump_length}
-    # Each jump point n (a multiple of j with n + j <= steps) is reached from above once per walk.
-    for n in range(0, steps - jump_length + 1, jump_length):
-        arrivals = sum(
-            1 for a, b in zip(levels[:-1], levels[1:], strict=True) if (a, b) == (n + 1, n)
-        )
-        assert arrivals == resamplings
-    jump_points = (steps - jump_length) // jump_length + 1
-    assert moves.count(-1) == steps + (resamplings - 1) * jump_length * jump_points
+    # Each stretch ends at a level n = 1, 1 + j, ... with n + j <= steps, and is walked down
+    # resamplings times; every other level is reached from above once per walk of its stretch.
+    steps_down = [b for a, b in zip(levels[:-1], levels[1:], strict=True) if b == a - 1]
+    jump_points = list(range(1, steps - jump_length + 1, jump_length))
+    for n in range(steps):
+        stretch_ends = [p for p in jump_points if p <= n < p + jump_length]
+        assert steps_down.count(n) == (resamplings if stretch_ends else 1)
+    assert len(steps_down) == steps + (resamplings - 1) * jump_length * len(jump_points)
+    assert levels[-2:] == [1, 0]  # the step that returns the image is never undone
 
 
 def test_one_resampling_is_plain_ancestral_order() -> None:
@@ -184,8 +185,9 @@ def test_smoke_mode_caps_the_editing_chains(
     sdedit(model, linear, torch.zeros(2, 3), 1.0)
     assert len(model.calls) == MAX_SAMPLING_STEPS
     model.calls.clear()
-    repaint(model, linear, torch.zeros(2, 3), torch.ones(1, 3), resamplings=2)
-    assert len(model.calls) == 2 * MAX_SAMPLING_STEPS
+    repaint(model, linear, torch.zeros(2, 3), torch.ones(1, 3), jump_length=5, resamplings=2)
+    levels = repaint_schedule(MAX_SAMPLING_STEPS, 5, 2)
+    assert len(model.calls) == sum(b < a for a, b in zip(levels[:-1], levels[1:], strict=True))
 
 
 @pytest.mark.parametrize(
