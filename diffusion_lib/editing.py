@@ -23,8 +23,7 @@ from diffusion_lib.sampling import (
     _conditioning,
     _evaluating,
     _randn,
-    _RespacedModel,
-    respace,
+    _respaced_chain,
 )
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import cap_sampling_steps
@@ -126,9 +125,7 @@ def sdedit(
     strength = _check_strength(strength)
     check_choice("variance", variance, VARIANCES)
     steps = cap_sampling_steps(schedule.timesteps if steps is None else steps)
-    sampling_schedule, kept = respace(schedule, steps)
-    sampling_schedule = sampling_schedule.to(guide.device)
-    wrapped = _RespacedModel(model, kept)
+    sampling_schedule, kept, wrapped = _respaced_chain(model, schedule, steps, guide.device)
     extra = _conditioning(labels, guidance, null_label, guide.shape[0], guide.device)
     start = max(1, round(strength * steps))
     x = _noise_to_level(sampling_schedule, guide, start, generator)
@@ -251,9 +248,7 @@ def repaint(
     check_positive_int("jump_length", jump_length, maximum=steps)
     steps = cap_sampling_steps(steps)
     levels = repaint_schedule(steps, min(jump_length, steps), resamplings)
-    sampling_schedule, kept = respace(schedule, steps)
-    sampling_schedule = sampling_schedule.to(known.device)
-    wrapped = _RespacedModel(model, kept)
+    sampling_schedule, _, wrapped = _respaced_chain(model, schedule, steps, known.device)
     extra = _conditioning(labels, guidance, null_label, known.shape[0], known.device)
     x = _randn(tuple(known.shape), generator, known.device)
     with _evaluating(model):

@@ -132,6 +132,14 @@ def respace(schedule: NoiseSchedule, steps: int) -> tuple[NoiseSchedule, Tensor]
     return NoiseSchedule(1.0 - alphas_cumprod / previous), kept
 
 
+def _respaced_chain(
+    model: NoisePredictor, schedule: NoiseSchedule, steps: int, device: torch.device
+) -> tuple[NoiseSchedule, Tensor, _RespacedModel]:
+    """The respaced schedule on ``device``, its kept timesteps, and ``model`` wrapped to match."""
+    sampling_schedule, kept = respace(schedule, steps)
+    return sampling_schedule.to(device), kept, _RespacedModel(model, kept)
+
+
 @contextlib.contextmanager
 def _evaluating(model: NoisePredictor) -> Iterator[None]:
     """Put an ``nn.Module`` in eval mode for sampling and restore its mode afterwards."""
@@ -274,9 +282,7 @@ def ddpm_sample(
     check_choice("variance", variance, VARIANCES)
     steps = cap_sampling_steps(schedule.timesteps if steps is None else steps)
     x = _start(model, shape, x_T, generator, device)
-    sampling_schedule, kept = respace(schedule, steps)
-    sampling_schedule = sampling_schedule.to(x.device)
-    wrapped = _RespacedModel(model, kept)
+    sampling_schedule, kept, wrapped = _respaced_chain(model, schedule, steps, x.device)
     extra = _conditioning(labels, guidance, null_label, x.shape[0], x.device)
     states, visited = [x.cpu()], []
     with _evaluating(model):
