@@ -224,3 +224,20 @@ def test_smoke_mode_caps_the_editing_chains(
 def test_bad_arguments_are_refused_with_a_reason(linear: NoiseSchedule, call, message) -> None:
     with pytest.raises(ValueError, match=message):
         call(lambda x_t, t: torch.zeros_like(x_t), linear)
+
+
+@pytest.mark.parametrize("edit", ["sdedit", "repaint"])
+def test_labels_and_guidance_reach_the_model(linear: NoiseSchedule, edit: str) -> None:
+    seen = []
+
+    def conditional(x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        seen.append(labels.tolist())
+        return torch.zeros_like(x_t)
+
+    images, labels = torch.zeros(2, 3), torch.tensor([4, 7])
+    kwargs = dict(steps=5, labels=labels, guidance=2.0, null_label=10)
+    if edit == "sdedit":
+        sdedit(conditional, linear, images, 1.0, **kwargs)
+    else:
+        repaint(conditional, linear, images, torch.ones(1, 3), jump_length=5, **kwargs)
+    assert seen and all(call == [4, 7, 10, 10] for call in seen)  # conditional, then unconditional
