@@ -27,7 +27,12 @@ from diffusion_lib.sampling import (
 )
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import cap_sampling_steps
-from diffusion_lib.validation import check_choice, check_finite, check_positive_int
+from diffusion_lib.validation import (
+    check_choice,
+    check_finite,
+    check_number,
+    check_positive_int,
+)
 
 
 def _noise_to_level(
@@ -71,17 +76,6 @@ def _check_image(name: str, image: Tensor) -> Tensor:
     return image
 
 
-def _check_strength(strength: object) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, int | float):
-        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(
-            f"strength must lie in (0, 1]: the fraction of the chain to run, 1 forgetting the "
-            f"guide entirely; got {strength}"
-        )
-    return float(strength)
-
-
 def sdedit(
     model: NoisePredictor,
     schedule: NoiseSchedule,
@@ -122,7 +116,7 @@ def sdedit(
     Returns the edited images (B, C, H, W), or ``(images, trajectory)``.
     """
     guide = _check_image("guide", guide)
-    strength = _check_strength(strength)
+    strength = check_number("strength", strength, 0.0, 1.0, low_open=True, high_open=False)
     check_choice("variance", variance, VARIANCES)
     steps = cap_sampling_steps(schedule.timesteps if steps is None else steps)
     sampling_schedule, kept, wrapped = _respaced_chain(model, schedule, steps, guide.device)

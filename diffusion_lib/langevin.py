@@ -29,13 +29,7 @@ from diffusion_lib.sampling import (
 )
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import cap_sampling_steps
-from diffusion_lib.validation import check_positive_int
-
-
-def _check_step(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
+from diffusion_lib.validation import check_number, check_positive_int
 
 
 def langevin_sample(
@@ -60,7 +54,7 @@ def langevin_sample(
 
     Returns the final points (B, ...), or ``(points, states)``.
     """
-    step_size = _check_step("step_size", step_size)
+    step_size = check_number("step_size", step_size, 0.0, low_open=True)
     steps = cap_sampling_steps(check_positive_int("steps", steps))
     states = [x.cpu()]
     for _ in range(steps):
@@ -123,7 +117,7 @@ def annealed_langevin_sample(
 
     Returns the samples, or ``(samples, trajectory)``.
     """
-    relative_step = _check_step("relative_step", relative_step)
+    relative_step = check_number("relative_step", relative_step, 0.0, low_open=True)
     steps_per_level = check_positive_int("steps_per_level", steps_per_level)
     timesteps = langevin_timesteps(schedule, levels)
     x = _start(model, shape, x_T, generator, device)

@@ -56,6 +56,7 @@ from diffusion_lib.flow_matching import RectifiedFlow, flow_matching_loss
 from diffusion_lib.losses import diffusion_loss
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import cap_dataset_size, cap_training_steps
+from diffusion_lib.validation import check_number
 
 __all__ = [
     "CheckpointError",
@@ -385,18 +386,6 @@ def _check_data(images: Tensor, labels: Tensor | None, noise: Tensor | None) -> 
         )
 
 
-def _check_number(
-    name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool
-) -> float:
-    """``value`` as a float if it lies in (low, high) or [low, high), else ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if (value <= low if low_open else value < low) or value >= high:
-        interval = f"{'(' if low_open else '['}{low}, {high})"
-        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
-    return float(value)
-
-
 def _check_integer(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -412,7 +401,7 @@ def _total_steps(steps: int | None, epochs: float | None, steps_per_epoch: int) 
     if steps is not None:
         total = _check_integer("steps", steps, 1)
     else:
-        epochs = _check_number("epochs", epochs, 0.0, low_open=True)
+        epochs = check_number("epochs", epochs, 0.0, low_open=True)
         total = max(1, math.ceil(epochs * steps_per_epoch))
     return cap_training_steps(total)
 
@@ -564,20 +553,20 @@ def train(
             "the model has no parameters that require gradients (an EMA copy is frozen): "
             "load its weights into a new model, or call model.requires_grad_() first"
         )
-    label_dropout = _check_number("label_dropout", label_dropout, 0.0, 1.0, low_open=False)
+    label_dropout = check_number("label_dropout", label_dropout, 0.0, 1.0, low_open=False)
     if label_dropout > 0 and (labels is None or getattr(model, "null_label", None) is None):
         raise ValueError(
             "label_dropout > 0 needs labels and a conditional model with a null_label attribute "
             "(the class index that means 'no label')"
         )
     options = {
-        "lr": _check_number("lr", lr, 0.0, low_open=True),
-        "weight_decay": _check_number("weight_decay", weight_decay, 0.0, low_open=False),
+        "lr": check_number("lr", lr, 0.0, low_open=True),
+        "weight_decay": check_number("weight_decay", weight_decay, 0.0, low_open=False),
         "warmup_steps": _check_integer("warmup_steps", warmup_steps, 0),
-        "grad_clip": _check_number("grad_clip", grad_clip, 0.0, low_open=True)
+        "grad_clip": check_number("grad_clip", grad_clip, 0.0, low_open=True)
         if grad_clip
         else None,
-        "ema_decay": _check_number("ema_decay", ema_decay, 0.0, 1.0, low_open=False),
+        "ema_decay": check_number("ema_decay", ema_decay, 0.0, 1.0, low_open=False),
         "label_dropout": label_dropout,
         "compile": bool(compile),
         "amp": bool(amp),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -64,6 +66,27 @@ def check_same_shape(name: str, x: Tensor, reference_name: str, reference: Tenso
             f"{name} must have the shape of {reference_name}, {tuple(reference.shape)}; "
             f"got {tuple(x.shape)}"
         )
+
+
+def check_number(
+    name: str,
+    value: object,
+    low: float,
+    high: float = math.inf,
+    *,
+    low_open: bool,
+    high_open: bool = True,
+) -> float:
+    """``value`` as a float if it is a finite number between ``low`` and ``high``, else
+    ``ValueError``; ``low_open`` and ``high_open`` say whether each end is excluded."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number and finite, got {value!r}")
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+    return float(value)
 
 
 def check_positive_int(name: str, value: object, maximum: int | None = None) -> int:
