@@ -62,6 +62,7 @@ from diffusion_lib.sampling import (
 )
 from diffusion_lib.schedules import SCHEDULES, NoiseSchedule
 from diffusion_lib.smoke import smoke_mode
+from diffusion_lib.solvers import EvaluationCounter, dpm_solver_sample, heun_sample, ode_timesteps
 from diffusion_lib.toy import GaussianMixture, OptimalNoisePredictor, OptimalVelocity, SampleQuality
 from diffusion_lib.training import (
     CheckpointError,
@@ -147,4 +148,8 @@ __all__ = [
     "repaint",
     "repaint_schedule",
     "sdedit",
+    "EvaluationCounter",
+    "dpm_solver_sample",
+    "heun_sample",
+    "ode_timesteps",
 ]
