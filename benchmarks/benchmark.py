@@ -8,7 +8,8 @@ Four sections, each optional (``--sections``):
 * ``quality``: every contender trains for the same wall-clock time (``--time-budgets``), then
   ``--samples`` samples are scored with :func:`diffusion_lib.metrics.score_samples`; real
   test images and uniform noise give the reference rows.
-* ``sampling``: images/s and quality of DDPM with 1000 steps and DDIM with 10, 20, 50, 100.
+* ``sampling``: images/s and quality of DDPM with 1000 steps, DDIM with 10, 20, 50, 100 and
+  DPM-Solver++(2M) with 10 and 20.
 * ``mfu``: model FLOPs utilisation of the engine's training step.
 
 Results go to a Markdown report (``--output``, default benchmarks/RESULTS.md) and a JSON file
@@ -63,6 +64,7 @@ from diffusion_lib.metrics import QualityScore, ReferenceClassifier, get_classif
 from diffusion_lib.sampling import ddim_sample, ddpm_sample
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import smoke_mode
+from diffusion_lib.solvers import dpm_solver_sample
 
 SECTIONS = ("train", "quality", "sampling", "mfu")
 BENCHMARK_DIR = Path(__file__).resolve().parent
@@ -72,6 +74,8 @@ DEFAULT_TIME_BUDGETS = (60.0, 180.0, 600.0)
 DEFAULT_SAMPLES = 10_000
 DDPM_STEPS = 1000
 DDIM_STEPS = (10, 20, 50, 100)
+DPM_SOLVER_STEPS = (10, 20)
+SAMPLER_FUNCTIONS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpm": dpm_solver_sample}
 QUALITY_CONTENDERS = (
     "engine-fc",
     "plain-fc",
@@ -116,7 +120,8 @@ SMOKE_BANNER = (
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
-    """A sampler and its number of steps: ``"ddpm"`` (ancestral) or ``"ddim"`` (eta = 0)."""
+    """A sampler and its number of steps: ``"ddpm"`` (ancestral), ``"ddim"`` (eta = 0) or
+    ``"dpm"`` (DPM-Solver++(2M), one network call per step)."""
 
     name: str
     steps: int
@@ -147,6 +152,7 @@ class BenchmarkConfig:
     quality_sampler: SamplerSpec
     ddpm_steps: int
     ddim_steps: tuple[int, ...]
+    dpm_solver_steps: tuple[int, ...]
     sampling_train_seconds: float
     dataset_limit: int | None
     fresh: bool
@@ -179,10 +185,12 @@ def _positive_number(text: str) -> float:
 
 
 def parse_sampler(text: str) -> SamplerSpec:
-    """``"ddpm"`` (1000 steps), ``"ddpm-N"`` (respaced to N) or ``"ddim-N"``."""
+    """``"ddpm"`` (1000 steps), ``"ddpm-N"`` (respaced to N), ``"ddim-N"`` or ``"dpm-N"``."""
     name, _, steps = text.strip().lower().partition("-")
-    if name not in ("ddpm", "ddim") or (name == "ddim" and not steps):
-        raise argparse.ArgumentTypeError(f"unknown sampler {text!r}; choose ddpm, ddpm-N or ddim-N")
+    if name not in SAMPLER_FUNCTIONS or (name != "ddpm" and not steps):
+        raise argparse.ArgumentTypeError(
+            f"unknown sampler {text!r}; choose ddpm, ddpm-N, ddim-N or dpm-N"
+        )
     if steps and (not steps.isdigit() or not 1 <= int(steps) <= TIMESTEPS):
         raise argparse.ArgumentTypeError(f"the steps of {text!r} must lie in 1..{TIMESTEPS}")
     return SamplerSpec(name, int(steps) if steps else DDPM_STEPS)
@@ -263,6 +271,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkConfig:
         quality_sampler=_pick(args.quality_sampler, quick, SamplerSpec("ddim", 2), QUALITY_SAMPLER),
         ddpm_steps=10 if quick else DDPM_STEPS,
         ddim_steps=(2, 5) if quick else DDIM_STEPS,
+        dpm_solver_steps=(2,) if quick else DPM_SOLVER_STEPS,
         sampling_train_seconds=_pick(args.sampling_train_seconds, quick, 2.0, 300.0),
         dataset_limit=512 if quick else None,
         fresh=args.fresh,
@@ -346,14 +355,9 @@ def generate(
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
         for start in range(0, count, batch_size):
             shape = (min(batch_size, count - start), 1, 28, 28)
-            if sampler.name == "ddpm":
-                images = ddpm_sample(
-                    model, schedule, shape, generator=generator, steps=sampler.steps, device=device
-                )
-            else:
-                images = ddim_sample(
-                    model, schedule, shape, generator=generator, steps=sampler.steps, device=device
-                )
+            images = SAMPLER_FUNCTIONS[sampler.name](
+                model, schedule, shape, generator=generator, steps=sampler.steps, device=device
+            )
             chunks.append(images.float().cpu())
     synchronize(device)
     return torch.cat(chunks), time.perf_counter() - started
@@ -531,7 +535,7 @@ def run_sampling_section(
     score: Callable[[Tensor], dict],
     record: Callable[[dict], None],
 ) -> None:
-    """DDPM against DDIM at several step counts, all from one engine-trained AttentionUNet.
+    """DDPM against DDIM and DPM-Solver++ at several step counts, from one engine-trained AttentionUNet.
 
     ``trained`` is the quality section's network when there is one; otherwise a network is
     trained here for ``sampling_train_seconds``.
@@ -539,6 +543,7 @@ def run_sampling_section(
     settings = config.settings
     samplers = [SamplerSpec("ddpm", config.ddpm_steps)]
     samplers += [SamplerSpec("ddim", steps) for steps in config.ddim_steps]
+    samplers += [SamplerSpec("dpm", steps) for steps in config.dpm_solver_steps]
     rows = [
         {"section": "sampling", "key": sampler.key, "sampler": sampler.name, "steps": sampler.steps}
         for sampler in samplers
@@ -861,14 +866,17 @@ def _quality_table(rows: Sequence[dict]) -> str:
 def _sampling_table(rows: Sequence[dict]) -> str:
     ddpm = next((r for r in rows if r["sampler"] == "ddpm" and r.get("images_per_second")), None)
     body = []
-    for row in sorted(rows, key=lambda row: (row["sampler"] != "ddpm", row["steps"])):
+    names = {"ddpm": "DDPM", "ddim": "DDIM", "dpm": "DPM-Solver++(2M)"}
+    for row in sorted(
+        rows, key=lambda row: (row["sampler"] != "ddpm", row["sampler"], row["steps"])
+    ):
         speed, distance = row.get("images_per_second"), row.get("frechet_distance")
         speedup = f"{speed / ddpm['images_per_second']:.1f}x" if ddpm and speed else "–"
         base = ddpm.get("frechet_distance") if ddpm else None
         relative = f"{distance / base - 1:+.1%}" if distance is not None and base else "–"
         body.append(
             [
-                row["sampler"].upper(),
+                names.get(row["sampler"], row["sampler"]),
                 row["steps"],
                 _number(row.get("samples")),
                 _speed(speed),
@@ -925,7 +933,8 @@ SECTION_TEXT = {
     ),
     "sampling": (
         "3. Sampling",
-        "One engine-trained AttentionUNet, sampled with DDPM and with deterministic DDIM; "
+        "One engine-trained AttentionUNet, sampled with DDPM, deterministic DDIM and "
+        "DPM-Solver++(2M) (dpm-N, grid even in log-SNR); "
         "images/s includes moving the images to the CPU.",
         _sampling_table,
     ),

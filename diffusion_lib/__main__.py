@@ -37,10 +37,17 @@ from diffusion_lib.models import MODELS, build_model, count_parameters
 from diffusion_lib.sampling import ddim_sample, ddpm_sample
 from diffusion_lib.schedules import SCHEDULES, NoiseSchedule
 from diffusion_lib.smoke import cap_samples
+from diffusion_lib.solvers import dpm_solver_sample, heun_sample
 from diffusion_lib.training import train
 
 OBJECTIVES = ("noise", "flow")  # L_simple with a noise schedule, or flow matching
-SAMPLERS = {"noise": ("ddpm", "ddim"), "flow": ("euler", "heun")}
+SAMPLERS = {"noise": ("ddpm", "ddim", "dpm-solver", "heun"), "flow": ("euler", "heun")}
+NOISE_SAMPLERS = {
+    "ddpm": ddpm_sample,
+    "ddim": ddim_sample,
+    "dpm-solver": dpm_solver_sample,
+    "heun": heun_sample,
+}
 IMAGE_SIZE, IMAGE_CHANNELS = 28, 1  # MNIST and Fashion-MNIST
 
 EPILOG = """\
@@ -50,6 +57,8 @@ examples:
       --schedule cosine --steps 20000 --batch-size 256 --conditional --output runs/fashion
   python -m diffusion_lib sample --checkpoint runs/fc_unet/checkpoint.pt --sampler ddim \\
       --steps 50 --num 64 --output samples.png
+  python -m diffusion_lib sample --checkpoint runs/fc_unet/checkpoint.pt --sampler dpm-solver \\
+      --steps 10 --output fast.png
   python -m diffusion_lib sample --checkpoint runs/fashion/checkpoint.pt --label 7 \\
       --guidance 3 --output sneakers.png
   python -m diffusion_lib train --model fc_unet --dataset mnist --objective flow --steps 5000 \\
@@ -178,14 +187,14 @@ def _add_sample_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--sampler",
-        choices=[name for names in SAMPLERS.values() for name in names],
-        help="ddpm or ddim for a noise model, euler or heun for a flow "
-        "(default: ddim, or euler for a flow)",
+        choices=sorted({name for names in SAMPLERS.values() for name in names}),
+        help="ddpm, ddim, dpm-solver (DPM-Solver++(2M)) or heun for a noise model, euler or "
+        "heun for a flow (default: ddim, or euler for a flow)",
     )
     parser.add_argument(
         "--steps",
         type=int,
-        help="denoising steps, at most T for ddpm and ddim (default: T for ddpm, else 50)",
+        help="denoising steps, at most T for a noise model (default: T for ddpm, else 50)",
     )
     parser.add_argument(
         "--eta", type=float, default=0.0, help="ddim noise: 0 deterministic, 1 DDPM-like"
@@ -307,7 +316,7 @@ def _sampler(args: argparse.Namespace, config: dict[str, Any]) -> str:
     if sampler not in allowed:
         raise CommandError(
             f"--sampler {sampler} does not fit this checkpoint, trained with --objective "
-            f"{objective}; choose {' or '.join(allowed)}"
+            f"{objective}; choose {', '.join(allowed[:-1])} or {allowed[-1]}"
         )
     return sampler
 
@@ -386,12 +395,11 @@ def run_sample(args: argparse.Namespace) -> None:
         options.update(guidance=args.guidance, null_label=model.null_label)
     if sampler == "ddim":
         options["eta"] = args.eta
-    if sampler in SAMPLERS["flow"]:
+    if config.get("objective", "noise") == "flow":
         flow = RectifiedFlow(config["schedule"]["timesteps"])
         samples = flow_sample(model, flow, shape, solver=sampler, **options)
     else:
-        diffusion_sampler = ddpm_sample if sampler == "ddpm" else ddim_sample
-        samples = diffusion_sampler(model, schedule, shape, **options)
+        samples = NOISE_SAMPLERS[sampler](model, schedule, shape, **options)
     pictures = to_unit_interval(samples.float().cpu(), tuple(config["value_range"]))
     grid = make_grid(pictures, nrow=math.ceil(math.sqrt(num)), padding=2)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -384,6 +384,9 @@ def test_generate_returns_the_requested_count() -> None:
 def test_sampler_names_parse() -> None:
     assert benchmark.parse_sampler("ddpm") == benchmark.SamplerSpec("ddpm", 1000)
     assert benchmark.parse_sampler("ddim-50").key == "ddim-50"
+    assert benchmark.parse_sampler("DPM-10") == benchmark.SamplerSpec("dpm", 10)
+    with pytest.raises(Exception, match="choose ddpm"):
+        benchmark.parse_sampler("dpm")
     with pytest.raises(Exception, match="choose ddpm"):
         benchmark.parse_sampler("euler-10")
 
@@ -427,7 +430,7 @@ def test_sections_produce_rows_at_tiny_sizes(tmp_path: Path) -> None:
     assert all(row["status"] == "measured" for row in rows) and scored == [4, 4, 4, 4]
     trained = contenders.TrainedModel(FCUNet(**TINY_FC).eval(), seconds=1.0, steps=1)
     benchmark.run_sampling_section(trained, random_data(), config, score, rows.append)
-    assert [row["key"] for row in rows[4:]] == ["ddpm-10", "ddim-2", "ddim-5"]
+    assert [row["key"] for row in rows[4:]] == ["ddpm-10", "ddim-2", "ddim-5", "dpm-2"]
     assert all(row["images_per_second"] > 0 for row in rows[4:])
     report = benchmark.render_report([{**_run(config), "id": 1}], [{**r, "run": 1} for r in rows])
     assert "## 2. Quality at equal GPU time" in report and "## 3. Sampling" in report

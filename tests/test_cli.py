@@ -141,7 +141,11 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         ("labels", ["--label", "10"], r"0 \(0\), 1 \(1\)"),
         ("labels", ["--label", "-1"], "--label must be one of"),
         ("labels", ["--label", "2", "--guidance", "-1"], "guidance must be >= 0"),
-        ("plain", ["--sampler", "euler"], "trained with --objective noise; choose ddpm or ddim"),
+        (
+            "plain",
+            ["--sampler", "euler"],
+            "trained with --objective noise; choose ddpm, ddim, dpm-solver or heun",
+        ),
         ("flow", ["--sampler", "ddim"], "trained with --objective flow; choose euler or heun"),
         ("flow", ["--steps", "0"], "--steps must be >= 1"),
     ],
@@ -222,3 +226,30 @@ def test_a_flow_checkpoint_samples_with_an_ode_solver(
     assert len(seen) == calls
     assert all(t.dtype.is_floating_point for t in seen)
     assert float(seen[0][0]) == TIMESTEPS  # t = 1 is the model's time T
+
+
+@pytest.mark.parametrize(("sampler", "calls"), [("dpm-solver", 4), ("heun", 7)])
+def test_a_noise_checkpoint_samples_with_a_higher_order_solver(
+    checkpoints, sampler, calls, tmp_path, monkeypatch, capsys
+) -> None:
+    """--sampler dpm-solver calls the network once per step, heun twice but for the last step."""
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    seen = []
+    original = torch.nn.Module.__call__
+
+    def counting(module, *args, **kwargs):
+        if type(module).__name__ == "FCUNet":
+            seen.append(args[1])
+        return original(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", counting)
+    output = tmp_path / f"{sampler}.png"
+    with one_thread():
+        status = main([
+            "sample", "--checkpoint", str(checkpoints["plain"]), "--sampler", sampler,
+            "--steps", "4", "--num", "4", "--output", str(output),
+        ])  # fmt: skip
+    assert status == 0 and output.is_file()
+    assert f"({sampler}, 4 steps)" in capsys.readouterr().out
+    assert len(seen) == calls
+    assert int(seen[0][0]) == TIMESTEPS - 1  # the solvers start at the last timestep
