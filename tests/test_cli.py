@@ -195,6 +195,20 @@ def test_guided_sampling_of_a_class_writes_the_grid(checkpoints, tmp_path, monke
         assert image.size == (2 * 30 + 2, 2 * 30 + 2)
 
 
+def record_network_times(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """The list that will hold the time argument of every FCUNet call from now on."""
+    seen: list[torch.Tensor] = []
+    original = torch.nn.Module.__call__
+
+    def counting(module, *args, **kwargs):
+        if type(module).__name__ == "FCUNet":
+            seen.append(args[1])
+        return original(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", counting)
+    return seen
+
+
 @pytest.mark.parametrize(("sampler", "calls"), [(None, 4), ("heun", 8)])
 def test_a_flow_checkpoint_samples_with_an_ode_solver(
     checkpoints, sampler, calls, tmp_path, monkeypatch, capsys
@@ -205,15 +219,7 @@ def test_a_flow_checkpoint_samples_with_an_ode_solver(
     assert config["objective"] == "flow"
     assert load_checkpoint(checkpoints["plain"])["config"]["objective"] == "noise"
     monkeypatch.setenv(SMOKE_VARIABLE, "1")
-    seen = []
-    original = torch.nn.Module.__call__
-
-    def counting(module, *args, **kwargs):
-        if type(module).__name__ == "FCUNet":
-            seen.append(args[1])
-        return original(module, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.Module, "__call__", counting)
+    seen = record_network_times(monkeypatch)
     output = tmp_path / "flow.png"
     options = [] if sampler is None else ["--sampler", sampler]
     with one_thread():
@@ -234,15 +240,7 @@ def test_a_noise_checkpoint_samples_with_a_higher_order_solver(
 ) -> None:
     """--sampler dpm-solver calls the network once per step, heun twice but for the last step."""
     monkeypatch.setenv(SMOKE_VARIABLE, "1")
-    seen = []
-    original = torch.nn.Module.__call__
-
-    def counting(module, *args, **kwargs):
-        if type(module).__name__ == "FCUNet":
-            seen.append(args[1])
-        return original(module, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.Module, "__call__", counting)
+    seen = record_network_times(monkeypatch)
     output = tmp_path / f"{sampler}.png"
     with one_thread():
         status = main([
