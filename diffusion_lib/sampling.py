@@ -72,6 +72,27 @@ def _clip(x0: Tensor, clip_x0: tuple[float, float] | None) -> Tensor:
     return x0 if clip_x0 is None else x0.clamp(*clip_x0)
 
 
+def _noise_and_x0(
+    model: NoisePredictor,
+    schedule: NoiseSchedule,
+    x: Tensor,
+    t: Tensor,
+    clip_x0: tuple[float, float] | None,
+    extra: dict[str, object],
+) -> tuple[Tensor, Tensor]:
+    """The model's noise estimate at (x, t) and the x_0 it implies (eq. 4 inverted).
+
+    When x_0 is clipped, the noise is recomputed from the clipped x_0 so that the two stay
+    consistent, as deterministic samplers need. ``x``: (B, ...), ``t``: (B,).
+    """
+    eps = predict_noise(model, x, t, **extra).to(x.dtype)
+    x0 = schedule._predict_x0(x, t, eps)
+    if clip_x0 is not None:
+        x0 = _clip(x0, clip_x0)
+        eps = schedule._predict_eps(x, t, x0)
+    return eps, x0
+
+
 def p_mean_variance(
     model: NoisePredictor,
     schedule: NoiseSchedule,
@@ -341,11 +362,7 @@ def ddim_sample(
     with _evaluating(model):
         for i in reversed(range(steps)):
             t = torch.full((x.shape[0],), int(visited[i]), device=x.device, dtype=torch.long)
-            eps = predict_noise(model, x, t, **extra).to(x.dtype)
-            x0 = schedule._predict_x0(x, t, eps)
-            if clip_x0 is not None:
-                x0 = _clip(x0, clip_x0)
-                eps = schedule._predict_eps(x, t, x0)
+            eps, x0 = _noise_and_x0(model, schedule, x, t, clip_x0, extra)
             alpha_bar = _gather(schedule.alphas_cumprod, t, x)
             alpha_bar_prev = (
                 _gather(schedule.alphas_cumprod, torch.full_like(t, int(visited[i - 1])), x)

@@ -30,11 +30,10 @@ from torch import Tensor, nn
 from diffusion_lib.sampling import (
     NoisePredictor,
     Trajectory,
-    _clip,
     _conditioning,
     _evaluating,
+    _noise_and_x0,
     _start,
-    predict_noise,
 )
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import cap_sampling_steps
@@ -118,23 +117,17 @@ def _coefficients(schedule: NoiseSchedule, grid: Tensor) -> tuple[list[float], l
     return alphas, sigmas
 
 
-def _noise_and_x0(
+def _estimates(
     model: NoisePredictor,
+    schedule: NoiseSchedule,
     x: Tensor,
     t: int,
-    alpha: float,
-    sigma: float,
     clip_x0: tuple[float, float] | None,
     extra: dict[str, object],
 ) -> tuple[Tensor, Tensor]:
-    """The model's noise estimate at (x, t) and the x_0 it implies, kept consistent when clipped."""
+    """:func:`~diffusion_lib.sampling._noise_and_x0` at one timestep ``t`` for the whole batch."""
     times = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-    eps = predict_noise(model, x, times, **extra).to(x.dtype)
-    x0 = (x - sigma * eps) / alpha
-    if clip_x0 is not None:
-        x0 = _clip(x0, clip_x0)
-        eps = (x - alpha * x0) / sigma
-    return eps, x0
+    return _noise_and_x0(model, schedule, x, times, clip_x0, extra)
 
 
 def heun_sample(
@@ -184,16 +177,14 @@ def heun_sample(
     states = [x.cpu()]
     with _evaluating(model):
         for i, t in enumerate(grid.tolist()):
-            eps, x0 = _noise_and_x0(model, x, t, alphas[i], sigmas[i], clip_x0, extra)
+            eps, x0 = _estimates(model, schedule, x, t, clip_x0, extra)
             if i + 1 == len(grid):
                 x = x0  # Euler to rho = 0 lands on the x_0 estimate
             else:
                 rho, rho_next = sigmas[i] / alphas[i], sigmas[i + 1] / alphas[i + 1]
                 x_bar = x / alphas[i]
                 guess = alphas[i + 1] * (x_bar + (rho_next - rho) * eps)
-                eps_next, _ = _noise_and_x0(
-                    model, guess, int(grid[i + 1]), alphas[i + 1], sigmas[i + 1], clip_x0, extra
-                )
+                eps_next, _ = _estimates(model, schedule, guess, int(grid[i + 1]), clip_x0, extra)
                 x = alphas[i + 1] * (x_bar + (rho_next - rho) * 0.5 * (eps + eps_next))
             if return_trajectory:
                 states.append(x.cpu())
@@ -258,7 +249,7 @@ def dpm_solver_sample(
     states, previous = [x.cpu()], None
     with _evaluating(model):
         for i, t in enumerate(grid.tolist()):
-            _, x0 = _noise_and_x0(model, x, t, alphas[i], sigmas[i], clip_x0, extra)
+            _, x0 = _estimates(model, schedule, x, t, clip_x0, extra)
             if i + 1 == len(grid):
                 x = x0
             else:
