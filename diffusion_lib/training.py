@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,7 @@ class _Settings:
     seed: int
     progress: bool
     config: dict[str, Any] | None
+    loss: Callable[..., Tensor] | None = None
 
 
 class _Trainer:
@@ -199,7 +201,8 @@ class _Trainer:
         self.memory_format = torch.channels_last if on_cuda and images_4d else torch.preserve_format
         self.model = model.to(device=device, memory_format=self.memory_format).train()
         self.schedule = schedule.to(device)
-        self.loss = flow_matching_loss if isinstance(schedule, RectifiedFlow) else diffusion_loss
+        default_loss = flow_matching_loss if isinstance(schedule, RectifiedFlow) else diffusion_loss
+        self.loss = settings.loss or default_loss
         self.images = images.to(device)
         self.noise = None if noise is None else noise.to(device)
         self.labels = labels.to(device, torch.long) if labels is not None else None
@@ -501,6 +504,7 @@ def train(
     seed: int = 0,
     progress: bool = True,
     config: dict[str, Any] | None = None,
+    loss: Callable[..., Tensor] | None = None,
 ) -> TrainingResult:
     """Train a noise predictor with the simplified loss (Ho et al. 2020, Algorithm 1, eq. 14),
     or a velocity model with the flow-matching loss when ``schedule`` is a :class:`RectifiedFlow`.
@@ -535,6 +539,10 @@ def train(
         progress: show a progress bar with the loss and images per second.
         config: JSON-able description of the run (model and schedule names and arguments,
             dataset, value range) stored in the checkpoint so it can be rebuilt later.
+        loss: another objective with the signature of :func:`diffusion_loss`,
+            ``loss(model, schedule, x0, *, noise, labels, generator) -> scalar``, such as
+            :class:`~diffusion_lib.distillation.ProgressiveDistillation`. By default
+            :func:`diffusion_loss`, or :func:`flow_matching_loss` for a ``RectifiedFlow``.
 
     Returns a :class:`TrainingResult`. Raises ``ValueError`` for bad arguments,
     :class:`~diffusion_lib.checkpoints.CheckpointError` for an unusable checkpoint and
@@ -552,6 +560,11 @@ def train(
         raise ValueError(
             "the model has no parameters that require gradients (an EMA copy is frozen): "
             "load its weights into a new model, or call model.requires_grad_() first"
+        )
+    if loss is not None and not callable(loss):
+        raise ValueError(
+            "loss must be None (the default objective) or a callable "
+            f"loss(model, schedule, x0, *, noise, labels, generator), got {type(loss).__name__}"
         )
     label_dropout = check_number("label_dropout", label_dropout, 0.0, 1.0, low_open=False)
     if label_dropout > 0 and (labels is None or getattr(model, "null_label", None) is None):
@@ -578,6 +591,7 @@ def train(
         "seed": _check_integer("seed", seed, 0),
         "progress": bool(progress),
         "config": _json_config(config),
+        "loss": loss,
     }
     images = images[: cap_dataset_size(images.shape[0])]
     labels = labels[: images.shape[0]] if labels is not None else None

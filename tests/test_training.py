@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from diffusion_lib.devices import ProcessGroup
 from diffusion_lib.flow_matching import RectifiedFlow
+from diffusion_lib.losses import diffusion_loss
 from diffusion_lib.models import ToyMLP
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import MAX_TRAINING_STEPS, SMOKE_VARIABLE
@@ -165,6 +166,24 @@ def test_a_fixed_noise_coupling_replaces_fresh_noise() -> None:
 
     assert final_loss(points + 1.0) < 0.02
     assert final_loss(None) > 1.0
+
+
+def test_a_custom_loss_replaces_the_default_objective(schedule: NoiseSchedule) -> None:
+    """``loss=`` receives the training model, the schedule, the batch and the step's generator;
+    passing the default objective itself repeats the default run exactly."""
+    seen = []
+
+    def shrink_output(model, schedule_seen, x0, *, noise, labels, generator) -> Tensor:
+        seen.append((schedule_seen is schedule, x0.shape, labels, generator is not None))
+        t = torch.zeros(x0.shape[0], dtype=torch.long)
+        return model(x0, t).pow(2).mean()
+
+    result = quick_train(schedule, loss=shrink_output, steps=60)
+    assert seen[0] == (True, (16, *IMAGE_SHAPE), None, True) and len(seen) == 60
+    assert result.history.loss[-1] < 0.1 * result.history.loss[0]
+    assert quick_train(schedule, loss=diffusion_loss).history.loss == (
+        quick_train(schedule).history.loss
+    )
 
 
 def test_same_seed_gives_identical_losses_and_another_seed_does_not(
@@ -336,6 +355,7 @@ def test_a_diverging_loss_stops_training_and_keeps_the_last_good_checkpoint(
         ({"ema_decay": 1.0}, "ema_decay"),
         ({"config": {"schedule": object()}}, "JSON"),
         ({"noise": torch.zeros(5, *IMAGE_SHAPE)}, "noise must pair one noise tensor"),
+        ({"loss": "mse"}, "loss must be None .* or a callable"),
     ],
 )
 def test_bad_arguments_raise_value_errors(schedule, arguments, message) -> None:
