@@ -217,6 +217,18 @@ def test_chapter_has_goals_summary_and_exercises(path: Path) -> None:
     assert ":class: dropdown" in exercises, f"{path.name}: exercise solutions are not in a toggle"
 
 
+@pytest.mark.parametrize("path", CHAPTER_NOTEBOOKS, ids=lambda path: path.stem)
+def test_cell_sources_hold_no_control_characters(path: Path) -> None:
+    """A Python string written without r"" turns \\b or \\a in LaTeX into invisible control
+    characters, and the rendered formula silently loses its command."""
+    for index, cell in enumerate(read_notebook(path).cells):
+        found = re.search(r"[\x00-\x08\x0b-\x1f\x7f]", cell.source)
+        assert found is None, (
+            f"{path.name}, cell {index}: control character {found.group()!r} in "
+            f"{cell.source[max(found.start() - 30, 0) : found.end() + 30]!r}"
+        )
+
+
 # ---------------------------------------------------------------------------- references
 def test_bibliography_keys_are_unique() -> None:
     keys = bibliography_keys()
