@@ -1,6 +1,7 @@
 """diffusion_lib: the small library behind the book's chapters on diffusion models."""
 
 from diffusion_lib.data import CLASS_NAMES, DATA_VARIABLE, DataNotFoundError, data_root, load_images
+from diffusion_lib.distillation import ProgressiveDistillation, distillation_error
 from diffusion_lib.editing import repaint, repaint_schedule, sdedit
 from diffusion_lib.flow_matching import RectifiedFlow, flow_matching_loss, flow_sample, flow_times
 from diffusion_lib.langevin import annealed_langevin_sample, langevin_sample, langevin_timesteps
@@ -148,6 +149,8 @@ __all__ = [
     "repaint",
     "repaint_schedule",
     "sdedit",
+    "ProgressiveDistillation",
+    "distillation_error",
     "EvaluationCounter",
     "dpm_solver_sample",
     "heun_sample",
