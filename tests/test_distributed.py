@@ -31,18 +31,19 @@ class SmallDenoiser(nn.Module):
 
 def worker(output: Path) -> None:
     """Train with every process starting from different weights, then save what each ended with."""
+    import diffusion_lib.trainer as trainer
     import diffusion_lib.training as training
     from diffusion_lib.schedules import NoiseSchedule
 
     rank = int(os.environ["RANK"])
     writes: list[int] = []
-    write_checkpoint = training.save_checkpoint
+    write_checkpoint = trainer.save_checkpoint
 
     def counting_save(path: Path, state: dict) -> Path:
         writes.append(state["step"])
         return write_checkpoint(path, state)
 
-    training.save_checkpoint = counting_save
+    trainer.save_checkpoint = counting_save
     torch.manual_seed(100 + rank)  # different initial weights: DDP must make them agree
     model = SmallDenoiser()
     images = torch.randn(32, 1, 4, 4, generator=torch.Generator().manual_seed(0))

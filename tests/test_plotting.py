@@ -1,32 +1,20 @@
-"""Figures: each draws what it says, labelled, and the timestep slider shows q(x_t | x_0)."""
+"""Figures: each draws what it says, labelled: grids, schedules, losses, trajectories, histograms."""
 
 from __future__ import annotations
-
-import base64
-import io
-import re
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from diffusion_lib import GaussianMixture, NoiseSchedule, Trajectory
+from diffusion_lib import NoiseSchedule, Trajectory, plane, plotting, slider
 from diffusion_lib.plotting import (
     pixel_histogram,
     plot_loss,
-    plot_paths,
-    plot_points,
     plot_schedules,
-    plot_score_field,
     plot_trajectory,
     show_grid,
-    slider_timesteps,
-    timestep_slider,
 )
-
-FRAME_PATTERN = re.compile(r'frames\[(\d+)\] = "data:image/png;base64,([^"]*)"')
 
 
 @pytest.fixture(autouse=True)
@@ -37,17 +25,9 @@ def _agg_and_close():
 
 
 @pytest.fixture
-def schedules() -> dict[str, NoiseSchedule]:
-    return {name: NoiseSchedule.from_name(name, 200) for name in ("linear", "quadratic", "cosine")}
-
-
-@pytest.fixture
 def images() -> torch.Tensor:
-    """Four 12x12 'images' in [-1, 1]: a bright square on a dark background, shifted."""
-    x0 = -torch.ones(4, 1, 12, 12)
-    for i in range(4):
-        x0[i, 0, 2 + i : 7 + i, 3:8] = 1.0
-    return x0
+    """Four 12x12 'images' in [-1, 1]: one ramp of grey levels over all their pixels."""
+    return torch.linspace(-1, 1, 4 * 12 * 12).reshape(4, 1, 12, 12)
 
 
 def _alpha_bar(schedule: NoiseSchedule) -> np.ndarray:
@@ -55,18 +35,9 @@ def _alpha_bar(schedule: NoiseSchedule) -> np.ndarray:
     return np.cumprod(1.0 - schedule.betas.numpy())
 
 
-def _decode_frames(html: str) -> dict[int, np.ndarray]:
-    frames = {}
-    for index, data in FRAME_PATTERN.findall(html):
-        png = base64.b64decode(data.replace("\\\n", ""))
-        frames[int(index)] = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=float)
-    return frames
-
-
-# ---------------------------------------------------------------------------- static figures
 def test_show_grid_tiles_images_with_make_grid_layout(images):
     many = torch.cat([images] * 5)  # 20 images
-    figure = show_grid(many, nrow=8, title="squares")
+    figure = show_grid(many, nrow=8, title="ramps")
     (ax,) = figure.axes
     (artist,) = ax.images
     drawn = np.asarray(artist.get_array())
@@ -74,7 +45,7 @@ def test_show_grid_tiles_images_with_make_grid_layout(images):
     assert drawn.shape == (3 * 12 + 4 * 2, 8 * 12 + 9 * 2, 3)
     np.testing.assert_allclose(drawn[2:14, 2:14, 0], (many[0, 0].numpy() + 1) / 2)
     np.testing.assert_allclose(drawn[16:28, 2:14, 0], (many[8, 0].numpy() + 1) / 2)
-    assert ax.get_title() == "squares"
+    assert ax.get_title() == "ramps"
 
 
 def test_show_grid_draws_on_given_axes_and_rejects_bad_shapes(images):
@@ -86,7 +57,10 @@ def test_show_grid_draws_on_given_axes_and_rejects_bad_shapes(images):
         show_grid(images[0])
 
 
-def test_plot_schedules_draws_three_labelled_panels(schedules):
+def test_plot_schedules_draws_three_labelled_panels():
+    schedules = {
+        name: NoiseSchedule.from_name(name, 200) for name in ("linear", "quadratic", "cosine")
+    }
     figure = plot_schedules(schedules)
     assert len(figure.axes) == 3
     for ax in figure.axes:
@@ -154,21 +128,6 @@ def test_plot_trajectory_titles_flow_times():
     plt.close("all")
 
 
-def test_plot_paths_draws_each_path_from_noise_to_sample():
-    states = torch.cumsum(torch.randn(6, 10, 2), dim=0)
-    figure = plot_paths(Trajectory(states, torch.linspace(1, 0, 6)), count=4)
-    ax = figure.axes[0]
-    assert len(ax.lines) == 4
-    for index, line in enumerate(ax.lines):
-        np.testing.assert_allclose(line.get_xydata(), states[:, index].double().numpy())
-    starts, ends = ax.collections
-    np.testing.assert_allclose(starts.get_offsets(), states[0, :4].double().numpy())
-    np.testing.assert_allclose(ends.get_offsets(), states[-1, :4].double().numpy())
-    with pytest.raises(ValueError, match=r"shape \(S \+ 1, N, 2\)"):
-        plot_paths(Trajectory(torch.zeros(3, 4, 1, 2, 2), torch.zeros(3)))
-    plt.close("all")
-
-
 def test_pixel_histogram_matches_numpy_and_the_normal_density():
     noise = torch.randn(20_000, generator=torch.Generator().manual_seed(1))
     figure = pixel_histogram({"t = 0": noise * 0.1, "t = T": noise}, bins=40)
@@ -182,78 +141,6 @@ def test_pixel_histogram_matches_numpy_and_the_normal_density():
     centres = (edges[:-1] + edges[1:]) / 2
     normal = np.exp(-0.5 * centres**2) / np.sqrt(2 * np.pi)
     np.testing.assert_allclose(stairs.get_data().values, normal, atol=0.02)
-
-
-# ---------------------------------------------------------------------------- timestep slider
-def test_slider_timesteps_are_sorted_distinct_and_span_the_chain():
-    steps = slider_timesteps(1000, 24)
-    assert steps[0] == 0 and steps[-1] == 999 and len(steps) == 24
-    assert steps == sorted(set(steps))
-    assert steps[1] - steps[0] < steps[-1] - steps[-2]  # denser at small t
-
-
-def test_static_slider_embeds_one_png_frame_per_timestep(images, schedules):
-    shown = [0, 20, 60, 120, 199]
-    html = timestep_slider(images, schedules, schedule="cosine", timesteps_to_show=shown).data
-    frames = _decode_frames(html)
-    assert sorted(frames) == list(range(len(shown)))
-    assert 'type="range"' in html and "<img" in html
-    first, last = frames[0], frames[len(shown) - 1]
-    assert first.shape == last.shape
-    assert np.abs(first - last).mean() > 5.0  # grey levels 0..255: clearly different pictures
-
-
-def test_static_slider_default_frames_and_size(images, schedules):
-    html = timestep_slider(images, schedules["linear"]).data
-    assert len(FRAME_PATTERN.findall(html)) == len(slider_timesteps(200))
-    assert len(html) < 3_000_000
-
-
-def test_static_and_live_sliders_draw_the_same_picture(images, schedules):
-    html = timestep_slider(images, schedules, schedule="quadratic", timesteps_to_show=[0, 150]).data
-    ui = timestep_slider(images, schedules, schedule="quadratic", interactive=True)
-    ui.slider.value = 150
-    live = np.asarray(Image.open(io.BytesIO(ui.picture.value)).convert("RGB"), dtype=float)
-    np.testing.assert_array_equal(_decode_frames(html)[1], live)
-
-
-@pytest.mark.parametrize("name", ["linear", "cosine"])
-@pytest.mark.parametrize("t", [0, 37, 199])
-def test_live_slider_draws_q_sample_with_fixed_noise(images, schedules, name, t):
-    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(3))
-    ui = timestep_slider(images, schedules, interactive=True, noise=noise)
-    ui.dropdown.value = name
-    ui.slider.value = t
-    alpha_bar = _alpha_bar(schedules[name])[t]
-    expected = np.sqrt(alpha_bar) * images.numpy() + np.sqrt(1 - alpha_bar) * noise.numpy()
-    image_axes = [ax for ax in ui.figure.axes if ax.images]
-    assert len(image_axes) == len(images)
-    for ax, image in zip(image_axes, expected, strict=True):
-        np.testing.assert_allclose(ax.images[0].get_array(), image[0], rtol=1e-5, atol=1e-6)
-
-
-def test_live_slider_widgets_cover_all_timesteps_and_redraw(images, schedules):
-    schedules = {**schedules, "short": NoiseSchedule.from_name("linear", 50)}
-    ui = timestep_slider(images, schedules, interactive=True)
-    assert (ui.slider.min, ui.slider.max, ui.slider.value) == (0, 199, 0)
-    assert list(ui.dropdown.options) == ["linear", "quadratic", "cosine", "short"]
-    assert ui.dropdown.value == "linear"
-    artist = ui.figure.axes[0].images[0]
-    before_data, before_png = np.array(artist.get_array()), ui.picture.value
-    ui.slider.value = 199
-    assert not np.allclose(artist.get_array(), before_data)
-    assert ui.picture.value != before_png
-    ui.dropdown.value = "short"
-    assert ui.slider.max == 49
-
-
-def test_slider_rejects_unknown_schedules_and_timesteps(images, schedules):
-    with pytest.raises(ValueError, match="linear, quadratic, cosine"):
-        timestep_slider(images, schedules, schedule="sigmoid")
-    with pytest.raises(ValueError, match=r"0\.\.199"):
-        timestep_slider(images, schedules, timesteps_to_show=[0, 200])
-    with pytest.raises(ValueError, match="embed_limit_mb"):
-        timestep_slider(images, schedules, timesteps_to_show=[0, 100, 199], embed_limit_mb=0.01)
 
 
 def test_plot_loss_reads_a_training_result() -> None:
@@ -273,30 +160,9 @@ def test_plot_loss_reads_a_training_result() -> None:
         plt.close(figure)
 
 
-def test_plot_points_draws_every_point_with_labelled_axes():
-    points = torch.tensor([[0.0, 1.0], [-1.0, 0.5], [1.5, -1.5]])
-    figure = plot_points(points, title="three", limits=(-3.0, 3.0))
-    ax = figure.axes[0]
-    np.testing.assert_allclose(ax.collections[0].get_offsets(), points.numpy())
-    assert ax.get_xlim() == (-3.0, 3.0) and ax.get_xlabel() == "$x_1$" and ax.get_title() == "three"
-    with pytest.raises(ValueError, match=r"\(N, 2\)"):
-        plot_points(torch.zeros(4, 3))
-    plt.close("all")
-
-
-def test_plot_score_field_scales_arrows_to_the_grid():
-    field = lambda x: torch.stack([x[:, 0], 2 * x[:, 1]], dim=1)  # noqa: E731
-    figure = plot_score_field(field, limits=(-1.0, 1.0), arrows=5)
-    quiver = figure.axes[0].collections[-1]
-    lengths = np.hypot(quiver.U, quiver.V)
-    assert quiver.N == 25
-    np.testing.assert_allclose(lengths.max(), 0.5)  # one grid cell of 2 / (5 - 1)
-    np.testing.assert_allclose(quiver.U * 2 * quiver.Y, quiver.V * quiver.X, atol=1e-12)
-    mixture = GaussianMixture(torch.zeros(1, 2), 0.5)
-    figure = plot_score_field(
-        mixture.score, log_density=mixture.log_prob, arrows=5, directions_only=True
-    )
-    quiver = figure.axes[0].collections[-1]
-    np.testing.assert_allclose(np.hypot(quiver.U, quiver.V)[quiver.X**2 + quiver.Y**2 > 0], 0.8)
-    assert len(figure.axes[0].collections) > 1, "the density is drawn under the arrows"
-    plt.close("all")
+def test_the_slider_and_the_plane_figures_are_importable_from_plotting_too():
+    assert plotting.timestep_slider is slider.timestep_slider
+    assert plotting.slider_timesteps is slider.slider_timesteps
+    for name in ("plot_points", "plot_score_field", "plot_paths"):
+        assert getattr(plotting, name) is getattr(plane, name)
+    assert all(hasattr(plotting, name) for name in plotting.__all__)

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from diffusion_lib.devices import ProcessGroup
 from diffusion_lib.flow_matching import RectifiedFlow
 from diffusion_lib.losses import diffusion_loss
 from diffusion_lib.models import ToyMLP
@@ -19,7 +18,6 @@ from diffusion_lib.training import (
     ExponentialMovingAverage,
     NonFiniteLossError,
     TrainingResult,
-    _BatchPlan,
     select_device,
     train,
 )
@@ -255,17 +253,6 @@ def test_smoke_mode_caps_the_steps(schedule, monkeypatch) -> None:
     monkeypatch.setenv(SMOKE_VARIABLE, "1")
     result = quick_train(schedule, steps=MAX_TRAINING_STEPS + 15)
     assert result.steps == MAX_TRAINING_STEPS
-
-
-def test_each_epoch_visits_every_image_once_and_processes_split_each_batch() -> None:
-    single = _BatchPlan(12, 4, seed=5, group=ProcessGroup())
-    for epoch in range(2):
-        visited = torch.cat([single.indices(epoch * 3 + k, torch.device("cpu")) for k in range(3)])
-        assert sorted(visited.tolist()) == list(range(12))
-    ranks = [_BatchPlan(12, 4, seed=5, group=ProcessGroup(rank, 2)) for rank in range(2)]
-    for step in range(6):
-        shards = [plan.indices(step, torch.device("cpu")) for plan in ranks]
-        assert torch.equal(torch.cat(shards), single.indices(step, torch.device("cpu")))
 
 
 def test_first_update_moves_weights_by_lr_over_warmup_steps(schedule: NoiseSchedule) -> None:

@@ -1,0 +1,122 @@
+"""The arguments of :func:`~diffusion_lib.training.train`, checked, and the settings its loop reads.
+
+Each check raises ``ValueError`` saying what was wrong and what is allowed, before the model
+is moved to a device or trained.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from diffusion_lib.devices import ProcessGroup
+from diffusion_lib.smoke import cap_training_steps
+from diffusion_lib.validation import check_number
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The checked arguments of :func:`train` that the loop reads."""
+
+    total_steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    grad_clip: float | None
+    ema_decay: float
+    label_dropout: float
+    compile: bool
+    amp: bool
+    checkpoint_path: Path | None
+    checkpoint_every: int
+    resume: bool
+    seed: int
+    progress: bool
+    config: dict[str, Any] | None
+    loss: Callable[..., Tensor] | None = None
+
+
+def _check_data(images: Tensor, labels: Tensor | None, noise: Tensor | None) -> None:
+    if not isinstance(images, Tensor) or images.dim() not in (2, 4):
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(
+            f"images must be a 4-D tensor of images (N, C, H, W) or a 2-D tensor of points "
+            f"(N, D), got {shape}"
+        )
+    if not images.dtype.is_floating_point:
+        raise ValueError(
+            f"images must be floating point, scaled as the model expects; got {images.dtype}"
+        )
+    if images.shape[0] == 0:
+        raise ValueError("images is empty: the dataset needs at least one image")
+    if noise is not None and (not isinstance(noise, Tensor) or noise.shape != images.shape):
+        shape = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+        raise ValueError(
+            f"noise must pair one noise tensor with each image, shape {tuple(images.shape)}; "
+            f"got {shape}"
+        )
+    if labels is None:
+        return
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point:
+        raise ValueError("labels must be a 1-D integer tensor (N,) of class indices")
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"labels has {labels.shape[0]} entries but images has {images.shape[0]}; give one per image"
+        )
+
+
+def _check_integer(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _total_steps(steps: int | None, epochs: float | None, steps_per_epoch: int) -> int:
+    """Steps of the run from exactly one of ``steps`` and ``epochs``, capped in smoke mode."""
+    if (steps is None) == (epochs is None):
+        raise ValueError(
+            "give exactly one of steps (optimisation steps) and epochs (passes over the data)"
+        )
+    if steps is not None:
+        total = _check_integer("steps", steps, 1)
+    else:
+        epochs = check_number("epochs", epochs, 0.0, low_open=True)
+        total = max(1, math.ceil(epochs * steps_per_epoch))
+    return cap_training_steps(total)
+
+
+def _json_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``config`` as it reads back from JSON (tuples become lists), or ValueError."""
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise ValueError(f"config must be a dict, got {type(config).__name__}")
+    try:
+        return json.loads(json.dumps(config))
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"config must hold only JSON values (dicts, lists, numbers, strings): {error}"
+        ) from None
+
+
+def _global_batch_size(batch_size: int, dataset_size: int, group: ProcessGroup) -> int:
+    batch_size = _check_integer("batch_size", batch_size, 1)
+    if batch_size % group.world_size:
+        raise ValueError(
+            f"batch_size={batch_size} is the global batch and must divide evenly among the "
+            f"{group.world_size} processes"
+        )
+    # A batch larger than the dataset becomes the whole dataset (rounded to the processes).
+    usable = min(batch_size, dataset_size) // group.world_size * group.world_size
+    if usable < 1:
+        raise ValueError(
+            f"{dataset_size} images cannot be shared among {group.world_size} processes"
+        )
+    return usable
