@@ -1,12 +1,14 @@
-"""Command line: ``python -m diffusion_lib train ...`` trains a model, ``... sample ...`` draws from it.
+"""Command line: ``python -m diffusion_lib train ...`` trains a model, ``... sample ...`` draws from
+it, and ``... distill ...`` halves the sampling steps of a flow model (progressive distillation).
 
 A checkpoint written by ``train`` records the model's name and arguments, the schedule, the
-dataset and its value range, so ``sample`` rebuilds everything from the file alone.
+dataset and its value range, so ``sample`` and ``distill`` rebuild everything from the file alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import math
@@ -32,6 +34,7 @@ from diffusion_lib.data import (
     to_unit_interval,
 )
 from diffusion_lib.devices import select_device
+from diffusion_lib.distillation import ProgressiveDistillation
 from diffusion_lib.flow_matching import RectifiedFlow, flow_sample
 from diffusion_lib.models import MODELS, build_model, count_parameters
 from diffusion_lib.sampling import ddim_sample, ddpm_sample
@@ -64,6 +67,11 @@ examples:
   python -m diffusion_lib train --model fc_unet --dataset mnist --objective flow --steps 5000 \\
       --output runs/flow
   python -m diffusion_lib sample --checkpoint runs/flow/checkpoint.pt --sampler euler --steps 20
+  python -m diffusion_lib distill --checkpoint runs/flow/checkpoint.pt --student-steps 16 \\
+      --steps 2000 --output runs/flow16
+  python -m diffusion_lib distill --checkpoint runs/flow16/checkpoint.pt --student-steps 8 \\
+      --steps 2000 --output runs/flow8
+  python -m diffusion_lib sample --checkpoint runs/flow8/checkpoint.pt --output eight_steps.png
 
 Datasets are read from $DIFFUSION_LIB_DATA (torchvision layout). Set DIFFUSION_LIB_SMOKE=1
 for a quick run with capped steps, data and samples.
@@ -210,8 +218,39 @@ def _add_sample_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_sample)
 
 
+def _add_distill_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "distill",
+        help="train a student that samples in N steps where a flow checkpoint took 2N",
+        description="One round of progressive distillation (Salimans & Ho 2022) of a checkpoint "
+        "trained with --objective flow: the student starts from the teacher's weights and learns "
+        "to land in one Euler step where the teacher lands in two. Pass each round's output as "
+        "the next round's --checkpoint to halve the steps again.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="the teacher: trained with --objective flow, or the output of an earlier round",
+    )
+    parser.add_argument(
+        "--student-steps",
+        required=True,
+        type=int,
+        metavar="N",
+        help="Euler steps the student samples with; the teacher is followed for 2N steps, so a "
+        "teacher that is itself a student must have sampled with 2N",
+    )
+    parser.add_argument("--limit", type=int, metavar="N", help="use only the first N images")
+    _add_optimisation_options(parser.add_argument_group("optimisation"))
+    _add_output_options(parser.add_argument_group("checkpoint"))
+    parser.set_defaults(run=run_distill)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m diffusion_lib`` argument parser with its ``train`` and ``sample`` commands."""
+    """The ``python -m diffusion_lib`` argument parser: ``train``, ``sample`` and ``distill``."""
     parser = argparse.ArgumentParser(
         prog="python -m diffusion_lib",
         description="Train denoising diffusion models on MNIST-like data and sample from them.",
@@ -221,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", dest="command", required=True)
     _add_train_parser(commands)
     _add_sample_parser(commands)
+    _add_distill_parser(commands)
     return parser
 
 
@@ -325,11 +365,9 @@ def _check_sampling_args(args: argparse.Namespace, config: dict[str, Any], sampl
     """Validate the sampling options against the checkpoint; return the number of steps."""
     objective = config.get("objective", "noise")
     timesteps = config["schedule"]["timesteps"]
-    steps = (
-        args.steps
-        if args.steps is not None
-        else (timesteps if sampler == "ddpm" else min(50, timesteps))
-    )
+    default_steps = timesteps if sampler == "ddpm" else min(50, timesteps)
+    # A distilled student samples with the steps it was trained for.
+    steps = args.steps if args.steps is not None else config.get("distilled_steps", default_steps)
     if objective == "flow" and steps < 1:
         raise CommandError(f"--steps must be >= 1, got {steps}")
     if objective == "noise" and not 1 <= steps <= timesteps:
@@ -406,6 +444,68 @@ def run_sample(args: argparse.Namespace) -> None:
     save_image(grid, args.output)
     width, height = grid.shape[2], grid.shape[1]
     print(f"saved {num} samples ({sampler}, {steps} steps) to {args.output} ({width}x{height})")
+
+
+def _check_teacher(config: dict[str, Any], student_steps: int) -> None:
+    """A flow checkpoint can teach any N; a student that samples in M steps can teach only M / 2."""
+    if config.get("objective", "noise") != "flow":
+        raise CommandError(
+            "distill needs a checkpoint trained with --objective flow (a velocity model); "
+            "this one predicts noise"
+        )
+    if student_steps < 1:
+        raise CommandError(f"--student-steps must be >= 1, got {student_steps}")
+    teacher_steps = config.get("distilled_steps")
+    if teacher_steps is not None and teacher_steps != 2 * student_steps:
+        hint = (
+            f"choose --student-steps {teacher_steps // 2}"
+            if teacher_steps % 2 == 0
+            else "its steps cannot be halved"
+        )
+        raise CommandError(
+            f"the teacher is a student that samples in {teacher_steps} steps, so the next "
+            f"round must halve that: {hint}"
+        )
+
+
+def run_distill(args: argparse.Namespace) -> None:
+    """``distill``: one round of progressive distillation from a flow checkpoint."""
+    path, state = _read_sampling_checkpoint(args.checkpoint)
+    config = state["config"]
+    _check_teacher(config, args.student_steps)
+    device = select_device(args.device)
+    teacher, _ = _rebuild(path, state, device)
+    student = copy.deepcopy(teacher).train().requires_grad_()
+    images, labels = load_images(
+        config["dataset"], train=True, value_range=tuple(config["value_range"]), limit=args.limit
+    )
+    conditional = bool(config.get("conditional"))
+    result = train(
+        student,
+        RectifiedFlow(config["schedule"]["timesteps"]),
+        images,
+        labels=labels if conditional else None,
+        label_dropout=0.1 if conditional else 0.0,  # the student keeps its unconditional half
+        loss=ProgressiveDistillation(teacher, args.student_steps),
+        steps=args.steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=device,
+        compile=args.compile,
+        checkpoint_dir=args.output,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        seed=args.seed,
+        progress=not args.no_progress,
+        config={**config, "distilled_steps": args.student_steps},
+    )
+    final = result.history.loss[-1] if result.history.loss else float("nan")
+    print(
+        f"distilled {result.steps} steps in {result.seconds:.1f} s, final loss {final:.3g}; "
+        f"the student samples in {args.student_steps} steps"
+    )
+    print(f"checkpoint written to {result.checkpoint_path}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,7 @@ def train_arguments(output: Path, model: list[str], *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["sample"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["sample"], ["distill"]])
 def test_help_exits_cleanly_and_shows_examples(command: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
@@ -251,3 +251,55 @@ def test_a_noise_checkpoint_samples_with_a_higher_order_solver(
     assert f"({sampler}, 4 steps)" in capsys.readouterr().out
     assert len(seen) == calls
     assert int(seen[0][0]) == TIMESTEPS - 1  # the solvers start at the last timestep
+
+
+def test_distill_halves_the_steps_round_by_round_and_sample_follows(
+    checkpoints, tmp_path, monkeypatch, capsys
+) -> None:
+    """distill trains a student from a flow checkpoint; its checkpoint remembers N, sample uses
+    N steps by default, and the next round must halve N again."""
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+
+    def distill(teacher: Path, student_steps: int, output: Path) -> int:
+        return main([
+            "distill", "--checkpoint", str(teacher), "--student-steps", str(student_steps),
+            "--steps", "2", "--batch-size", "4", "--output", str(output), "--no-progress",
+        ])  # fmt: skip
+
+    with one_thread():
+        assert distill(checkpoints["flow"], 2, tmp_path / "two") == 0
+        assert distill(tmp_path / "two" / "checkpoint.pt", 1, tmp_path / "one") == 0
+    assert "the student samples in 1 steps" in capsys.readouterr().out
+    student = load_checkpoint(tmp_path / "two" / "checkpoint.pt")
+    assert student["config"]["distilled_steps"] == 2
+    assert student["config"]["model"] == load_checkpoint(checkpoints["flow"])["config"]["model"]
+
+    seen = record_network_times(monkeypatch)
+    with one_thread():
+        status = main([
+            "sample", "--checkpoint", str(tmp_path / "two"), "--num", "4",
+            "--output", str(tmp_path / "two.png"),
+        ])  # fmt: skip
+    assert status == 0 and "(euler, 2 steps)" in capsys.readouterr().out
+    assert [float(t[0]) for t in seen] == [TIMESTEPS, TIMESTEPS / 2]
+
+    assert distill(tmp_path / "two" / "checkpoint.pt", 2, tmp_path / "never") == 1
+    assert "choose --student-steps 1" in capsys.readouterr().err
+    assert distill(tmp_path / "one" / "checkpoint.pt", 1, tmp_path / "never") == 1
+    assert "cannot be halved" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(
+    ("which", "student_steps", "message"),
+    [("plain", 2, "--objective flow"), ("flow", 0, "--student-steps must be >= 1")],
+)
+def test_distill_errors_are_clear(checkpoints, which, student_steps, message, tmp_path, capsys):
+    status = main([
+        "distill", "--checkpoint", str(checkpoints[which]), "--student-steps", str(student_steps),
+        "--steps", "2", "--output", str(tmp_path / "never"),
+    ])  # fmt: skip
+    assert status == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
