@@ -286,6 +286,22 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments of :func:`train` that the optimisation and checkpoint options set."""
+    return {
+        "steps": args.steps,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "compile": args.compile,
+        "checkpoint_dir": args.output,
+        "checkpoint_every": args.checkpoint_every,
+        "resume": args.resume,
+        "seed": args.seed,
+        "progress": not args.no_progress,
+    }
+
+
 def run_train(args: argparse.Namespace) -> None:
     """``train``: load the dataset, build model and schedule, train, report the checkpoint."""
     low, high = args.value_range
@@ -314,17 +330,8 @@ def run_train(args: argparse.Namespace) -> None:
         images,
         labels=labels if args.conditional else None,
         label_dropout=args.label_dropout if args.conditional else 0.0,
-        steps=args.steps,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
         device=args.device,
-        compile=args.compile,
-        checkpoint_dir=args.output,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        seed=args.seed,
-        progress=not args.no_progress,
+        **_engine_options(args),
         config=config,
     )
     final = result.history.loss[-1] if result.history.loss else float("nan")
@@ -487,17 +494,8 @@ def run_distill(args: argparse.Namespace) -> None:
         labels=labels if conditional else None,
         label_dropout=0.1 if conditional else 0.0,  # the student keeps its unconditional half
         loss=ProgressiveDistillation(teacher, args.student_steps),
-        steps=args.steps,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
         device=device,
-        compile=args.compile,
-        checkpoint_dir=args.output,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        seed=args.seed,
-        progress=not args.no_progress,
+        **_engine_options(args),
         config={**config, "distilled_steps": args.student_steps},
     )
     final = result.history.loss[-1] if result.history.loss else float("nan")
