@@ -30,11 +30,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lib.flow_matching import RectifiedFlow, flow_sample
-from diffusion_lib.sampling import NoisePredictor, _model_device, _randn
+from diffusion_lib.sampling import NoisePredictor, _evaluating, _model_device, _randn
 from diffusion_lib.validation import check_positive_int, check_same_shape
 
 
-def _velocity(model: NoisePredictor, flow: RectifiedFlow, x: Tensor, t: Tensor, labels) -> Tensor:
+def _velocity(
+    model: NoisePredictor, flow: RectifiedFlow, x: Tensor, t: Tensor, labels: Tensor | None
+) -> Tensor:
     time = flow.model_time(t)
     v = model(x, time) if labels is None else model(x, time, labels)
     check_same_shape("the model's output", v, "x_t", x)
@@ -107,7 +109,7 @@ class ProgressiveDistillation:
                 f"the teacher is on {teacher_device} but the data are on {x_t.device}; "
                 "move the teacher to the training device first (teacher.to(device))"
             )
-        with torch.no_grad():
+        with _evaluating(self.teacher):  # no gradients, and no dropout in the targets
             first = _velocity(self.teacher, flow, x_t, t, labels).to(x_t.dtype)
             x_mid = x_t - half_step * first
             second = _velocity(self.teacher, flow, x_mid, t - half_step, labels).to(x_t.dtype)

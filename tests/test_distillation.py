@@ -153,3 +153,22 @@ def test_the_flow_sampler_visits_exactly_the_times_the_student_was_trained_at() 
     times = torch.stack([t for t, _ in student.calls])[:, 0]
     trained_at = ProgressiveDistillation(EXACT_TEACHER, 4).student_times().flip(0)
     torch.testing.assert_close(times, trained_at.float())
+
+
+def test_a_teacher_in_training_mode_gives_targets_without_dropout_and_keeps_its_mode() -> None:
+    class DroppingVelocity(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dropout = torch.nn.Dropout(0.5)
+
+        def forward(self, x_t: Tensor, time: Tensor) -> Tensor:
+            return self.dropout(-x_t)
+
+    teacher = DroppingVelocity().train()
+    objective = ProgressiveDistillation(teacher, 2)
+    x_t, t = noise(256).float(), torch.full((256,), 0.5)
+    first, second = objective.target(FLOW, x_t, t), objective.target(FLOW, x_t, t)
+    torch.testing.assert_close(first, second)
+    # v = -x: the half step of 1/4 goes to x_half = 1.25 x, and the mean slope is -1.125 x.
+    torch.testing.assert_close(first, -1.125 * x_t)
+    assert teacher.training
