@@ -339,7 +339,7 @@ def run_train(args: argparse.Namespace) -> None:
     print(f"checkpoint written to {result.checkpoint_path}")
 
 
-def _read_sampling_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
+def _read_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
@@ -419,7 +419,7 @@ def _rebuild(
 
 def run_sample(args: argparse.Namespace) -> None:
     """``sample``: rebuild model and schedule from the checkpoint and save a grid of samples."""
-    path, state = _read_sampling_checkpoint(args.checkpoint)
+    path, state = _read_checkpoint(args.checkpoint)
     config = state["config"]
     sampler = _sampler(args, config)
     steps = _check_sampling_args(args, config, sampler)
@@ -477,7 +477,7 @@ def _check_teacher(config: dict[str, Any], student_steps: int) -> None:
 
 def run_distill(args: argparse.Namespace) -> None:
     """``distill``: one round of progressive distillation from a flow checkpoint."""
-    path, state = _read_sampling_checkpoint(args.checkpoint)
+    path, state = _read_checkpoint(args.checkpoint)
     config = state["config"]
     _check_teacher(config, args.student_steps)
     device = select_device(args.device)

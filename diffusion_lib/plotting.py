@@ -35,7 +35,6 @@ from diffusion_lib.drawing import (
 from diffusion_lib.plane import plot_paths, plot_points, plot_score_field
 from diffusion_lib.sampling import Trajectory
 from diffusion_lib.schedules import NoiseSchedule
-from diffusion_lib.slider import MAX_SLIDER_IMAGES as MAX_SLIDER_IMAGES  # importable from here too
 from diffusion_lib.slider import slider_timesteps, timestep_slider
 from diffusion_lib.validation import check_positive_int
 

@@ -36,10 +36,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from diffusion_lib.batches import _BatchPlan as _BatchPlan  # importable from here too
 from diffusion_lib.batches import _seed_global_generators
 from diffusion_lib.checkpoints import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from diffusion_lib.checkpoints import save_checkpoint as save_checkpoint  # importable from here too
 from diffusion_lib.devices import (
     ProcessGroup,
     join_process_group,
