@@ -50,6 +50,15 @@ from diffusion_lib.plotting import (
     show_grid,
     timestep_slider,
 )
+from diffusion_lib.predictions import (
+    PREDICTIONS,
+    NoiseFromPrediction,
+    elbo_weight,
+    eps_from_prediction,
+    min_snr_weight,
+    prediction_target,
+    x0_error_weight,
+)
 from diffusion_lib.sampling import (
     Trajectory,
     ddim_encode,
@@ -109,6 +118,13 @@ __all__ = [
     "plot_trajectory",
     "show_grid",
     "timestep_slider",
+    "PREDICTIONS",
+    "NoiseFromPrediction",
+    "elbo_weight",
+    "eps_from_prediction",
+    "min_snr_weight",
+    "prediction_target",
+    "x0_error_weight",
     "MODELS",
     "AttentionUNet",
     "DenoisingAutoencoder",

@@ -20,9 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffusion_lib.predictions import PREDICTIONS, min_snr_weight, prediction_target
 from diffusion_lib.sampling import NoisePredictor, _evaluating, _randn, p_mean_variance
 from diffusion_lib.schedules import NoiseSchedule, _gather
-from diffusion_lib.validation import check_finite, check_same_shape, check_timesteps
+from diffusion_lib.validation import (
+    check_choice,
+    check_finite,
+    check_number,
+    check_same_shape,
+    check_timesteps,
+)
 
 
 def diffusion_loss(
@@ -34,13 +41,24 @@ def diffusion_loss(
     noise: Tensor | None = None,
     labels: Tensor | None = None,
     generator: torch.Generator | None = None,
+    prediction: str = "epsilon",
+    snr_gamma: float | None = None,
 ) -> Tensor:
     """Ho et al.'s simplified loss (2020, eq. 14, Algorithm 1): ``mean ||eps - eps_theta(x_t, t)||^2``.
 
     A uniform random timestep and fresh Gaussian noise are drawn per sample unless ``t`` (B,)
     or ``noise`` (like ``x0``) are given. ``x0``: (B, C, H, W) data. ``labels`` (B,) are passed
     to a conditional model as ``model(x_t, t, labels)``. Returns a scalar (float32) tensor.
+
+    ``prediction`` (``"epsilon"``, ``"x0"`` or ``"v"``) names the network's target, see
+    :func:`~diffusion_lib.predictions.prediction_target`; sample from such a network through
+    :class:`~diffusion_lib.predictions.NoiseFromPrediction`. With ``snr_gamma`` each sample's
+    error is weighed by :func:`~diffusion_lib.predictions.min_snr_weight` (Hang et al. 2023).
+    To train with these, pass ``functools.partial(diffusion_loss, prediction="v")`` as ``loss``.
     """
+    check_choice("prediction", prediction, PREDICTIONS)
+    if snr_gamma is not None:
+        check_number("snr_gamma", snr_gamma, 0.0, low_open=True)
     if t is None:
         source = generator.device if generator is not None else x0.device
         t = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=generator, device=source)
@@ -52,9 +70,13 @@ def diffusion_loss(
     else:
         check_same_shape("noise", noise, "x0", x0)
     x_t = schedule._q_sample(x0, t, noise)
-    eps = model(x_t, t) if labels is None else model(x_t, t, labels)
-    check_same_shape("the model's output", eps, "x0", x0)
-    return F.mse_loss(eps.float(), noise.float())
+    output = model(x_t, t) if labels is None else model(x_t, t, labels)
+    check_same_shape("the model's output", output, "x0", x0)
+    target = prediction_target(schedule, x0, t, noise, prediction)
+    if snr_gamma is None:
+        return F.mse_loss(output.float(), target.float())
+    errors = (output.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    return (min_snr_weight(schedule, t, prediction, snr_gamma).float() * errors).mean()
 
 
 def normal_kl(mean1: Tensor, log_var1: Tensor, mean2: Tensor, log_var2: Tensor) -> Tensor:
