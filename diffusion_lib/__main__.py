@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import inspect
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,9 @@ from diffusion_lib.data import (
 from diffusion_lib.devices import select_device
 from diffusion_lib.distillation import ProgressiveDistillation
 from diffusion_lib.flow_matching import RectifiedFlow, flow_sample
+from diffusion_lib.losses import diffusion_loss
 from diffusion_lib.models import MODELS, build_model, count_parameters
+from diffusion_lib.predictions import PREDICTIONS, NoiseFromPrediction
 from diffusion_lib.sampling import ddim_sample, ddpm_sample
 from diffusion_lib.schedules import SCHEDULES, NoiseSchedule
 from diffusion_lib.smoke import cap_samples
@@ -64,6 +68,8 @@ examples:
       --steps 10 --output fast.png
   python -m diffusion_lib sample --checkpoint runs/fashion/checkpoint.pt --label 7 \\
       --guidance 3 --output sneakers.png
+  python -m diffusion_lib train --model fc_unet --dataset mnist --prediction v --snr-gamma 5 \\
+      --steps 5000 --output runs/v
   python -m diffusion_lib train --model fc_unet --dataset mnist --objective flow --steps 5000 \\
       --output runs/flow
   python -m diffusion_lib sample --checkpoint runs/flow/checkpoint.pt --sampler euler --steps 20
@@ -113,6 +119,22 @@ def _add_model_options(group: argparse._ArgumentGroup) -> None:
         choices=OBJECTIVES,
         help="noise: predict the noise (L_simple); flow: predict the velocity of the straight "
         "path (flow matching, sampled with euler or heun) (default: noise)",
+    )
+    group.add_argument(
+        "--prediction",
+        default="epsilon",
+        choices=PREDICTIONS,
+        help="with --objective noise, the network's target: epsilon, the noise (Ho et al. 2020); "
+        "x0, the clean image; v, the velocity alpha eps - sigma x0 (Salimans & Ho 2022) "
+        "(default: epsilon)",
+    )
+    group.add_argument(
+        "--snr-gamma",
+        type=float,
+        metavar="G",
+        help="with --objective noise, Min-SNR-gamma weighting (Hang et al. 2023): each step's "
+        "error on x0 weighs min(SNR, G), so nearly clean steps do not dominate; 5 is typical "
+        "(default: none, the plain mean squared error)",
     )
     group.add_argument("--conditional", action="store_true", help="condition on class labels")
     group.add_argument(
@@ -302,9 +324,25 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _noise_loss(args: argparse.Namespace) -> Callable[..., torch.Tensor] | None:
+    """The objective that --prediction and --snr-gamma ask for; ``None`` (the engine's default,
+    L_simple on the noise) when they keep their defaults."""
+    if args.prediction == "epsilon" and args.snr_gamma is None:
+        return None
+    if args.objective != "noise":
+        raise CommandError(
+            "--prediction and --snr-gamma apply to --objective noise only: a flow model always "
+            "predicts the velocity of the straight path, with the plain flow-matching loss"
+        )
+    if args.snr_gamma is not None and not 0 < args.snr_gamma < math.inf:
+        raise CommandError(f"--snr-gamma must be a number > 0 (5 is typical), got {args.snr_gamma}")
+    return functools.partial(diffusion_loss, prediction=args.prediction, snr_gamma=args.snr_gamma)
+
+
 def run_train(args: argparse.Namespace) -> None:
     """``train``: load the dataset, build model and schedule, train, report the checkpoint."""
     low, high = args.value_range
+    loss = _noise_loss(args)
     kwargs = _model_kwargs(args)
     try:
         model = build_model(args.model, **kwargs)
@@ -323,6 +361,9 @@ def run_train(args: argparse.Namespace) -> None:
         "conditional": args.conditional,
         "objective": args.objective,
     }
+    if loss is not None:
+        # Absent keys mean epsilon and plain MSE: a default run writes the config it always did.
+        config.update(prediction=args.prediction, snr_gamma=args.snr_gamma)
     print(f"{args.model}: {count_parameters(model):,} trainable parameters; {len(images):,} images")
     result = train(
         model,
@@ -331,6 +372,7 @@ def run_train(args: argparse.Namespace) -> None:
         labels=labels if args.conditional else None,
         label_dropout=args.label_dropout if args.conditional else 0.0,
         device=args.device,
+        loss=loss,
         **_engine_options(args),
         config=config,
     )
@@ -425,6 +467,10 @@ def run_sample(args: argparse.Namespace) -> None:
     steps = _check_sampling_args(args, config, sampler)
     device = select_device(args.device)
     model, schedule = _rebuild(path, state, device)
+    prediction = config.get("prediction", "epsilon")
+    if prediction != "epsilon":
+        # The samplers ask for the noise; the wrapper derives it from an x0 or v output.
+        model = NoiseFromPrediction(model, schedule, prediction)
     num = cap_samples(args.num)
     kwargs = config["model"]["kwargs"]
     size = kwargs.get("image_size", IMAGE_SIZE)

@@ -14,9 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_lib.__main__ import main
-from diffusion_lib.checkpoints import load_checkpoint
+from diffusion_lib import losses, predictions
+from diffusion_lib.__main__ import CommandError, main
+from diffusion_lib.checkpoints import load_checkpoint, save_checkpoint
 from diffusion_lib.data import DATA_VARIABLE, data_root
+from diffusion_lib.losses import diffusion_loss
 from diffusion_lib.smoke import SMOKE_VARIABLE
 
 DATA_FOLDER = data_root()
@@ -303,3 +305,137 @@ def test_distill_errors_are_clear(checkpoints, which, student_steps, message, tm
     assert status == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_train_help_explains_the_prediction_targets_and_min_snr(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    assert "--prediction {epsilon,x0,v}" in text and "--snr-gamma G" in text
+    for phrase in ("epsilon, the noise", "x0, the clean image", "v, the velocity"):
+        assert phrase in text
+    assert "Min-SNR-gamma weighting (Hang et al. 2023)" in text and "5 is typical" in text
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--prediction", "v", "--objective", "flow"], "apply to --objective noise only"),
+        (["--snr-gamma", "5", "--objective", "flow"], "apply to --objective noise only"),
+        (["--snr-gamma", "0"], "--snr-gamma must be a number > 0"),
+        (["--snr-gamma", "-1", "--prediction", "x0"], "--snr-gamma must be a number > 0"),
+        (["--snr-gamma", "nan"], "--snr-gamma must be a number > 0"),
+    ],
+)
+def test_prediction_and_snr_gamma_errors_are_clear(arguments, message, tmp_path, capsys) -> None:
+    status = main(train_arguments(tmp_path / "never", TINY_FC_UNET, *arguments))
+    assert status == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+@needs_mnist
+@pytest.mark.parametrize(
+    ("arguments", "loss"),
+    [([], None), (["--snr-gamma", "5"], {"prediction": "epsilon", "snr_gamma": 5.0})],
+)
+def test_only_a_non_default_objective_replaces_the_engines_loss(
+    arguments, loss, tmp_path, monkeypatch
+) -> None:
+    """The default run passes loss=None and writes the config it always wrote; --snr-gamma alone
+    weighs the noise loss and records both keys."""
+    calls: list[dict] = []
+
+    def stop(*_, **kwargs):
+        calls.append(kwargs)
+        raise CommandError("stopped before training")
+
+    monkeypatch.setattr("diffusion_lib.__main__.train", stop)
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+    assert main(train_arguments(tmp_path, TINY_FC_UNET, *arguments)) == 1
+    [kwargs] = calls
+    config = kwargs["config"]
+    if loss is None:
+        assert kwargs["loss"] is None
+        assert "prediction" not in config and "snr_gamma" not in config
+    else:
+        assert kwargs["loss"].func is diffusion_loss and kwargs["loss"].keywords == loss
+        assert {key: config[key] for key in loss} == loss
+
+
+def record_calls(monkeypatch: pytest.MonkeyPatch, module, name: str) -> list[tuple]:
+    """The list that will hold the positional arguments of every call of ``module.name`` from now
+    on; the module's own functions find the spy, since they look the name up at each call."""
+    calls: list[tuple] = []
+    original = getattr(module, name)
+
+    def recording(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(module, name, recording)
+    return calls
+
+
+@needs_mnist
+@pytest.mark.parametrize(
+    ("model", "training", "sampling", "recorded"),
+    [
+        (TINY_FC_UNET, ["--prediction", "v", "--snr-gamma", "5"], [], ("v", 5.0)),
+        (
+            TINY_ATTENTION_UNET,
+            ["--prediction", "x0", "--conditional"],
+            ["--sampler", "dpm-solver", "--label", "3", "--guidance", "2"],
+            ("x0", None),
+        ),
+    ],
+)
+def test_an_x0_or_v_checkpoint_trains_and_samples_through_the_noise_it_implies(
+    model, training, sampling, recorded, tmp_path, monkeypatch
+) -> None:
+    """train fits the chosen target (spied in the loss) and records it; sample wraps the network
+    in NoiseFromPrediction, which every noise sampler and guidance (null_label) go through."""
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+    targets = record_calls(monkeypatch, losses, "prediction_target")
+    weights = record_calls(monkeypatch, losses, "min_snr_weight")
+    with one_thread():
+        assert main(train_arguments(tmp_path / "run", model, *training)) == 0
+    prediction, snr_gamma = recorded
+    assert targets and {call[-1] for call in targets} == {prediction}
+    assert {call[-2:] for call in weights} == (set() if snr_gamma is None else {recorded})
+    config = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]
+    assert (config["prediction"], config["snr_gamma"]) == recorded
+
+    conversions = record_calls(monkeypatch, predictions, "eps_from_prediction")
+    output = tmp_path / "grid.png"
+    with one_thread():
+        status = main([
+            "sample", "--checkpoint", str(tmp_path / "run"), "--steps", "3", "--num", "4",
+            "--output", str(output), *sampling,
+        ])  # fmt: skip
+    assert status == 0
+    with Image.open(output) as image:
+        assert image.size == (2 * 30 + 2, 2 * 30 + 2)
+    # Guidance evaluates the labelled and the unlabelled halves in one call per step.
+    assert [call[-1] for call in conversions] == [prediction] * 3
+
+
+def test_an_old_config_without_prediction_samples_the_noise_directly(
+    checkpoints, tmp_path, monkeypatch
+) -> None:
+    """Checkpoints written before --prediction existed have no such key and predict the noise."""
+    state = load_checkpoint(checkpoints["plain"])
+    state["config"].pop("prediction", None)
+    state["config"].pop("snr_gamma", None)
+    old = save_checkpoint(tmp_path / "old" / "checkpoint.pt", state)
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    conversions = record_calls(monkeypatch, predictions, "eps_from_prediction")
+    output = tmp_path / "old.png"
+    with one_thread():
+        status = main([
+            "sample", "--checkpoint", str(old), "--steps", "3", "--num", "4", "--output", str(output),
+        ])  # fmt: skip
+    assert status == 0 and output.is_file()
+    assert conversions == []
