@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from diffusion_lib import (
@@ -17,6 +19,9 @@ from diffusion_lib import (
     prior_bits_per_dim,
     vb_term_bits_per_dim,
 )
+
+NAMES = ("cosine", "linear", "quadratic")
+PREDICTIONS = ("epsilon", "x0", "v")
 
 
 @pytest.fixture
@@ -62,6 +67,118 @@ def test_diffusion_loss_passes_labels(schedule: NoiseSchedule) -> None:
 
     diffusion_loss(model, schedule, torch.zeros(3, 1, 2, 2), labels=torch.tensor([1, 2, 3]))
     assert got["labels"].tolist() == [1, 2, 3]
+
+
+def hand_alpha_bar(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+    """alpha_bar_t recomputed in NumPy from the betas alone, shape (B,)."""
+    return torch.from_numpy(np.cumprod(1.0 - schedule.betas.numpy()))[t]
+
+
+def hand_alpha_and_sigma(
+    schedule: NoiseSchedule, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) as float64 (B, 1, 1, 1)."""
+    alpha_bar = hand_alpha_bar(schedule, t).reshape(-1, 1, 1, 1)
+    return alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
+
+
+def test_epsilon_prediction_is_the_loss_as_it_was(schedule: NoiseSchedule) -> None:
+    """prediction="epsilon" without snr_gamma is the default, and the default is still the
+    plain MSE between the model's output and the noise."""
+    x0, noise = torch.rand(5, 1, 3, 3) * 2 - 1, torch.randn(5, 1, 3, 3)
+    t = torch.tensor([0, 1, 250, 998, 999])
+    model = lambda x, step: 0.7 * x - step[:, None, None, None] / 1000  # noqa: E731
+    default = diffusion_loss(model, schedule, x0, t=t, noise=noise)
+    explicit = diffusion_loss(
+        model, schedule, x0, t=t, noise=noise, prediction="epsilon", snr_gamma=None
+    )
+    assert torch.equal(default, explicit) and default.dtype == torch.float32
+    x_t = schedule.q_sample(x0, t, noise)
+    assert torch.equal(default, F.mse_loss(model(x_t, t).float(), noise.float()))
+    alpha, sigma = hand_alpha_and_sigma(schedule, t)
+    by_hand = (model(alpha * x0.double() + sigma * noise.double(), t) - noise).pow(2).mean()
+    torch.testing.assert_close(default.double(), by_hand, rtol=1e-6, atol=0)
+    drawn = [
+        diffusion_loss(model, schedule, x0, generator=torch.Generator().manual_seed(2), **extra)
+        for extra in ({}, {"prediction": "epsilon"})
+    ]
+    assert torch.equal(*drawn)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_a_model_that_outputs_the_exact_target_has_zero_loss(name: str, prediction: str) -> None:
+    """Targets by hand: the noise, the data, or v = alpha eps - sigma x0 (Salimans & Ho 2022)."""
+    schedule = NoiseSchedule.from_name(name)
+    x0 = torch.rand(6, 1, 2, 2, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(6, 1, 2, 2, dtype=torch.float64)
+    t = torch.tensor([0, 1, 300, 600, 998, 999])
+    alpha, sigma = hand_alpha_and_sigma(schedule, t)
+    target = {"epsilon": noise, "x0": x0, "v": alpha * noise - sigma * x0}[prediction]
+    exact = lambda x, step: target  # noqa: E731
+    loss = diffusion_loss(exact, schedule, x0, t=t, noise=noise, prediction=prediction)
+    assert loss.item() <= 1e-12
+    other = "x0" if prediction != "x0" else "v"
+    assert diffusion_loss(exact, schedule, x0, t=t, noise=noise, prediction=other) > 0.01
+    with_gamma = diffusion_loss(
+        exact, schedule, x0, t=t, noise=noise, prediction=prediction, snr_gamma=5.0
+    )
+    assert with_gamma.item() <= 1e-12
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_the_loss_weighs_the_data_error(name: str, prediction: str) -> None:
+    """A model whose implied x0 estimate is off by a known d: the plain loss is
+    mean_b w_b mean(d_b^2) with w = SNR, 1 or SNR + 1, and with snr_gamma it is
+    mean_b min(SNR_b, gamma) mean(d_b^2) (Hang et al. 2023, eq. 9), SNR from the betas."""
+    schedule = NoiseSchedule.from_name(name)
+    generator = torch.Generator().manual_seed(3)
+    shape = (8, 1, 2, 2)
+    x0 = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(shape, generator=generator, dtype=torch.float64)
+    d = torch.randn(shape, generator=generator, dtype=torch.float64)
+    t = torch.tensor([0, 1, 10, 100, 400, 700, 998, 999])
+    alpha, sigma = hand_alpha_and_sigma(schedule, t)
+
+    def model(x_t: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        # The output whose reading at this x_t is the data estimate x0 + d.
+        x0_hat = x0 + d
+        if prediction == "epsilon":
+            return (x_t - alpha * x0_hat) / sigma
+        if prediction == "x0":
+            return x0_hat
+        return (alpha * x_t - x0_hat) / sigma  # v = alpha eps - sigma x0, eps from x_t and x0
+
+    squared = d.pow(2).flatten(1).mean(1)
+    alpha_bar = hand_alpha_bar(schedule, t)
+    snr = alpha_bar / (1 - alpha_bar)
+    own = {"epsilon": snr, "x0": torch.ones_like(snr), "v": snr + 1}[prediction]
+    plain = diffusion_loss(model, schedule, x0, t=t, noise=noise, prediction=prediction)
+    torch.testing.assert_close(plain.double(), (own * squared).mean(), rtol=1e-6, atol=0)
+    for gamma in (1.0, 5.0):
+        assert (snr > gamma).any() and (snr < gamma).any()
+        weighted = diffusion_loss(
+            model, schedule, x0, t=t, noise=noise, prediction=prediction, snr_gamma=gamma
+        )
+        expected = (snr.clamp(max=gamma) * squared).mean()
+        torch.testing.assert_close(weighted.double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"snr_gamma": 0.0}, "snr_gamma"),
+        ({"snr_gamma": -5.0}, "snr_gamma"),
+        ({"snr_gamma": float("nan")}, "snr_gamma"),
+        ({"snr_gamma": True}, "snr_gamma"),
+        ({"prediction": "score"}, "unknown prediction 'score'; choose one of epsilon, x0, v"),
+        ({"prediction": "V"}, "choose one of epsilon, x0, v"),
+    ],
+)
+def test_bad_prediction_options_raise(schedule: NoiseSchedule, options, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        diffusion_loss(lambda x, t: x, schedule, torch.zeros(2, 1, 2, 2), **options)
 
 
 def test_normal_kl_matches_torch_distributions() -> None:
