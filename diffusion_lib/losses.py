@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffusion_lib.predictions import PREDICTIONS, min_snr_weight, prediction_target
+from diffusion_lib.predictions import PREDICTIONS, _min_snr_weight, prediction_target
 from diffusion_lib.sampling import NoisePredictor, _evaluating, _randn, p_mean_variance
 from diffusion_lib.schedules import NoiseSchedule, _gather
 from diffusion_lib.validation import (
@@ -58,7 +58,7 @@ def diffusion_loss(
     """
     check_choice("prediction", prediction, PREDICTIONS)
     if snr_gamma is not None:
-        check_number("snr_gamma", snr_gamma, 0.0, low_open=True)
+        snr_gamma = check_number("snr_gamma", snr_gamma, 0.0, low_open=True)
     if t is None:
         source = generator.device if generator is not None else x0.device
         t = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=generator, device=source)
@@ -76,7 +76,7 @@ def diffusion_loss(
     if snr_gamma is None:
         return F.mse_loss(output.float(), target.float())
     errors = (output.float() - target.float()).pow(2).flatten(1).mean(dim=1)
-    return (min_snr_weight(schedule, t, prediction, snr_gamma).float() * errors).mean()
+    return (_min_snr_weight(schedule, t, prediction, snr_gamma).float() * errors).mean()
 
 
 def normal_kl(mean1: Tensor, log_var1: Tensor, mean2: Tensor, log_var2: Tensor) -> Tensor:

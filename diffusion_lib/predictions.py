@@ -75,6 +75,11 @@ def x0_error_weight(schedule: NoiseSchedule, t: Tensor, prediction: str) -> Tens
     ``"x0"`` and ``SNR + 1`` for ``"v"`` (the identities in this module's docstring). ``t``: (B,).
     Returns (B,) float64 on ``t``'s device.
     """
+    check_timesteps(t, schedule.timesteps, t.shape[0])
+    return _x0_error_weight(schedule, t, prediction)
+
+
+def _x0_error_weight(schedule: NoiseSchedule, t: Tensor, prediction: str) -> Tensor:
     check_choice("prediction", prediction, PREDICTIONS)
     snr = schedule.signal_to_noise_ratio.to(t.device)[t]
     return {"epsilon": snr, "x0": torch.ones_like(snr), "v": snr + 1.0}[prediction]
@@ -106,9 +111,16 @@ def min_snr_weight(schedule: NoiseSchedule, t: Tensor, prediction: str, gamma: f
     not dominate. That is ``min(SNR, gamma) / w`` with ``w`` of :func:`x0_error_weight`. ``t``:
     (B,). Returns (B,) float64 on ``t``'s device.
     """
-    gamma = check_number("gamma", gamma, 0.0, low_open=True)
+    check_timesteps(t, schedule.timesteps, t.shape[0])
+    return _min_snr_weight(
+        schedule, t, prediction, check_number("gamma", gamma, 0.0, low_open=True)
+    )
+
+
+def _min_snr_weight(schedule: NoiseSchedule, t: Tensor, prediction: str, gamma: float) -> Tensor:
+    """:func:`min_snr_weight` without the check of ``t``, which would wait on the device."""
     snr = schedule.signal_to_noise_ratio.to(t.device)[t]
-    return snr.clamp(max=gamma) / x0_error_weight(schedule, t, prediction)
+    return snr.clamp(max=gamma) / _x0_error_weight(schedule, t, prediction)
 
 
 class NoiseFromPrediction(nn.Module):
@@ -130,6 +142,9 @@ class NoiseFromPrediction(nn.Module):
             self.null_label = model.null_label
 
     def forward(self, x_t: Tensor, t: Tensor, *labels: Tensor) -> Tensor:
+        if self.schedule.device != x_t.device:
+            # Moved once, not on every call (and to float32 on MPS, which lacks float64).
+            self.schedule = self.schedule.to(x_t.device)
         output = self.model(x_t, t, *labels)
         return eps_from_prediction(self.schedule, x_t, t, output.to(x_t.dtype), self.prediction)
 

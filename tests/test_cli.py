@@ -399,7 +399,7 @@ def test_an_x0_or_v_checkpoint_trains_and_samples_through_the_noise_it_implies(
     monkeypatch.setenv(SMOKE_VARIABLE, "1")
     monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
     targets = record_calls(monkeypatch, losses, "prediction_target")
-    weights = record_calls(monkeypatch, losses, "min_snr_weight")
+    weights = record_calls(monkeypatch, losses, "_min_snr_weight")
     with one_thread():
         assert main(train_arguments(tmp_path / "run", model, *training)) == 0
     prediction, snr_gamma = recorded

@@ -228,6 +228,21 @@ def test_min_snr_weight_rejects_a_bad_gamma(gamma: object) -> None:
         min_snr_weight(schedule_named("linear"), torch.tensor([0, 1]), "epsilon", gamma)
 
 
+@pytest.mark.parametrize("t", [[-1, 0], [0, 1000], [0.0, 1.0]])
+@pytest.mark.parametrize(
+    "weight",
+    [
+        lambda s, t: x0_error_weight(s, t, "v"),
+        lambda s, t: min_snr_weight(s, t, "v", 5.0),
+        lambda s, t: elbo_weight(s, t),
+    ],
+)
+def test_the_weights_reject_timesteps_outside_the_schedule(t: list, weight) -> None:
+    # -1 would silently read the last step's weight, 1000 would fail later as an IndexError.
+    with pytest.raises(ValueError, match="t"):
+        weight(schedule_named("linear"), torch.tensor(t))
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -343,6 +358,30 @@ def test_the_wrapper_forwards_labels_and_guidance_acts_on_the_output() -> None:
         assert network.seen[-1].tolist() == [1, 2, 3, 1, 7, 7, 7, 7]
         v_guided = 3.0 * network(x_t, t, labels) - 2.0 * network(x_t, t, torch.full_like(t, 7))
     torch.testing.assert_close(guided, sigma * x_t + alpha * v_guided)
+
+
+def test_the_wrapper_moves_its_schedule_to_the_data_once() -> None:
+    schedule = schedule_named("linear")
+    wrapped = NoiseFromPrediction(lambda x, t: x, schedule, "v")
+    moved = NoiseSchedule.to  # a "meta" tensor stands in for another device
+    x_t = torch.zeros(3, 2, device="meta")
+    calls = []
+
+    def counting_to(self, device):
+        calls.append(device)
+        return moved(self, device)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(NoiseSchedule, "to", counting_to)
+        for _ in range(3):
+            eps = wrapped(x_t, torch.tensor([0, 5, 999], device="meta"))
+    assert eps.device.type == "meta" and wrapped.schedule.device.type == "meta"
+    assert len(calls) == 1
+    x_t = torch.randn(3, 2, dtype=torch.float64)
+    expected = eps_from_prediction(schedule, x_t, torch.tensor([0, 5, 999]), x_t, "v")
+    on_cpu = NoiseFromPrediction(lambda x, t: x, schedule, "v")
+    torch.testing.assert_close(on_cpu(x_t, torch.tensor([0, 5, 999])), expected)
+    assert on_cpu.schedule is schedule  # already on the data's device: nothing copied
 
 
 def test_the_wrapper_is_a_module_around_the_network() -> None:
