@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,17 +29,7 @@ TINY_ATTENTION_UNET = [
     "--model-arg", "channel_multipliers=[1,2]", "--model-arg", "num_res_blocks=1",
 ]  # fmt: skip
 TIMESTEPS = 40
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one thread: on a small shared CPU, more threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks
 
 
 def run_cli(*arguments: str) -> subprocess.CompletedProcess:
@@ -100,7 +88,7 @@ def test_train_then_sample_end_to_end_in_smoke_mode(tmp_path) -> None:
     assert config["dataset"] == "mnist" and config["value_range"] == [-1.0, 1.0]
     # Sampling runs in-process: one interpreter start-up per test is slow enough on a small CPU.
     grid = tmp_path / "grid.png"
-    with pytest.MonkeyPatch.context() as patch, one_thread():
+    with pytest.MonkeyPatch.context() as patch:
         patch.setenv(SMOKE_VARIABLE, "1")
         status = main([
             "sample", "--checkpoint", str(checkpoint), "--sampler", "ddpm", "--steps", "5",
@@ -118,7 +106,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     if not (DATA_FOLDER / "MNIST" / "raw").is_dir():
         pytest.skip(f"MNIST not found under {DATA_FOLDER}")
     folder = tmp_path_factory.mktemp("cli")
-    with pytest.MonkeyPatch.context() as patch, one_thread():
+    with pytest.MonkeyPatch.context() as patch:
         patch.setenv(SMOKE_VARIABLE, "1")
         patch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
         assert main(train_arguments(folder / "plain", TINY_FC_UNET)) == 0
@@ -187,11 +175,10 @@ def test_conditional_needs_a_model_that_takes_labels(tmp_path, capsys) -> None:
 def test_guided_sampling_of_a_class_writes_the_grid(checkpoints, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv(SMOKE_VARIABLE, "1")
     output = tmp_path / "sevens.png"
-    with one_thread():
-        status = main([
-            "sample", "--checkpoint", str(checkpoints["labels"]), "--label", "7",
-            "--guidance", "2", "--steps", "4", "--num", "4", "--eta", "1", "--output", str(output),
-        ])  # fmt: skip
+    status = main([
+        "sample", "--checkpoint", str(checkpoints["labels"]), "--label", "7",
+        "--guidance", "2", "--steps", "4", "--num", "4", "--eta", "1", "--output", str(output),
+    ])  # fmt: skip
     assert status == 0
     with Image.open(output) as image:
         assert image.size == (2 * 30 + 2, 2 * 30 + 2)
@@ -224,11 +211,10 @@ def test_a_flow_checkpoint_samples_with_an_ode_solver(
     seen = record_network_times(monkeypatch)
     output = tmp_path / "flow.png"
     options = [] if sampler is None else ["--sampler", sampler]
-    with one_thread():
-        status = main([
-            "sample", "--checkpoint", str(checkpoints["flow"]), "--steps", "4", "--num", "4",
-            "--output", str(output), *options,
-        ])  # fmt: skip
+    status = main([
+        "sample", "--checkpoint", str(checkpoints["flow"]), "--steps", "4", "--num", "4",
+        "--output", str(output), *options,
+    ])  # fmt: skip
     assert status == 0 and output.is_file()
     assert f"({sampler or 'euler'}, 4 steps)" in capsys.readouterr().out
     assert len(seen) == calls
@@ -244,11 +230,10 @@ def test_a_noise_checkpoint_samples_with_a_higher_order_solver(
     monkeypatch.setenv(SMOKE_VARIABLE, "1")
     seen = record_network_times(monkeypatch)
     output = tmp_path / f"{sampler}.png"
-    with one_thread():
-        status = main([
-            "sample", "--checkpoint", str(checkpoints["plain"]), "--sampler", sampler,
-            "--steps", "4", "--num", "4", "--output", str(output),
-        ])  # fmt: skip
+    status = main([
+        "sample", "--checkpoint", str(checkpoints["plain"]), "--sampler", sampler,
+        "--steps", "4", "--num", "4", "--output", str(output),
+    ])  # fmt: skip
     assert status == 0 and output.is_file()
     assert f"({sampler}, 4 steps)" in capsys.readouterr().out
     assert len(seen) == calls
@@ -269,20 +254,18 @@ def test_distill_halves_the_steps_round_by_round_and_sample_follows(
             "--steps", "2", "--batch-size", "4", "--output", str(output), "--no-progress",
         ])  # fmt: skip
 
-    with one_thread():
-        assert distill(checkpoints["flow"], 2, tmp_path / "two") == 0
-        assert distill(tmp_path / "two" / "checkpoint.pt", 1, tmp_path / "one") == 0
+    assert distill(checkpoints["flow"], 2, tmp_path / "two") == 0
+    assert distill(tmp_path / "two" / "checkpoint.pt", 1, tmp_path / "one") == 0
     assert "the student samples in 1 steps" in capsys.readouterr().out
     student = load_checkpoint(tmp_path / "two" / "checkpoint.pt")
     assert student["config"]["distilled_steps"] == 2
     assert student["config"]["model"] == load_checkpoint(checkpoints["flow"])["config"]["model"]
 
     seen = record_network_times(monkeypatch)
-    with one_thread():
-        status = main([
-            "sample", "--checkpoint", str(tmp_path / "two"), "--num", "4",
-            "--output", str(tmp_path / "two.png"),
-        ])  # fmt: skip
+    status = main([
+        "sample", "--checkpoint", str(tmp_path / "two"), "--num", "4",
+        "--output", str(tmp_path / "two.png"),
+    ])  # fmt: skip
     assert status == 0 and "(euler, 2 steps)" in capsys.readouterr().out
     assert [float(t[0]) for t in seen] == [TIMESTEPS, TIMESTEPS / 2]
 
@@ -400,8 +383,7 @@ def test_an_x0_or_v_checkpoint_trains_and_samples_through_the_noise_it_implies(
     monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
     targets = record_calls(monkeypatch, losses, "prediction_target")
     weights = record_calls(monkeypatch, losses, "_min_snr_weight")
-    with one_thread():
-        assert main(train_arguments(tmp_path / "run", model, *training)) == 0
+    assert main(train_arguments(tmp_path / "run", model, *training)) == 0
     prediction, snr_gamma = recorded
     assert targets and {call[-1] for call in targets} == {prediction}
     assert {call[-2:] for call in weights} == (set() if snr_gamma is None else {recorded})
@@ -410,11 +392,10 @@ def test_an_x0_or_v_checkpoint_trains_and_samples_through_the_noise_it_implies(
 
     conversions = record_calls(monkeypatch, predictions, "eps_from_prediction")
     output = tmp_path / "grid.png"
-    with one_thread():
-        status = main([
-            "sample", "--checkpoint", str(tmp_path / "run"), "--steps", "3", "--num", "4",
-            "--output", str(output), *sampling,
-        ])  # fmt: skip
+    status = main([
+        "sample", "--checkpoint", str(tmp_path / "run"), "--steps", "3", "--num", "4",
+        "--output", str(output), *sampling,
+    ])  # fmt: skip
     assert status == 0
     with Image.open(output) as image:
         assert image.size == (2 * 30 + 2, 2 * 30 + 2)
@@ -433,9 +414,8 @@ def test_an_old_config_without_prediction_samples_the_noise_directly(
     monkeypatch.setenv(SMOKE_VARIABLE, "1")
     conversions = record_calls(monkeypatch, predictions, "eps_from_prediction")
     output = tmp_path / "old.png"
-    with one_thread():
-        status = main([
-            "sample", "--checkpoint", str(old), "--steps", "3", "--num", "4", "--output", str(output),
-        ])  # fmt: skip
+    status = main([
+        "sample", "--checkpoint", str(old), "--steps", "3", "--num", "4", "--output", str(output),
+    ])  # fmt: skip
     assert status == 0 and output.is_file()
     assert conversions == []

@@ -16,14 +16,7 @@ from diffusion_lib.latent import (
 )
 from diffusion_lib.smoke import MAX_TRAINING_STEPS, SMOKE_VARIABLE
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> None:
-    # These networks are tiny: with several threads, synchronisation costs more than it saves.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks
 
 
 def tiny_autoencoder(**kwargs: object) -> LatentAutoencoder:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -36,16 +35,7 @@ STEPS = [0, 1, 2, 10, 100, 400, 700, 900, 998, 999]
 MIXTURE = GaussianMixture(torch.tensor([[-1.0, 0.5], [1.0, -0.5]]), 0.2, torch.tensor([1.0, 2.0]))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Everything here is tiny: on a small shared CPU a second thread mostly waits (training the
-    # end-to-end network took 0.5 s on one thread, 8 to 40 s on two while another job ran).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks
 
 
 def schedule_named(name: str) -> NoiseSchedule:
