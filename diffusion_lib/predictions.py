@@ -90,7 +90,7 @@ def elbo_weight(schedule: NoiseSchedule, t: Tensor) -> Tensor:
 
     With the reverse variance ``beta_tilde_t``, the term of 0-based step ``t >= 1`` is
     ``KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) = (SNR(t-1) - SNR(t)) / 2 ||x_0 - x0_hat||^2``
-    (Kingma et al. 2021, eq. 13). ``t``: (B,) in 1..T-1; step 0 is the decoder term, which is
+    (Kingma et al. 2021). ``t``: (B,) in 1..T-1; step 0 is the decoder term, which is
     not a squared error. Returns (B,) float64 on ``t``'s device.
     """
     check_timesteps(t, schedule.timesteps, t.shape[0])
@@ -104,7 +104,7 @@ def elbo_weight(schedule: NoiseSchedule, t: Tensor) -> Tensor:
 
 
 def min_snr_weight(schedule: NoiseSchedule, t: Tensor, prediction: str, gamma: float) -> Tensor:
-    """Loss weights of Min-SNR-gamma (Hang et al. 2023, eq. 9) for a ``prediction`` target.
+    """Loss weights of Min-SNR-gamma (Hang et al. 2023) for a ``prediction`` target.
 
     They turn the squared error on the target into ``min(SNR, gamma) ||x_0 - x0_hat||^2``: the
     data weight SNR of noise prediction, capped at ``gamma`` so that the nearly clean steps do
