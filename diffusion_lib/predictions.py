@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from diffusion_lib.schedules import NoiseSchedule, _gather
+from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.validation import check_choice, check_number, check_timesteps
 
 PREDICTIONS = ("epsilon", "x0", "v")
@@ -44,9 +44,7 @@ def prediction_target(
         return noise
     if prediction == "x0":
         return x0
-    alpha = _gather(schedule.sqrt_alphas_cumprod, t, x0)
-    sigma = _gather(schedule.sqrt_one_minus_alphas_cumprod, t, x0)
-    return alpha * noise - sigma * x0
+    return schedule._velocity(x0, t, noise)
 
 
 def eps_from_prediction(
@@ -61,11 +59,9 @@ def eps_from_prediction(
     check_choice("prediction", prediction, PREDICTIONS)
     if prediction == "epsilon":
         return output
-    alpha = _gather(schedule.sqrt_alphas_cumprod, t, output)
-    sigma = _gather(schedule.sqrt_one_minus_alphas_cumprod, t, output)
     if prediction == "x0":
-        return (x_t - alpha * output) / sigma
-    return sigma * x_t + alpha * output
+        return schedule._predict_eps(x_t, t, output)
+    return schedule._x0_and_eps_from_velocity(x_t, t, output)[1]
 
 
 def x0_error_weight(schedule: NoiseSchedule, t: Tensor, prediction: str) -> Tensor:

@@ -286,6 +286,9 @@ class NoiseSchedule:
         """
         check_same_shape("eps", eps, "x0", x0)
         check_timesteps(t, self.timesteps, x0.shape[0])
+        return self._velocity(x0, t, eps)
+
+    def _velocity(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         alpha = _gather(self.sqrt_alphas_cumprod, t, x0)
         sigma = _gather(self.sqrt_one_minus_alphas_cumprod, t, x0)
         return alpha * eps - sigma * x0
@@ -298,6 +301,9 @@ class NoiseSchedule:
         """
         check_same_shape("v", v, "x_t", x_t)
         check_timesteps(t, self.timesteps, x_t.shape[0])
+        return self._x0_and_eps_from_velocity(x_t, t, v)
+
+    def _x0_and_eps_from_velocity(self, x_t: Tensor, t: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         alpha = _gather(self.sqrt_alphas_cumprod, t, x_t)
         sigma = _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t)
         return alpha * x_t - sigma * v, sigma * x_t + alpha * v
