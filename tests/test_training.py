@@ -8,12 +8,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from diffusion_lib import trainer as trainer_module
+from diffusion_lib.devices import ProcessGroup
 from diffusion_lib.flow_matching import RectifiedFlow
 from diffusion_lib.losses import diffusion_loss
 from diffusion_lib.models import ToyMLP
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import MAX_TRAINING_STEPS, SMOKE_VARIABLE
 from diffusion_lib.toy import GaussianMixture
+from diffusion_lib.trainer import _compile_mode
 from diffusion_lib.training import (
     ExponentialMovingAverage,
     NonFiniteLossError,
@@ -381,3 +384,42 @@ def test_a_batch_larger_than_the_dataset_uses_the_whole_dataset(schedule: NoiseS
 
     quick_train(schedule, Recording(), images=toy_images(10), batch_size=32, steps=3)
     assert batch_sizes == [10, 10, 10]
+
+
+@pytest.mark.parametrize(
+    ("device", "world_size", "mode"),
+    [("cuda", 1, "reduce-overhead"), ("cuda", 2, None), ("cpu", 1, None), ("mps", 1, None)],
+)
+def test_compile_uses_cuda_graphs_on_one_cuda_device_only(device, world_size, mode) -> None:
+    group = ProcessGroup(rank=0, world_size=world_size)
+    assert _compile_mode(torch.device(device), group) == mode
+
+
+def _spy_on_compilation(monkeypatch, mode: str | None) -> tuple[list, list]:
+    """Replace torch.compile by the identity and count step marks; force ``mode``."""
+    modes, marks = [], []
+
+    def fake_compile(module, *, mode=None):
+        modes.append(mode)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    monkeypatch.setattr(trainer_module, "_compile_mode", lambda device, group: mode)
+    return modes, marks
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", None])
+def test_cuda_graph_mode_marks_the_start_of_every_step(schedule, monkeypatch, mode) -> None:
+    modes, marks = _spy_on_compilation(monkeypatch, mode)
+    result = quick_train(schedule, steps=7, compile=True)
+    assert modes == [mode]
+    # Without the mark, a replay would overwrite the outputs the last step still reads.
+    assert len(marks) == (7 if mode == "reduce-overhead" else 0)
+    assert len(result.history.loss) == 7
+
+
+def test_without_compile_nothing_is_compiled(schedule, monkeypatch) -> None:
+    modes, marks = _spy_on_compilation(monkeypatch, "reduce-overhead")
+    quick_train(schedule, steps=3)
+    assert modes == [] and marks == []
