@@ -1,5 +1,11 @@
 """diffusion_lib: the small library behind the book's chapters on diffusion models."""
 
+from diffusion_lib.consistency import (
+    ConsistencyDistillation,
+    ConsistencyTraining,
+    consistency_function,
+    consistency_sample,
+)
 from diffusion_lib.data import CLASS_NAMES, DATA_VARIABLE, DataNotFoundError, data_root, load_images
 from diffusion_lib.distillation import ProgressiveDistillation, distillation_error
 from diffusion_lib.editing import repaint, repaint_schedule, sdedit
@@ -167,6 +173,10 @@ __all__ = [
     "sdedit",
     "ProgressiveDistillation",
     "distillation_error",
+    "ConsistencyDistillation",
+    "ConsistencyTraining",
+    "consistency_function",
+    "consistency_sample",
     "EvaluationCounter",
     "dpm_solver_sample",
     "heun_sample",

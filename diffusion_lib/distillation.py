@@ -43,6 +43,35 @@ def _velocity(
     return v
 
 
+def _check_grid_times(t: Tensor, batch_size: int, steps: int, grid: str) -> None:
+    """Raise unless ``t`` is a (batch_size,) float tensor of times ``i / steps``, i in 1..steps."""
+    if not isinstance(t, Tensor) or t.shape != (batch_size,) or not t.is_floating_point():
+        raise ValueError(f"t must be a float tensor of shape ({batch_size},)")
+    index = t.double().cpu() * steps
+    off_grid = (index - index.round()).abs().max() > 1e-6
+    if bool(off_grid) or index.round().min() < 1 or index.round().max() > steps:
+        raise ValueError(
+            f"t must lie on {grid} i / {steps} with i in 1..{steps}, got values from "
+            f"{float(t.min())} to {float(t.max())}"
+        )
+
+
+def _times_on_grid(
+    t: Tensor | None, x0: Tensor, steps: int, generator: torch.Generator | None, grid: str
+) -> Tensor:
+    """Times ``i / steps`` with i uniform in 1..steps, one per sample of ``x0``, or ``t`` checked.
+
+    Drawn times are on the grid by construction; checking them would make every training step
+    wait for the GPU, so only times passed in are checked.
+    """
+    if t is not None:
+        _check_grid_times(t, x0.shape[0], steps, grid)
+        return t.to(x0.device)
+    source = generator.device if generator is not None else x0.device
+    index = torch.randint(1, steps + 1, (x0.shape[0],), generator=generator, device=source)
+    return index.to(x0.device, torch.float64) / steps
+
+
 class ProgressiveDistillation:
     """The objective of one round of progressive distillation (Salimans & Ho 2022, Algorithm 2).
 
@@ -73,21 +102,6 @@ class ProgressiveDistillation:
         steps = self.student_steps
         return torch.arange(1, steps + 1, dtype=torch.float64) / steps
 
-    def _check_times(self, t: Tensor, batch_size: int) -> None:
-        if not isinstance(t, Tensor) or t.shape != (batch_size,) or not t.is_floating_point():
-            raise ValueError(f"t must be a float tensor of shape ({batch_size},)")
-        grid_index = t.double().cpu() * self.student_steps
-        off_grid = (grid_index - grid_index.round()).abs().max() > 1e-6
-        if (
-            bool(off_grid)
-            or grid_index.round().min() < 1
-            or grid_index.round().max() > self.student_steps
-        ):
-            raise ValueError(
-                f"t must lie on the student's grid i / {self.student_steps} with i in "
-                f"1..{self.student_steps}, got values from {float(t.min())} to {float(t.max())}"
-            )
-
     def target(
         self, flow: RectifiedFlow, x_t: Tensor, t: Tensor, labels: Tensor | None = None
     ) -> Tensor:
@@ -96,7 +110,7 @@ class ProgressiveDistillation:
         ``x_t``: (B, ...) points at times ``t`` (B,) of the student's grid. Returns (B, ...)
         in ``x_t``'s dtype, computed without gradients.
         """
-        self._check_times(t, x_t.shape[0])
+        _check_grid_times(t, x_t.shape[0], self.student_steps, "the student's grid")
         return self._target(flow, x_t, t, labels)
 
     def _target(self, flow: RectifiedFlow, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
@@ -136,15 +150,7 @@ class ProgressiveDistillation:
                 "progressive distillation here distils a flow-matching model; "
                 f"the path must be a RectifiedFlow, got {type(flow).__name__}"
             )
-        if t is None:
-            source = generator.device if generator is not None else x0.device
-            index = torch.randint(
-                1, self.student_steps + 1, (x0.shape[0],), generator=generator, device=source
-            )
-            t = index.to(x0.device, torch.float64) / self.student_steps
-        else:  # drawn times are on the grid; checking them would wait for the GPU every step
-            self._check_times(t, x0.shape[0])
-            t = t.to(x0.device)
+        t = _times_on_grid(t, x0, self.student_steps, generator, "the student's grid")
         if noise is None:
             noise = _randn(tuple(x0.shape), generator, x0.device, x0.dtype)
         x_t = flow.interpolate(x0, noise, t)
