@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_lib.distillation import _times_on_grid, _velocity
+from diffusion_lib.distillation import _noised_on_grid, _velocity
 from diffusion_lib.flow_matching import RectifiedFlow
 from diffusion_lib.sampling import (
     NoisePredictor,
@@ -102,15 +102,7 @@ class _ConsistencyObjective:
         ``x0``: (B, ...) data. ``t`` (B,) on the grid ``n / N`` and ``noise`` (like ``x0``)
         are drawn unless given; ``labels`` (B,) go to every network call.
         """
-        if not isinstance(flow, RectifiedFlow):
-            raise ValueError(
-                "consistency models here are built on the straight path; "
-                f"the path must be a RectifiedFlow, got {type(flow).__name__}"
-            )
-        t = _times_on_grid(t, x0, self.steps, generator, "the grid")
-        if noise is None:
-            noise = _randn(tuple(x0.shape), generator, x0.device, x0.dtype)
-        x_t = flow.interpolate(x0, noise, t)
+        t, noise, x_t = _noised_on_grid(flow, x0, t, noise, generator, self.steps, "the grid")
         s = t - 1.0 / self.steps
         x_s = self._previous_point(flow, x0, noise, x_t, t, labels)
         with _evaluating(model):  # the target: current weights, no gradient

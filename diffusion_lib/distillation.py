@@ -56,20 +56,36 @@ def _check_grid_times(t: Tensor, batch_size: int, steps: int, grid: str) -> None
         )
 
 
-def _times_on_grid(
-    t: Tensor | None, x0: Tensor, steps: int, generator: torch.Generator | None, grid: str
-) -> Tensor:
-    """Times ``i / steps`` with i uniform in 1..steps, one per sample of ``x0``, or ``t`` checked.
+def _noised_on_grid(
+    flow: RectifiedFlow,
+    x0: Tensor,
+    t: Tensor | None,
+    noise: Tensor | None,
+    generator: torch.Generator | None,
+    steps: int,
+    grid: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(t, noise, x_t)`` for a batch ``x0``: times ``i / steps`` (i uniform in 1..steps) and
+    noise drawn unless given, and the points ``x_t = (1 - t) x_0 + t eps`` of the straight path.
 
     Drawn times are on the grid by construction; checking them would make every training step
     wait for the GPU, so only times passed in are checked.
     """
+    if not isinstance(flow, RectifiedFlow):
+        raise ValueError(
+            "this objective works on the straight path of flow matching; the path must be a "
+            f"RectifiedFlow, got {type(flow).__name__}"
+        )
     if t is not None:
         _check_grid_times(t, x0.shape[0], steps, grid)
-        return t.to(x0.device)
-    source = generator.device if generator is not None else x0.device
-    index = torch.randint(1, steps + 1, (x0.shape[0],), generator=generator, device=source)
-    return index.to(x0.device, torch.float64) / steps
+        t = t.to(x0.device)
+    else:
+        source = generator.device if generator is not None else x0.device
+        index = torch.randint(1, steps + 1, (x0.shape[0],), generator=generator, device=source)
+        t = index.to(x0.device, torch.float64) / steps
+    if noise is None:
+        noise = _randn(tuple(x0.shape), generator, x0.device, x0.dtype)
+    return t, noise, flow.interpolate(x0, noise, t)
 
 
 class ProgressiveDistillation:
@@ -145,15 +161,9 @@ class ProgressiveDistillation:
         ``x0``: (B, ...) data. ``t`` (B,) on the student's grid and ``noise`` (like ``x0``) are
         drawn unless given; ``labels`` (B,) go to both models.
         """
-        if not isinstance(flow, RectifiedFlow):
-            raise ValueError(
-                "progressive distillation here distils a flow-matching model; "
-                f"the path must be a RectifiedFlow, got {type(flow).__name__}"
-            )
-        t = _times_on_grid(t, x0, self.student_steps, generator, "the student's grid")
-        if noise is None:
-            noise = _randn(tuple(x0.shape), generator, x0.device, x0.dtype)
-        x_t = flow.interpolate(x0, noise, t)
+        t, noise, x_t = _noised_on_grid(
+            flow, x0, t, noise, generator, self.student_steps, "the student's grid"
+        )
         target = self._target(flow, x_t, t, labels)
         v = _velocity(model, flow, x_t, t, labels)
         return F.mse_loss(v.float(), target.float())
