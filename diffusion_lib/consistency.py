@@ -36,15 +36,14 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from diffusion_lib.distillation import _noised_on_grid, _velocity
+from diffusion_lib.distillation import _check_teacher_device, _noised_on_grid, _velocity
 from diffusion_lib.flow_matching import RectifiedFlow
 from diffusion_lib.sampling import (
     NoisePredictor,
     _check_labels,
     _evaluating,
-    _model_device,
     _randn,
     _start,
 )
@@ -134,12 +133,7 @@ class ConsistencyDistillation(_ConsistencyObjective):
         return f"ConsistencyDistillation(steps={self.steps})"
 
     def _previous_point(self, flow, x0, noise, x_t, t, labels) -> Tensor:
-        device = _model_device(self.teacher) if isinstance(self.teacher, nn.Module) else None
-        if device is not None and device != x_t.device:
-            raise ValueError(
-                f"the teacher is on {device} but the data are on {x_t.device}; "
-                "move the teacher to the training device first (teacher.to(device))"
-            )
+        _check_teacher_device(self.teacher, x_t.device)
         with _evaluating(self.teacher):
             v = _velocity(self.teacher, flow, x_t, t, labels).to(x_t.dtype)
         return x_t - v / self.steps

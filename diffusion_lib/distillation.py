@@ -43,6 +43,16 @@ def _velocity(
     return v
 
 
+def _check_teacher_device(teacher: NoisePredictor, device: torch.device) -> None:
+    """Raise unless a teacher network is on ``device``, where the training data are."""
+    teacher_device = _model_device(teacher) if isinstance(teacher, nn.Module) else None
+    if teacher_device is not None and teacher_device != device:
+        raise ValueError(
+            f"the teacher is on {teacher_device} but the data are on {device}; "
+            "move the teacher to the training device first (teacher.to(device))"
+        )
+
+
 def _check_grid_times(t: Tensor, batch_size: int, steps: int, grid: str) -> None:
     """Raise unless ``t`` is a (batch_size,) float tensor of times ``i / steps``, i in 1..steps."""
     if not isinstance(t, Tensor) or t.shape != (batch_size,) or not t.is_floating_point():
@@ -131,14 +141,7 @@ class ProgressiveDistillation:
 
     def _target(self, flow: RectifiedFlow, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
         half_step = 0.5 / self.student_steps
-        teacher_device = (
-            _model_device(self.teacher) if isinstance(self.teacher, nn.Module) else None
-        )
-        if teacher_device is not None and teacher_device != x_t.device:
-            raise ValueError(
-                f"the teacher is on {teacher_device} but the data are on {x_t.device}; "
-                "move the teacher to the training device first (teacher.to(device))"
-            )
+        _check_teacher_device(self.teacher, x_t.device)
         with _evaluating(self.teacher):  # no gradients, and no dropout in the targets
             first = _velocity(self.teacher, flow, x_t, t, labels).to(x_t.dtype)
             x_mid = x_t - half_step * first

@@ -241,7 +241,7 @@ def _compile_mode(device: torch.device, group: ProcessGroup) -> str | None:
     The small networks of this book are limited by the host launching kernels, not by the GPU:
     on an H100, a step of ``AttentionUNet`` at batch 128 took 55 ms eager and 42 ms compiled
     with the default mode, of which the GPU was busy about 14 ms. Replaying the step as a CUDA
-    graph ("reduce-overhead") took 8.8 ms (see benchmarks/RESULTS.md). Graphs are not
+    graph ("reduce-overhead") took 8.8 ms (see benchmarks/PROFILE.md). Graphs are not
     combined with DistributedDataParallel, whose gradient hooks run between the kernels.
     """
     if device.type == "cuda" and not group.is_distributed:
