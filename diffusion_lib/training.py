@@ -134,7 +134,7 @@ def _run_loop(trainer: _Trainer, bar: tqdm) -> float:
 
 def train(
     model: nn.Module,
-    schedule: NoiseSchedule | RectifiedFlow,
+    schedule: NoiseSchedule | RectifiedFlow | Any,
     images: Tensor,
     *,
     labels: Tensor | None = None,
@@ -166,7 +166,8 @@ def train(
         model: ``model(x_t, t) -> eps``, or ``model(x_t, t, labels)`` when ``labels`` are given.
             It is moved to the device and trained in place.
         schedule: the noise schedule, moved to the device; or a
-            :class:`~diffusion_lib.flow_matching.RectifiedFlow` for flow matching.
+            :class:`~diffusion_lib.flow_matching.RectifiedFlow` for flow matching. With a
+            custom ``loss``, any object with a ``.to(device)`` method that the loss reads.
         images: (N, C, H, W) float data, already scaled as the model expects (e.g. to [-1, 1]),
             or (N, D) points for a model of points such as :class:`~diffusion_lib.ToyMLP`.
         labels: (N,) int64 class labels for a conditional model.
@@ -208,10 +209,12 @@ def train(
     number of steps are capped. Under ``torchrun`` every process calls ``train`` alike.
     """
     started = time.perf_counter()
-    if not isinstance(schedule, NoiseSchedule | RectifiedFlow):
+    known_schedule = isinstance(schedule, NoiseSchedule | RectifiedFlow)
+    if not known_schedule and (loss is None or not callable(getattr(schedule, "to", None))):
         raise ValueError(
             "schedule must be a NoiseSchedule (noise prediction) or a RectifiedFlow (flow "
-            f"matching), got {type(schedule).__name__}"
+            "matching); with a custom loss, any object with a .to(device) method that the loss "
+            f"understands. Got {type(schedule).__name__}"
         )
     _check_data(images, labels, noise)
     if not any(parameter.requires_grad for parameter in model.parameters()):

@@ -362,6 +362,30 @@ def test_a_frozen_model_raises(schedule: NoiseSchedule) -> None:
 def test_a_schedule_of_another_kind_raises() -> None:
     with pytest.raises(ValueError, match="NoiseSchedule .* or a RectifiedFlow"):
         quick_train("linear")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"with a custom loss, any object with a .to\(device\)"):
+        quick_train("linear", loss=diffusion_loss)  # type: ignore[arg-type]
+
+
+def test_a_custom_loss_may_bring_its_own_kind_of_schedule() -> None:
+    """Any object with ``.to(device)`` reaches a custom loss, moved to the training device."""
+
+    class NoiseLevels:
+        def __init__(self, sigma: float, moved_to: str | None = None) -> None:
+            self.sigma, self.moved_to = sigma, moved_to
+
+        def to(self, device: torch.device) -> "NoiseLevels":
+            return NoiseLevels(self.sigma, str(device))
+
+    seen = []
+
+    def denoise_at_one_level(model, levels, x0, *, noise, labels, generator) -> Tensor:
+        seen.append(levels.moved_to)
+        x_t = x0 + levels.sigma * torch.randn(x0.shape, generator=generator)
+        t = torch.zeros(x0.shape[0], dtype=torch.long)
+        return (model(x_t, t) - x0).pow(2).mean()
+
+    result = quick_train(NoiseLevels(0.5), loss=denoise_at_one_level, steps=5)
+    assert seen == ["cpu"] * 5 and len(result.history.loss) == 5
 
 
 def test_select_device_prefers_what_is_asked_and_rejects_what_is_absent() -> None:
