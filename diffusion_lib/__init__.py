@@ -9,6 +9,15 @@ from diffusion_lib.consistency import (
 from diffusion_lib.data import CLASS_NAMES, DATA_VARIABLE, DataNotFoundError, data_root, load_images
 from diffusion_lib.distillation import ProgressiveDistillation, distillation_error
 from diffusion_lib.editing import repaint, repaint_schedule, sdedit
+from diffusion_lib.edm import (
+    EDMNoiseLevels,
+    PreconditionedDenoiser,
+    Preconditioning,
+    edm_loss,
+    edm_sample,
+    karras_sigmas,
+    preconditioning,
+)
 from diffusion_lib.flow_matching import RectifiedFlow, flow_matching_loss, flow_sample, flow_times
 from diffusion_lib.langevin import annealed_langevin_sample, langevin_sample, langevin_timesteps
 from diffusion_lib.latent import (
@@ -181,4 +190,11 @@ __all__ = [
     "dpm_solver_sample",
     "heun_sample",
     "ode_timesteps",
+    "EDMNoiseLevels",
+    "PreconditionedDenoiser",
+    "Preconditioning",
+    "edm_loss",
+    "edm_sample",
+    "karras_sigmas",
+    "preconditioning",
 ]

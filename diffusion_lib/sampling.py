@@ -32,7 +32,9 @@ class Trajectory:
         timesteps: (S + 1,) int64; ``timesteps[i]`` is the 0-based timestep at which
             ``states[i]`` was handed to the model, and -1 for the finished sample. For
             :func:`~diffusion_lib.flow_matching.flow_sample` it is float32 instead: the time
-            t in [0, 1] of each state, from 1.0 (noise) to 0.0 (the finished sample).
+            t in [0, 1] of each state, from 1.0 (noise) to 0.0 (the finished sample); for
+            :func:`~diffusion_lib.edm.edm_sample`, the noise level sigma of each state, ending
+            at 0.0.
     """
 
     states: Tensor
