@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -45,10 +44,11 @@ ENGINE_MODELS: dict[str, type[nn.Module]] = {"fc_unet": FCUNet, "attention_unet"
 MODEL_LABELS = {"fc_unet": "FCUNet", "attention_unet": "AttentionUNet"}
 # A library network counts as "the same size" when its parameters are within this fraction.
 PARAMETER_TOLERANCE = 0.2
-# checkpoint_every for runs that should write a checkpoint only at their end.
-CHECKPOINT_NEVER = 10**9
-# Shares of the time left that successive resumed engine calls aim to fill (see train_for).
-RESUME_SHARES = (0.9, 1.0)
+# The step count of an engine run that its time limit ends.
+UNBOUNDED_STEPS = 10**9
+# Key suffix and label of the engine's compile settings.
+COMPILE_VARIANTS = {False: ("", ""), True: ("-compiled", " + torch.compile"),
+                    "auto": ("-auto", " (defaults, compile='auto')")}  # fmt: skip
 
 
 class ContenderUnavailable(RuntimeError):
@@ -64,8 +64,6 @@ class RunSettings:
         batch_size: images per optimisation step (128 for every contender).
         warmup_steps: untimed steps before a throughput measurement.
         timed_steps: steps timed for a throughput measurement.
-        calibration_steps: steps the engine runs to learn its speed before a run of fixed
-            wall-clock time (they count towards that time).
         num_workers: ``DataLoader`` worker processes of the plain loop.
         seed: seeds model initialisation and the random draws of every loop.
         allow_compile: False skips the ``torch.compile`` contenders (compiling takes minutes
@@ -76,7 +74,6 @@ class RunSettings:
     batch_size: int = 128
     warmup_steps: int = 20
     timed_steps: int = 200
-    calibration_steps: int = 100
     num_workers: int = 4
     seed: int = 0
     allow_compile: bool = True
@@ -202,14 +199,16 @@ class Contender:
 
 
 class EngineContender(Contender):
-    """diffusion_lib's :func:`~diffusion_lib.training.train`, eager or compiled."""
+    """diffusion_lib's :func:`~diffusion_lib.training.train`: eager (``compile=False``),
+    compiled (``True``) or as ``train`` decides by default (``"auto"``)."""
 
-    def __init__(self, model: str, compile: bool, **model_options: object) -> None:
+    def __init__(self, model: str, compile: bool | str, **model_options: object) -> None:
         if model not in ENGINE_MODELS:
             raise ValueError(f"unknown model {model!r}; choose one of {', '.join(ENGINE_MODELS)}")
         self.model, self.compile, self.model_options = model, compile, model_options
-        self.key = f"engine-{model.split('_')[0]}" + ("-compiled" if compile else "")
-        self.label = f"diffusion_lib engine{' + torch.compile' if compile else ''}"
+        suffix, label = COMPILE_VARIANTS[compile]
+        self.key = f"engine-{model.split('_')[0]}{suffix}"
+        self.label = f"diffusion_lib engine{label}"
         self.library = "diffusion_lib"
         self.model_name = MODEL_LABELS[model]
         self.precision = "bf16 autocast (CUDA), fp32 elsewhere"
@@ -222,7 +221,7 @@ class EngineContender(Contender):
         return count_parameters(self.build())
 
     def _check_compile(self, settings: RunSettings) -> None:
-        if self.compile and not settings.allow_compile:
+        if self.compile is True and not settings.allow_compile:
             raise ContenderUnavailable(
                 "skipped: torch.compile is off for this run (--quick on a CPU, where compiling "
                 "alone takes minutes)"
@@ -254,35 +253,14 @@ class EngineContender(Contender):
         return result.history.images_per_second
 
     def train_for(self, seconds: float, data: TrainingData, settings: RunSettings) -> TrainedModel:
-        """Train for ``seconds``: measure the speed, then resume to step counts that fill them.
-
-        ``train`` stops at a step count, not a time. A first call runs ``calibration_steps``
-        and measures the speed; a resumed call (from the checkpoint, so the run continues
-        exactly) then aims at 90% of the time left, and a last one at the rest, less the
-        overhead of a resumed call that the previous one showed. Compilation, calibration
-        and checkpoints all count towards the time used.
-        """
+        """Train for ``seconds`` in one call with ``time_limit``: compilation counts towards the
+        time, and the run stops at the first loss read past it (every 50 steps on a GPU)."""
         self._check_compile(settings)
         torch.manual_seed(settings.seed)
-        model = self.build()
-        with tempfile.TemporaryDirectory() as folder:
-            options = {"checkpoint_dir": folder, "checkpoint_every": CHECKPOINT_NEVER}
-            steps = max(2, settings.calibration_steps)
-            result = self._train(model, data.images, settings, steps=steps, **options)
-            elapsed, overhead = result.seconds, 0.0
-            steps_per_second = result.history.images_per_second / settings.batch_size
-            for share in RESUME_SHARES:
-                extra = share * (seconds - elapsed - overhead) * steps_per_second
-                if not extra >= 0.5:  # also stops on a speed that could not be measured (NaN)
-                    break
-                extra = round(extra)
-                steps += extra
-                result = self._train(model, data.images, settings, steps=steps, **options)
-                elapsed += result.seconds
-                overhead = max(0.0, result.seconds - extra / steps_per_second)
-                if math.isfinite(result.history.images_per_second):
-                    steps_per_second = result.history.images_per_second / settings.batch_size
-        return TrainedModel(result.ema_model, elapsed, result.steps)
+        result = self._train(
+            self.build(), data.images, settings, steps=UNBOUNDED_STEPS, time_limit=seconds
+        )
+        return TrainedModel(result.ema_model, result.seconds, result.steps)
 
 
 class _LoopState:
@@ -584,9 +562,11 @@ def all_contenders(**model_options: dict[str, object]) -> dict[str, Contender]:
     catalogue: list[Contender] = [
         EngineContender("fc_unet", compile=False, **fc_options),
         EngineContender("fc_unet", compile=True, **fc_options),
+        EngineContender("fc_unet", compile="auto", **fc_options),
         PlainLoopContender("fc_unet", **fc_options),
         EngineContender("attention_unet", compile=False, **attention_options),
         EngineContender("attention_unet", compile=True, **attention_options),
+        EngineContender("attention_unet", compile="auto", **attention_options),
         PlainLoopContender("attention_unet", **attention_options),
         DiffusersContender(reference, bf16=False),
         DiffusersContender(reference, bf16=True),

@@ -159,6 +159,9 @@ def _add_data_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--limit", type=int, metavar="N", help="use only the first N images")
 
 
+_COMPILE_CHOICES = {"auto": "auto", "on": True, "off": False}
+
+
 def _add_optimisation_options(group: argparse._ArgumentGroup) -> None:
     length = group.add_mutually_exclusive_group(required=True)
     length.add_argument("--steps", type=int, help="optimisation steps")
@@ -168,9 +171,13 @@ def _add_optimisation_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     group.add_argument(
         "--compile",
-        action="store_true",
-        help="run the model through torch.compile (with CUDA graphs on one GPU: about a minute to "
-        "compile, then several times faster; worth it for thousands of steps)",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=sorted(_COMPILE_CHOICES),
+        help="torch.compile, with CUDA graphs on one GPU: about a minute to compile, then several "
+        "times faster. 'auto' (the default) compiles when the run would take over five minutes "
+        "eagerly; a bare --compile means 'on'",
     )
     group.add_argument("--device", help="cuda, mps or cpu (default: the fastest present)")
 
@@ -320,7 +327,7 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
-        "compile": args.compile,
+        "compile": _COMPILE_CHOICES[args.compile],
         "checkpoint_dir": args.output,
         "checkpoint_every": args.checkpoint_every,
         "resume": args.resume,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from diffusion_lib.ema import ExponentialMovingAverage
 from diffusion_lib.flow_matching import RectifiedFlow, flow_matching_loss
 from diffusion_lib.losses import diffusion_loss
 from diffusion_lib.schedules import NoiseSchedule
-from diffusion_lib.training_setup import _Settings
+from diffusion_lib.training_setup import AUTO_COMPILE, _Settings
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -40,11 +41,14 @@ class TrainingHistory:
         loss: one value of the simplified loss per optimisation step, from the first step of
             the run (a resumed run includes the steps before the interruption).
         images_per_second: training throughput of this call, over all processes, not counting
-            the first step (where ``torch.compile`` does its work) nor checkpoint writes.
+            the first step, the step where ``torch.compile`` does its work, nor checkpoint writes.
+        compiled: whether the steps ran through ``torch.compile`` (with ``compile="auto"``, from
+            the step where the engine decided to compile on).
     """
 
     loss: list[float] = field(default_factory=list)
     images_per_second: float = float("nan")
+    compiled: bool = False
 
 
 def _warmup_factor(step: int, warmup_steps: int) -> float:
@@ -92,7 +96,15 @@ class _Trainer:
         # Noise is drawn where the model runs; a seeded CPU generator serves MPS.
         self.generator = torch.Generator(device=device if on_cuda else "cpu")
         self.forward_model: nn.Module = self.model
-        self.compile_mode = _compile_mode(device, group) if settings.compile else None
+        self.eager_model: nn.Module = self.model
+        self.compile_mode: str | None = None  # the mode of torch.compile, once compiled
+        # "auto" considers only the default objectives, whose single call per step was
+        # measured under CUDA graphs; it decides after timing some eager steps (training.py).
+        self.may_compile_later = (
+            settings.compile == AUTO_COMPILE
+            and settings.loss is None
+            and _compile_mode(device, group) == "reduce-overhead"
+        )
         self.step = 0
         self.last_saved_step: int | None = None
         self.history = TrainingHistory()
@@ -106,8 +118,32 @@ class _Trainer:
             # DDP gave every process rank 0's weights; the averages must agree as well.
             for tensor in self.ema.module.state_dict().values():
                 dist.broadcast(tensor, src=0)
-        if self.settings.compile:
-            self.forward_model = torch.compile(self.forward_model, mode=self.compile_mode)
+        self.eager_model = self.forward_model
+        if self.settings.compile is True:
+            self.compile()
+
+    def compile(self) -> None:
+        """Run the model through ``torch.compile`` from the next step on (see _compile_mode)."""
+        self.compile_mode = _compile_mode(self.device, self.group)
+        self.forward_model = torch.compile(self.eager_model, mode=self.compile_mode)
+        self.history.compiled = True
+
+    def compiling_step(self) -> None:
+        """The first step after ``compile="auto"`` chose to compile. The user did not ask for
+        compilation, so a compiler failure warns and the step is retried eagerly."""
+        try:
+            self.train_step()
+        except Exception as error:  # noqa: BLE001 - any compiler failure; eager retries
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            warnings.warn(
+                f"torch.compile failed ({type(error).__name__}: {reason}); training goes on "
+                "without it. Pass compile=False to skip the attempt.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.forward_model, self.compile_mode = self.eager_model, None
+            self.history.compiled = False
+            self.train_step()  # nothing was updated: the optimiser steps after backward
 
     def _batch_labels(self, indices: Tensor) -> Tensor | None:
         """Class labels of the batch, each replaced by the null label with probability p_uncond."""
@@ -236,7 +272,7 @@ class _Trainer:
 
 
 def _compile_mode(device: torch.device, group: ProcessGroup) -> str | None:
-    """The ``torch.compile`` mode for ``compile=True``: CUDA graphs on a single CUDA device.
+    """The ``torch.compile`` mode: CUDA graphs on a single CUDA device, else the default.
 
     The small networks of this book are limited by the host launching kernels, not by the GPU:
     on an H100, a step of ``AttentionUNet`` at batch 128 took 55 ms eager and 42 ms compiled

@@ -6,8 +6,8 @@ adds what makes that loop practical:
 
 * The whole dataset lives on the device as one tensor; a batch is a slice of a random
   permutation of its rows, so no data loader sits between the GPU and its work.
-* bf16 autocast and fused AdamW on CUDA, optional ``torch.compile`` with CUDA graphs,
-  channels-last weights.
+* bf16 autocast and fused AdamW on CUDA, channels-last weights, and ``torch.compile`` with
+  CUDA graphs for long runs on one GPU.
 * An exponential moving average (EMA) of the weights, which is what sampling uses.
 * Linear learning-rate warmup and gradient-norm clipping.
 * Losses stay on the device and are read in chunks, so the GPU never waits for Python.
@@ -44,14 +44,16 @@ from diffusion_lib.devices import (
     join_process_group,
     leave_process_group,
     select_device,
-    synchronize,
 )
 from diffusion_lib.ema import ExponentialMovingAverage
 from diffusion_lib.flow_matching import RectifiedFlow
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import cap_dataset_size
 from diffusion_lib.trainer import NonFiniteLossError, TrainingHistory, _Trainer
+from diffusion_lib.training_loop import run_loop
 from diffusion_lib.training_setup import (
+    AUTO_COMPILE,
+    _check_compile,
     _check_data,
     _check_integer,
     _global_batch_size,
@@ -71,9 +73,6 @@ __all__ = [
     "select_device",
     "train",
 ]
-
-# Steps between two reads of the losses from an accelerator; each read waits for the GPU.
-LOSS_READ_INTERVAL = 50
 
 
 @dataclass
@@ -99,39 +98,6 @@ class TrainingResult:
     device: torch.device
 
 
-def _run_loop(trainer: _Trainer, bar: tqdm) -> float:
-    """Train up to ``total_steps``; return the throughput in images per second (all processes)."""
-    settings = trainer.settings
-    read_interval = 1 if trainer.device.type == "cpu" else LOSS_READ_INTERVAL
-    first_step = trainer.step
-    started = time.perf_counter()
-    timed_from, saving_seconds = started, 0.0
-    while trainer.step < settings.total_steps:
-        trainer.train_step()
-        if trainer.step == first_step + 1 and settings.total_steps > trainer.step:
-            synchronize(trainer.device)  # the first step compiles; time the rest
-            timed_from = time.perf_counter()
-        checkpoint_due = (
-            trainer.step % settings.checkpoint_every == 0 or trainer.step == settings.total_steps
-        )
-        if checkpoint_due or len(trainer.pending) >= read_interval:
-            values = trainer.read_losses()
-            timed_seconds = time.perf_counter() - timed_from - saving_seconds
-            rate = (trainer.step - first_step - 1) * settings.batch_size / max(timed_seconds, 1e-9)
-            bar.set_postfix(
-                loss=f"{sum(values) / len(values):.4f}", images_per_s=f"{rate:.0f}", refresh=False
-            )
-            bar.update(len(values))
-        if checkpoint_due:
-            before = time.perf_counter()
-            trainer.save()
-            saving_seconds += time.perf_counter() - before
-    synchronize(trainer.device)
-    timed_steps = trainer.step - first_step - (1 if trainer.step - first_step > 1 else 0)
-    seconds = time.perf_counter() - timed_from - saving_seconds
-    return timed_steps * settings.batch_size / seconds if timed_steps > 0 else float("nan")
-
-
 def train(
     model: nn.Module,
     schedule: NoiseSchedule | RectifiedFlow | Any,
@@ -141,6 +107,7 @@ def train(
     noise: Tensor | None = None,
     steps: int | None = None,
     epochs: float | None = None,
+    time_limit: float | None = None,
     batch_size: int = 128,
     lr: float = 2e-4,
     weight_decay: float = 0.0,
@@ -149,7 +116,7 @@ def train(
     ema_decay: float = 0.999,
     label_dropout: float = 0.0,
     device: str | torch.device | None = None,
-    compile: bool = False,
+    compile: bool | str = AUTO_COMPILE,
     amp: bool = True,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 1000,
@@ -174,6 +141,10 @@ def train(
         noise: a fixed noise partner for every image, shaped like ``images``, used instead of
             fresh noise at each step: the coupling that reflow trains on (Liu et al. 2023).
         steps, epochs: the length of the run; give exactly one. ``epochs`` may be fractional.
+        time_limit: seconds after which this call stops early, counted from its start
+            (compilation included), at the first loss read after the limit (every step on a
+            CPU, every 50 on a GPU). It saves a checkpoint there, so a later call with the same
+            ``checkpoint_dir`` goes on; ``steps`` of the result says how far it got.
         batch_size: the global batch: images per optimisation step over all processes (each of
             W processes takes ``batch_size / W``). Capped at the dataset size.
         lr, weight_decay: AdamW's learning rate and decoupled weight decay.
@@ -183,12 +154,15 @@ def train(
         label_dropout: probability of replacing a label by ``model.null_label``, which trains
             the unconditional model needed for classifier-free guidance (Ho & Salimans 2021).
         device: default :func:`select_device` (CUDA, else MPS, else CPU).
-        compile: run the model through ``torch.compile``; on a single CUDA device in its
-            ``"reduce-overhead"`` mode, which replays each step's kernels as CUDA graphs. The
-            book's networks are small enough that launching kernels, not the GPU, limits an
+        compile: ``True`` runs the model through ``torch.compile``: on a single CUDA device in
+            its ``"reduce-overhead"`` mode, which replays each step's kernels as CUDA graphs.
+            The book's networks are small enough that launching kernels, not the GPU, limits an
             eager step: on an H100 this made ``AttentionUNet`` at batch 128 train 5.6x faster
-            (11,300 against 2,000 images/s), after about a minute of compilation, so it pays
-            from a couple of thousand steps on (``benchmarks/PROFILE.md``).
+            (11,300 against 2,000 images/s), after about a minute of compilation
+            (``benchmarks/PROFILE.md``). ``"auto"`` (the default) does so only where that can
+            pay: on a single CUDA device, with the default objective, when the first eager
+            steps say the rest of the run would take over five minutes; should compiling
+            fail, it warns and goes on eagerly. ``False`` never compiles.
         amp: bf16 autocast, on CUDA only.
         checkpoint_dir: folder for ``checkpoint.pt``, written every ``checkpoint_every`` steps
             and at the end (see :mod:`diffusion_lib.checkpoints`); ``None`` writes nothing.
@@ -242,7 +216,10 @@ def train(
         else None,
         "ema_decay": check_number("ema_decay", ema_decay, 0.0, 1.0, low_open=False),
         "label_dropout": label_dropout,
-        "compile": bool(compile),
+        "compile": _check_compile(compile),
+        "time_limit": None
+        if time_limit is None
+        else check_number("time_limit", time_limit, 0.0, low_open=True),
         "amp": bool(amp),
         "checkpoint_path": None
         if checkpoint_dir is None
@@ -292,7 +269,8 @@ def _train(
             disable=not (settings.progress and group.is_main),
         )
         with contextlib.closing(bar):
-            images_per_second = _run_loop(trainer, bar)
+            deadline = None if settings.time_limit is None else started + settings.time_limit
+            images_per_second = run_loop(trainer, bar, deadline)
         if group.is_distributed:
             dist.barrier()  # every process returns only once the checkpoint is on disk
     trainer.history.images_per_second = images_per_second

@@ -19,6 +19,8 @@ from diffusion_lib.devices import ProcessGroup
 from diffusion_lib.smoke import cap_training_steps
 from diffusion_lib.validation import check_number
 
+AUTO_COMPILE = "auto"  # train(compile=...): compile where CUDA graphs apply, if the run is long
+
 
 @dataclass(frozen=True)
 class _Settings:
@@ -32,7 +34,7 @@ class _Settings:
     grad_clip: float | None
     ema_decay: float
     label_dropout: float
-    compile: bool
+    compile: bool | str  # True, False or AUTO_COMPILE
     amp: bool
     checkpoint_path: Path | None
     checkpoint_every: int
@@ -41,6 +43,7 @@ class _Settings:
     progress: bool
     config: dict[str, Any] | None
     loss: Callable[..., Tensor] | None = None
+    time_limit: float | None = None  # seconds
 
 
 def _check_data(images: Tensor, labels: Tensor | None, noise: Tensor | None) -> None:
@@ -120,3 +123,9 @@ def _global_batch_size(batch_size: int, dataset_size: int, group: ProcessGroup) 
             f"{dataset_size} images cannot be shared among {group.world_size} processes"
         )
     return usable
+
+
+def _check_compile(compile: object) -> bool | str:
+    if compile is True or compile is False or compile == AUTO_COMPILE:
+        return compile  # type: ignore[return-value]
+    raise ValueError(f"compile must be True, False or {AUTO_COMPILE!r}, got {compile!r}")

@@ -7,7 +7,6 @@ import math
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -34,7 +33,6 @@ def tiny_settings(**changes: object) -> contenders.RunSettings:
         "batch_size": 8,
         "warmup_steps": 1,
         "timed_steps": 2,
-        "calibration_steps": 2,
         "num_workers": 0,
         "allow_compile": False,
     }
@@ -83,86 +81,32 @@ def test_engine_contender_measures_and_trains() -> None:
     assert contender.key == "engine-fc"
     speed = contender.images_per_second(random_data(), tiny_settings())
     assert math.isfinite(speed) and speed > 0
-    trained = contender.train_for(0.0, random_data(), tiny_settings())
-    assert trained.steps == 2  # the calibration steps alone fill a zero budget
+    trained = contender.train_for(0.001, random_data(), tiny_settings())
+    assert trained.steps == 1  # on a CPU the clock is read after every step
     x_t = torch.randn(3, 1, 28, 28)
     eps = trained.noise_predictor(x_t, torch.tensor([0, 10, 999]))
     assert eps.shape == x_t.shape and torch.isfinite(eps).all()
 
 
-class FakeClockTrain:
-    """Stands in for train(): each call costs ``overhead`` seconds plus its new steps at ``rate``."""
+@pytest.mark.parametrize(("compile", "key"), [(False, "engine-fc"), ("auto", "engine-fc-auto")])
+def test_engine_trains_for_its_budget_in_one_time_limited_call(
+    compile, key, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict] = []
+    real_train = contenders.train
 
-    def __init__(self, rate: float, first_overhead: float, overhead: float, batch: int) -> None:
-        self.rate, self.first_overhead, self.overhead, self.batch = (
-            rate,
-            first_overhead,
-            overhead,
-            batch,
-        )
-        self.calls: list[int] = []
+    def recording_train(*args: object, **options: object):
+        calls.append(options)
+        return real_train(*args, **options)
 
-    def __call__(self, model: nn.Module, schedule: object, images: object, **options: object):
-        previous = self.calls[-1] if self.calls else 0
-        self.calls.append(options["steps"])
-        new_steps = options["steps"] - previous
-        overhead = self.overhead if previous else self.first_overhead
-        history = SimpleNamespace(images_per_second=self.rate * self.batch)
-        return SimpleNamespace(
-            seconds=overhead + new_steps / self.rate,
-            history=history,
-            ema_model=model,
-            steps=options["steps"],
-        )
-
-
-def test_engine_fills_its_time_budget_by_resuming(monkeypatch: pytest.MonkeyPatch) -> None:
-    # 100 steps/s, 5 s to compile in the first call, 0.5 s for each resumed call.
-    fake = FakeClockTrain(rate=100.0, first_overhead=5.0, overhead=0.5, batch=8)
-    monkeypatch.setattr(contenders, "train", fake)
-    contender = contenders.EngineContender("fc_unet", compile=False, **TINY_FC)
-    trained = contender.train_for(60.0, random_data(), tiny_settings(calibration_steps=100))
-    # Call 1: 100 steps in 6 s. Call 2 aims at 90% of the 54 s left: 4860 steps, taking
-    # 49.1 s. Call 3 fills the 4.9 s left, less the 0.5 s a resumed call costs: 440 steps.
-    assert fake.calls == [100, 100 + 4860, 100 + 4860 + 440]
-    assert trained.steps == 5400
-    assert math.isclose(trained.seconds, 60.0)
-
-
-def test_engine_resumptions_continue_one_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Real training, with a clock that says every step takes 10 ms and nothing else costs time.
-    real_train, steps_done = contenders.train, [0]
-
-    def train_on_fake_clock(*args: object, **options: object):
-        result = real_train(*args, **options)
-        result.seconds = (result.steps - steps_done[0]) / 100.0
-        result.history.images_per_second = 100.0 * 8
-        steps_done[0] = result.steps
-        return result
-
-    monkeypatch.setattr(contenders, "train", train_on_fake_clock)
-    contender = contenders.EngineContender("fc_unet", compile=False, **TINY_FC)
-    data, settings = random_data(), tiny_settings()
-    trained = contender.train_for(0.1, data, settings)
-    # 2 calibration steps, then 90% of the 0.08 s left (7 steps), then the last step.
-    assert trained.steps == 10 and math.isclose(trained.seconds, 0.1)
-    torch.manual_seed(settings.seed)
-    uninterrupted = real_train(
-        contender.build(),
-        NoiseSchedule.from_name("linear", 1000),
-        data.images,
-        steps=10,
-        batch_size=8,
-        device=CPU,
-        seed=settings.seed,
-        progress=False,
-    )
-    for resumed, straight in zip(
-        trained.noise_predictor.state_dict().values(),
-        uninterrupted.ema_model.state_dict().values(),
-        strict=True,
-    ):
-        torch.testing.assert_close(resumed, straight)
+    monkeypatch.setattr(contenders, "train", recording_train)
+    contender = contenders.EngineContender("fc_unet", compile=compile, **TINY_FC)
+    trained = contender.train_for(0.3, random_data(), tiny_settings())
+    [options] = calls
+    assert contender.key == key and options["compile"] == compile
+    assert options["time_limit"] == 0.3 and options["steps"] == contenders.UNBOUNDED_STEPS
+    # Everything counts: the seconds are those of the whole call, which ran past the limit.
+    assert 0.3 <= trained.seconds < 10.0 and 1 <= trained.steps < contenders.UNBOUNDED_STEPS
 
 
 def test_compiled_engine_is_skipped_when_compilation_is_off() -> None:

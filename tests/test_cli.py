@@ -317,16 +317,8 @@ def test_prediction_and_snr_gamma_errors_are_clear(arguments, message, tmp_path,
     assert not (tmp_path / "never").exists()
 
 
-@needs_mnist
-@pytest.mark.parametrize(
-    ("arguments", "loss"),
-    [([], None), (["--snr-gamma", "5"], {"prediction": "epsilon", "snr_gamma": 5.0})],
-)
-def test_only_a_non_default_objective_replaces_the_engines_loss(
-    arguments, loss, tmp_path, monkeypatch
-) -> None:
-    """The default run passes loss=None and writes the config it always wrote; --snr-gamma alone
-    weighs the noise loss and records both keys."""
+def arguments_given_to_train(tmp_path, monkeypatch, *arguments: str) -> dict:
+    """The keyword arguments that ``train`` receives from the train command (smoke mode)."""
     calls: list[dict] = []
 
     def stop(*_, **kwargs):
@@ -338,6 +330,20 @@ def test_only_a_non_default_objective_replaces_the_engines_loss(
     monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
     assert main(train_arguments(tmp_path, TINY_FC_UNET, *arguments)) == 1
     [kwargs] = calls
+    return kwargs
+
+
+@needs_mnist
+@pytest.mark.parametrize(
+    ("arguments", "loss"),
+    [([], None), (["--snr-gamma", "5"], {"prediction": "epsilon", "snr_gamma": 5.0})],
+)
+def test_only_a_non_default_objective_replaces_the_engines_loss(
+    arguments, loss, tmp_path, monkeypatch
+) -> None:
+    """The default run passes loss=None and writes the config it always wrote; --snr-gamma alone
+    weighs the noise loss and records both keys."""
+    kwargs = arguments_given_to_train(tmp_path, monkeypatch, *arguments)
     config = kwargs["config"]
     if loss is None:
         assert kwargs["loss"] is None
@@ -345,6 +351,17 @@ def test_only_a_non_default_objective_replaces_the_engines_loss(
     else:
         assert kwargs["loss"].func is diffusion_loss and kwargs["loss"].keywords == loss
         assert {key: config[key] for key in loss} == loss
+
+
+@needs_mnist
+@pytest.mark.parametrize(
+    ("arguments", "compile"),
+    [([], "auto"), (["--compile"], True), (["--compile", "off"], False), (["--compile=on"], True)],
+)
+def test_compile_is_auto_unless_switched_on_or_off(
+    arguments, compile, tmp_path, monkeypatch
+) -> None:
+    assert arguments_given_to_train(tmp_path, monkeypatch, *arguments)["compile"] == compile
 
 
 def record_calls(monkeypatch: pytest.MonkeyPatch, module, name: str) -> list[tuple]:

@@ -61,14 +61,7 @@ def worker(output: Path) -> None:
 
 @pytest.mark.slow
 def test_two_gloo_processes_end_with_identical_weights_and_one_checkpoint(tmp_path) -> None:
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for variable in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        environment.pop(variable, None)
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         f"--nproc_per_node={WORLD_SIZE}", __file__, str(tmp_path)],
-        capture_output=True, text=True, env=environment, timeout=180,
-    )  # fmt: skip
+    launched = launch(tmp_path, "train")
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
     ranks = [
         torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)
@@ -93,5 +86,41 @@ def test_two_gloo_processes_end_with_identical_weights_and_one_checkpoint(tmp_pa
     assert not torch.equal(starts[0], starts[1])
 
 
+def time_limited_worker(output: Path) -> None:
+    """Rank 1's clock never runs out; rank 0's decision must stop both, at the same step."""
+    import diffusion_lib.training as training
+    import diffusion_lib.training_loop as loop
+    from diffusion_lib.schedules import NoiseSchedule
+
+    rank = int(os.environ["RANK"])
+    if rank == 1:
+        loop._Clock.seconds_left = lambda self: float("inf")
+    images = torch.randn(32, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    result = training.train(
+        SmallDenoiser(), NoiseSchedule.from_name("linear", 20), images,
+        steps=10**6, time_limit=1.0, batch_size=8, progress=False, device="cpu",
+    )  # fmt: skip
+    torch.save({"steps": result.steps}, output / f"rank{rank}.pt")
+
+
+def launch(output: Path, mode: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for variable in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        environment.pop(variable, None)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc_per_node={WORLD_SIZE}", __file__, str(output), mode],
+        capture_output=True, text=True, env=environment, timeout=180,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_time_limit_stops_every_process_at_the_same_step(tmp_path) -> None:
+    launched = launch(tmp_path, "time-limit")
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    steps = [torch.load(tmp_path / f"rank{rank}.pt")["steps"] for rank in range(WORLD_SIZE)]
+    assert steps[0] == steps[1] and 1 <= steps[0] < 10**6
+
+
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]))
+    {"train": worker, "time-limit": time_limited_worker}[sys.argv[2]](Path(sys.argv[1]))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 from diffusion_lib import trainer as trainer_module
+from diffusion_lib import training_loop as loop_module
 from diffusion_lib.devices import ProcessGroup
 from diffusion_lib.flow_matching import RectifiedFlow
 from diffusion_lib.losses import diffusion_loss
@@ -373,7 +375,7 @@ def test_a_custom_loss_may_bring_its_own_kind_of_schedule() -> None:
         def __init__(self, sigma: float, moved_to: str | None = None) -> None:
             self.sigma, self.moved_to = sigma, moved_to
 
-        def to(self, device: torch.device) -> "NoiseLevels":
+        def to(self, device: torch.device) -> NoiseLevels:
             return NoiseLevels(self.sigma, str(device))
 
     seen = []
@@ -447,3 +449,135 @@ def test_without_compile_nothing_is_compiled(schedule, monkeypatch) -> None:
     modes, marks = _spy_on_compilation(monkeypatch, "reduce-overhead")
     quick_train(schedule, steps=3)
     assert modes == [] and marks == []
+
+
+class _FailingCompiledModel(nn.Module):
+    """What a compiler that cannot build the graph behaves like: the first call raises."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Tensor) -> Tensor:
+        raise RuntimeError("no C compiler found\nsecond line of the report")
+
+
+class _SlowFirstCallModel(nn.Module):
+    """A stand-in for compilation: the first call takes an extra second."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module, self.calls = module, 0
+
+    def forward(self, *args: Tensor) -> Tensor:
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(1.0)
+        return self.module(*args)
+
+
+def _auto_compile_on(monkeypatch, threshold: float, wrapper=None) -> tuple[list, list]:
+    """CUDA graphs available (as on one GPU), a chosen threshold, and a stand-in compiler."""
+    modes, marks = _spy_on_compilation(monkeypatch, "reduce-overhead")
+    if wrapper is not None:
+
+        def wrapping_compile(module, *, mode=None):
+            modes.append(mode)
+            return wrapper(module)
+
+        monkeypatch.setattr(torch, "compile", wrapping_compile)
+    monkeypatch.setattr(loop_module, "AUTO_COMPILE_SECONDS", threshold)
+    return modes, marks
+
+
+def test_auto_compiles_after_the_probe_when_the_run_is_long(schedule, monkeypatch) -> None:
+    """Step 1 warms up, 20 eager steps are timed, and the remaining 9 run compiled; the switch
+    leaves the data order and the draws as they were."""
+    eager = quick_train(schedule, compile=False).history
+    modes, marks = _auto_compile_on(monkeypatch, threshold=0.0)
+    result = quick_train(schedule)  # compile="auto" is the default
+    assert modes == ["reduce-overhead"]
+    assert len(marks) == 30 - 1 - loop_module.AUTO_COMPILE_PROBE_STEPS
+    assert result.history.compiled and not eager.compiled
+    assert result.history.loss == eager.loss
+
+
+def test_auto_stays_eager_for_short_runs_and_custom_objectives(schedule, monkeypatch) -> None:
+    modes, marks = _auto_compile_on(monkeypatch, threshold=math.inf)
+    assert not quick_train(schedule).history.compiled
+    monkeypatch.setattr(loop_module, "AUTO_COMPILE_SECONDS", 0.0)
+    # A custom objective may call the model twice in a step, which was not measured with graphs.
+    assert not quick_train(schedule, loss=diffusion_loss).history.compiled
+    assert not quick_train(schedule, steps=loop_module.AUTO_COMPILE_PROBE_STEPS).history.compiled
+    assert modes == [] and marks == []
+
+
+def test_auto_does_nothing_on_a_cpu(schedule, monkeypatch) -> None:
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda module, *, mode=None: modes.append(mode) or module)
+    monkeypatch.setattr(loop_module, "AUTO_COMPILE_SECONDS", 0.0)
+    assert not quick_train(schedule).history.compiled and modes == []
+
+
+def test_auto_falls_back_to_eager_when_compiling_fails(schedule, monkeypatch) -> None:
+    eager = quick_train(schedule, compile=False).history.loss
+    _auto_compile_on(monkeypatch, threshold=0.0, wrapper=_FailingCompiledModel)
+    with pytest.warns(RuntimeWarning, match=r"torch.compile failed \(RuntimeError: no C compiler "
+                      r"found\); training goes on without it"):  # fmt: skip
+        result = quick_train(schedule)
+    assert not result.history.compiled
+    assert result.history.loss == eager  # the failed step was retried, not skipped or doubled
+
+
+def test_an_explicit_compile_does_not_hide_a_failure(schedule, monkeypatch) -> None:
+    _auto_compile_on(monkeypatch, threshold=0.0, wrapper=_FailingCompiledModel)
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        quick_train(schedule, compile=True)
+
+
+def test_the_compiling_step_is_left_out_of_the_throughput(schedule, monkeypatch) -> None:
+    _auto_compile_on(monkeypatch, threshold=0.0, wrapper=_SlowFirstCallModel)
+    result = quick_train(schedule)
+    # Counting the one-second step would cap the rate at 30 steps x 16 images per second.
+    assert result.history.compiled and result.history.images_per_second > 30 * 16
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None, "Auto"])
+def test_compile_takes_true_false_or_auto(schedule, value) -> None:
+    with pytest.raises(ValueError, match=r"compile must be True, False or 'auto', got"):
+        quick_train(schedule, compile=value)
+
+
+class _SlowDenoiser(TinyDenoiser):
+    """Each call takes at least 20 ms, so a time limit falls well inside a long run."""
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        time.sleep(0.02)
+        return super().forward(x_t, t)
+
+
+def test_a_time_limit_stops_early_saves_and_resumes_exactly(schedule, tmp_path) -> None:
+    def run(folder: str, steps: int, **options) -> TrainingResult:
+        torch.manual_seed(1)
+        return quick_train(schedule, _SlowDenoiser(), steps=steps, checkpoint_dir=tmp_path / folder,
+                           checkpoint_every=1000, **options)  # fmt: skip
+
+    stopped = run("pieces", 1000, time_limit=0.5)
+    # At least 20 ms a step: about 25 steps fit, and never all 1000.
+    assert 1 <= stopped.steps < 100 and len(stopped.history.loss) == stopped.steps
+    assert 0.5 <= stopped.seconds < 5.0
+    saved = torch.load(stopped.checkpoint_path, weights_only=False)
+    assert saved["step"] == stopped.steps  # the stop was saved, though no checkpoint was due
+    finished = run("pieces", stopped.steps + 5)
+    uninterrupted = run("whole", stopped.steps + 5)
+    assert finished.history.loss == uninterrupted.history.loss
+
+
+def test_a_generous_time_limit_changes_nothing(schedule) -> None:
+    assert quick_train(schedule, time_limit=3600).history.loss == quick_train(schedule).history.loss
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), "10"])
+def test_a_time_limit_must_be_a_positive_number_of_seconds(schedule, value) -> None:
+    with pytest.raises(ValueError, match="time_limit"):
+        quick_train(schedule, time_limit=value)
