@@ -179,6 +179,12 @@ def _add_optimisation_options(group: argparse._ArgumentGroup) -> None:
         "times faster. 'auto' (the default) compiles when the run would take over five minutes "
         "eagerly; a bare --compile means 'on'",
     )
+    group.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="stop after this long, at a checkpoint that the same command continues from",
+    )
     group.add_argument("--device", help="cuda, mps or cpu (default: the fastest present)")
 
 
@@ -328,6 +334,7 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "compile": _COMPILE_CHOICES[args.compile],
+        "time_limit": args.time_limit,
         "checkpoint_dir": args.output,
         "checkpoint_every": args.checkpoint_every,
         "resume": args.resume,
@@ -391,6 +398,8 @@ def run_train(args: argparse.Namespace) -> None:
     final = result.history.loss[-1] if result.history.loss else float("nan")
     print(f"trained {result.steps} steps in {result.seconds:.1f} s, final loss {final:.4f}")
     print(f"checkpoint written to {result.checkpoint_path}")
+    if args.time_limit is not None and result.seconds >= args.time_limit:
+        print("stopped at the time limit; the same command continues from the checkpoint")
 
 
 def _read_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:

@@ -364,6 +364,24 @@ def test_compile_is_auto_unless_switched_on_or_off(
     assert arguments_given_to_train(tmp_path, monkeypatch, *arguments)["compile"] == compile
 
 
+@needs_mnist
+def test_a_time_limit_reaches_the_engine_and_a_stop_says_how_to_go_on(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    assert arguments_given_to_train(tmp_path, monkeypatch)["time_limit"] is None
+    limited = arguments_given_to_train(tmp_path, monkeypatch, "--time-limit", "90")
+    assert limited["time_limit"] == 90.0
+    monkeypatch.undo()
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+    arguments = train_arguments(tmp_path / "run", TINY_FC_UNET, "--time-limit", "1e-9")
+    assert main(arguments) == 0
+    output = capsys.readouterr().out
+    assert "trained 1 steps" in output and "stopped at the time limit" in output
+    assert main(arguments[:-2]) == 0  # the same run without a limit finishes its 3 steps
+    assert "trained 3 steps" in capsys.readouterr().out
+
+
 def record_calls(monkeypatch: pytest.MonkeyPatch, module, name: str) -> list[tuple]:
     """The list that will hold the positional arguments of every call of ``module.name`` from now
     on; the module's own functions find the spy, since they look the name up at each call."""
