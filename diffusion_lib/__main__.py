@@ -3,6 +3,7 @@ it, and ``... distill ...`` halves the sampling steps of a flow model (progressi
 
 A checkpoint written by ``train`` records the model's name and arguments, the schedule, the
 dataset and its value range, so ``sample`` and ``distill`` rebuild everything from the file alone.
+The options and the help text are defined in :mod:`diffusion_lib.command_line`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import argparse
 import copy
 import functools
 import inspect
-import json
 import math
 import sys
 from collections.abc import Callable
@@ -28,9 +28,15 @@ from diffusion_lib.checkpoints import (
     check_state_dict_fits,
     load_checkpoint,
 )
+from diffusion_lib.command_line import (
+    COMPILE_CHOICES,
+    IMAGE_CHANNELS,
+    IMAGE_SIZE,
+    SAMPLERS,
+    build_parser,
+)
 from diffusion_lib.data import (
     CLASS_NAMES,
-    DATASETS,
     DataNotFoundError,
     load_images,
     to_unit_interval,
@@ -40,268 +46,23 @@ from diffusion_lib.distillation import ProgressiveDistillation
 from diffusion_lib.flow_matching import RectifiedFlow, flow_sample
 from diffusion_lib.losses import diffusion_loss
 from diffusion_lib.models import MODELS, build_model, count_parameters
-from diffusion_lib.predictions import PREDICTIONS, NoiseFromPrediction
+from diffusion_lib.predictions import NoiseFromPrediction
 from diffusion_lib.sampling import ddim_sample, ddpm_sample
-from diffusion_lib.schedules import SCHEDULES, NoiseSchedule
+from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import cap_samples
 from diffusion_lib.solvers import dpm_solver_sample, heun_sample
 from diffusion_lib.training import train
 
-OBJECTIVES = ("noise", "flow")  # L_simple with a noise schedule, or flow matching
-SAMPLERS = {"noise": ("ddpm", "ddim", "dpm-solver", "heun"), "flow": ("euler", "heun")}
 NOISE_SAMPLERS = {
     "ddpm": ddpm_sample,
     "ddim": ddim_sample,
     "dpm-solver": dpm_solver_sample,
     "heun": heun_sample,
 }
-IMAGE_SIZE, IMAGE_CHANNELS = 28, 1  # MNIST and Fashion-MNIST
-
-EPILOG = """\
-examples:
-  python -m diffusion_lib train --model fc_unet --dataset mnist --steps 5000 --output runs/fc_unet
-  python -m diffusion_lib train --model attention_unet --dataset fashion_mnist \\
-      --schedule cosine --steps 20000 --batch-size 256 --conditional --output runs/fashion
-  python -m diffusion_lib sample --checkpoint runs/fc_unet/checkpoint.pt --sampler ddim \\
-      --steps 50 --num 64 --output samples.png
-  python -m diffusion_lib sample --checkpoint runs/fc_unet/checkpoint.pt --sampler dpm-solver \\
-      --steps 10 --output fast.png
-  python -m diffusion_lib sample --checkpoint runs/fashion/checkpoint.pt --label 7 \\
-      --guidance 3 --output sneakers.png
-  python -m diffusion_lib train --model fc_unet --dataset mnist --prediction v --snr-gamma 5 \\
-      --steps 5000 --output runs/v
-  python -m diffusion_lib train --model fc_unet --dataset mnist --objective flow --steps 5000 \\
-      --output runs/flow
-  python -m diffusion_lib sample --checkpoint runs/flow/checkpoint.pt --sampler euler --steps 20
-  python -m diffusion_lib distill --checkpoint runs/flow/checkpoint.pt --student-steps 16 \\
-      --steps 2000 --output runs/flow16
-  python -m diffusion_lib distill --checkpoint runs/flow16/checkpoint.pt --student-steps 8 \\
-      --steps 2000 --output runs/flow8
-  python -m diffusion_lib sample --checkpoint runs/flow8/checkpoint.pt --output eight_steps.png
-
-Datasets are read from $DIFFUSION_LIB_DATA (torchvision layout). Set DIFFUSION_LIB_SMOKE=1
-for a quick run with capped steps, data and samples.
-"""
 
 
 class CommandError(Exception):
     """A problem with the command's inputs, reported as one line on stderr (exit status 1)."""
-
-
-def _key_value(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with VALUE read as JSON where it parses (numbers, lists, true), else a string."""
-    key, separator, value = text.partition("=")
-    if not separator or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
-def _add_model_options(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--model", required=True, choices=sorted(MODELS), help="network")
-    group.add_argument(
-        "--model-arg",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra model argument, VALUE as JSON, e.g. --model-arg widths=[512,256] (repeatable)",
-    )
-    group.add_argument(
-        "--schedule", default="linear", choices=list(SCHEDULES), help="(default: linear)"
-    )
-    group.add_argument("--timesteps", type=int, default=1000, help="T (default: 1000)")
-    group.add_argument(
-        "--objective",
-        default="noise",
-        choices=OBJECTIVES,
-        help="noise: predict the noise (L_simple); flow: predict the velocity of the straight "
-        "path (flow matching, sampled with euler or heun) (default: noise)",
-    )
-    group.add_argument(
-        "--prediction",
-        default="epsilon",
-        choices=PREDICTIONS,
-        help="with --objective noise, the network's target: epsilon, the noise (Ho et al. 2020); "
-        "x0, the clean image; v, the velocity alpha eps - sigma x0 (Salimans & Ho 2022) "
-        "(default: epsilon)",
-    )
-    group.add_argument(
-        "--snr-gamma",
-        type=float,
-        metavar="G",
-        help="with --objective noise, Min-SNR-gamma weighting (Hang et al. 2023): each step's "
-        "error on x0 weighs min(SNR, G), so nearly clean steps do not dominate; 5 is typical "
-        "(default: none, the plain mean squared error)",
-    )
-    group.add_argument("--conditional", action="store_true", help="condition on class labels")
-    group.add_argument(
-        "--label-dropout",
-        type=float,
-        default=0.1,
-        help="with --conditional: share of labels dropped, for classifier-free guidance "
-        "(default: 0.1)",
-    )
-
-
-def _add_data_options(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--dataset", required=True, choices=list(DATASETS), help="training images")
-    group.add_argument(
-        "--value-range",
-        type=float,
-        nargs=2,
-        default=(-1.0, 1.0),
-        metavar=("LOW", "HIGH"),
-        help="pixel range the model sees (default: -1 1)",
-    )
-    group.add_argument("--limit", type=int, metavar="N", help="use only the first N images")
-
-
-_COMPILE_CHOICES = {"auto": "auto", "on": True, "off": False}
-
-
-def _add_optimisation_options(group: argparse._ArgumentGroup) -> None:
-    length = group.add_mutually_exclusive_group(required=True)
-    length.add_argument("--steps", type=int, help="optimisation steps")
-    length.add_argument("--epochs", type=float, help="passes over the data (may be fractional)")
-    group.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
-    group.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default: 2e-4)")
-    group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    group.add_argument(
-        "--compile",
-        nargs="?",
-        const="on",
-        default="auto",
-        choices=sorted(_COMPILE_CHOICES),
-        help="torch.compile, with CUDA graphs on one GPU: about a minute to compile, then several "
-        "times faster. 'auto' (the default) compiles when the run would take over five minutes "
-        "eagerly; a bare --compile means 'on'",
-    )
-    group.add_argument(
-        "--time-limit",
-        type=float,
-        metavar="SECONDS",
-        help="stop after this long, at a checkpoint that the same command continues from",
-    )
-    group.add_argument("--device", help="cuda, mps or cpu (default: the fastest present)")
-
-
-def _add_output_options(group: argparse._ArgumentGroup) -> None:
-    group.add_argument(
-        "--output", required=True, type=Path, metavar="DIR", help="folder for checkpoint.pt"
-    )
-    group.add_argument(
-        "--resume",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="continue from DIR/checkpoint.pt if it exists (default: yes)",
-    )
-    group.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=1000,
-        help="steps between checkpoints (default: 1000)",
-    )
-    group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def _add_train_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "train",
-        help="train a noise predictor and write DIR/checkpoint.pt",
-        description="Train a noise predictor with the simplified loss (Ho et al. 2020).",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_model_options(parser.add_argument_group("model and diffusion"))
-    _add_data_options(parser.add_argument_group("data"))
-    _add_optimisation_options(parser.add_argument_group("optimisation"))
-    _add_output_options(parser.add_argument_group("checkpoint"))
-    parser.set_defaults(run=run_train)
-
-
-def _add_sample_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "sample",
-        help="draw images from a checkpoint and save them as a grid",
-        description="Draw samples with the EMA weights of a checkpoint and save them as one image.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--checkpoint", required=True, type=Path, help="a checkpoint.pt written by train"
-    )
-    parser.add_argument(
-        "--sampler",
-        choices=sorted({name for names in SAMPLERS.values() for name in names}),
-        help="ddpm, ddim, dpm-solver (DPM-Solver++(2M)) or heun for a noise model, euler or "
-        "heun for a flow (default: ddim, or euler for a flow)",
-    )
-    parser.add_argument(
-        "--steps",
-        type=int,
-        help="denoising steps, at most T for a noise model (default: T for ddpm, else 50)",
-    )
-    parser.add_argument(
-        "--eta", type=float, default=0.0, help="ddim noise: 0 deterministic, 1 DDPM-like"
-    )
-    parser.add_argument("--num", type=int, default=64, help="number of images (default: 64)")
-    parser.add_argument("--output", type=Path, default=Path("samples.png"), help="PNG to write")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--label", type=int, help="class to draw (conditional checkpoints)")
-    parser.add_argument(
-        "--guidance", type=float, default=0.0, help="classifier-free guidance weight w"
-    )
-    parser.add_argument("--device", help="cuda, mps or cpu (default: the fastest present)")
-    parser.set_defaults(run=run_sample)
-
-
-def _add_distill_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "distill",
-        help="train a student that samples in N steps where a flow checkpoint took 2N",
-        description="One round of progressive distillation (Salimans & Ho 2022) of a checkpoint "
-        "trained with --objective flow: the student starts from the teacher's weights and learns "
-        "to land in one Euler step where the teacher lands in two. Pass each round's output as "
-        "the next round's --checkpoint to halve the steps again.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        type=Path,
-        help="the teacher: trained with --objective flow, or the output of an earlier round",
-    )
-    parser.add_argument(
-        "--student-steps",
-        required=True,
-        type=int,
-        metavar="N",
-        help="Euler steps the student samples with; the teacher is followed for 2N steps, so a "
-        "teacher that is itself a student must have sampled with 2N",
-    )
-    parser.add_argument("--limit", type=int, metavar="N", help="use only the first N images")
-    _add_optimisation_options(parser.add_argument_group("optimisation"))
-    _add_output_options(parser.add_argument_group("checkpoint"))
-    parser.set_defaults(run=run_distill)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m diffusion_lib`` argument parser: ``train``, ``sample`` and ``distill``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m diffusion_lib",
-        description="Train denoising diffusion models on MNIST-like data and sample from them.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(title="commands", dest="command", required=True)
-    _add_train_parser(commands)
-    _add_sample_parser(commands)
-    _add_distill_parser(commands)
-    return parser
 
 
 def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -333,7 +94,7 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
-        "compile": _COMPILE_CHOICES[args.compile],
+        "compile": COMPILE_CHOICES[args.compile],
         "time_limit": args.time_limit,
         "checkpoint_dir": args.output,
         "checkpoint_every": args.checkpoint_every,
@@ -573,12 +334,14 @@ def run_distill(args: argparse.Namespace) -> None:
     print(f"checkpoint written to {result.checkpoint_path}")
 
 
+COMMANDS = {"train": run_train, "sample": run_sample, "distill": run_distill}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (0 success, 1 failure, 2 usage error)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        COMMANDS[args.command](args)
     except (CommandError, CheckpointError, DataNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
