@@ -42,7 +42,12 @@ def data_root() -> Path:
 
 def dataset_name(name: str) -> str:
     """Normalise a dataset name (``"Fashion-MNIST"`` -> ``"fashion_mnist"``) or raise ``ValueError``."""
-    key = str(name).strip().lower().replace("-", "_")
+    if not isinstance(name, str):
+        raise ValueError(
+            f"a dataset is named by a string, one of {', '.join(DATASETS)}; got a "
+            f"{type(name).__name__}"
+        )
+    key = name.strip().lower().replace("-", "_")
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return key

@@ -391,6 +391,11 @@ def score_samples(
         classifier: a classifier from :func:`get_classifier`, to skip reading the cache; it
             runs on its own device.
     """
+    if isinstance(dataset, ReferenceClassifier):
+        raise ValueError(
+            "the second argument of score_samples is the dataset's name; pass a classifier "
+            "by keyword: score_samples(images, classifier=classifier)"
+        )
     dataset = dataset_name(dataset)
     _check_images(images, value_range)
     if not 0.0 <= threshold < 1.0:

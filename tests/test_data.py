@@ -67,6 +67,14 @@ def test_unknown_dataset_names(bad: str) -> None:
         dataset_name(bad)
 
 
+@pytest.mark.parametrize("bad", [None, 3, ("mnist",)])
+def test_a_dataset_that_is_not_a_name_is_reported_by_its_type(bad) -> None:
+    with pytest.raises(
+        ValueError, match=rf"one of mnist, fashion_mnist; got a {type(bad).__name__}$"
+    ):
+        dataset_name(bad)
+
+
 def test_bad_value_range_and_limit() -> None:
     with pytest.raises(ValueError, match="high > low"):
         load_images("mnist", value_range=(1.0, 0.0))

@@ -286,6 +286,11 @@ def test_score_samples_rejects_bad_input(images, keywords, message: str) -> None
         metrics.score_samples(images, **keywords)
 
 
+def test_a_classifier_passed_as_the_dataset_is_pointed_to_its_keyword(mnist_classifier) -> None:
+    with pytest.raises(ValueError, match=r"score_samples\(images, classifier=classifier\)"):
+        metrics.score_samples(torch.zeros(4, 1, 28, 28), mnist_classifier)
+
+
 def test_score_samples_rejects_a_classifier_of_another_dataset(mnist_classifier) -> None:
     with pytest.raises(ValueError, match="trained on 'mnist'"):
         metrics.score_samples(
