@@ -15,6 +15,7 @@ from diffusion_lib.models import (
     MODELS,
     AttentionUNet,
     DenoisingAutoencoder,
+    DiffusionTransformer,
     FCUNet,
     TimeEmbedding,
     ToyMLP,
@@ -38,6 +39,12 @@ def tiny_attention_unet(channels: int, image_size: int, **kwargs: object) -> Att
     return AttentionUNet(image_size=image_size, channels=channels, **options)
 
 
+def tiny_dit(channels: int, image_size: int, **kwargs: object) -> DiffusionTransformer:
+    options = dict(patch_size=4, hidden_size=16, depth=2, num_heads=2)
+    options.update(kwargs)
+    return DiffusionTransformer(image_size=image_size, channels=channels, **options)
+
+
 NOISE_PREDICTORS: dict[str, Callable[[int, int], nn.Module]] = {
     "fc_unet_scalar": tiny_fc_unet,
     "fc_unet_sinusoidal_layer_norm": lambda c, s: tiny_fc_unet(
@@ -45,6 +52,8 @@ NOISE_PREDICTORS: dict[str, Callable[[int, int], nn.Module]] = {
     ),
     "attention_unet": tiny_attention_unet,
     "attention_unet_conditional": lambda c, s: tiny_attention_unet(c, s, num_classes=10),
+    "dit": tiny_dit,
+    "dit_conditional": lambda c, s: tiny_dit(c, s, num_classes=10),
 }
 
 
@@ -275,8 +284,9 @@ def test_attention_unet_default_size() -> None:
     assert 500_000 <= count_parameters(model) <= 5_000_000
 
 
-def test_labels_change_the_output_and_none_means_null_label() -> None:
-    model = perturb(tiny_attention_unet(1, 28, num_classes=10))
+@pytest.mark.parametrize("name", ["attention_unet_conditional", "dit_conditional"])
+def test_labels_change_the_output_and_none_means_null_label(name: str) -> None:
+    model = perturb(NOISE_PREDICTORS[name](1, 28))
     assert model.null_label == 10
     assert model.label_embedding.num_embeddings == 11
     x_t = torch.randn(1, 1, 28, 28).expand(3, -1, -1, -1)
@@ -287,8 +297,9 @@ def test_labels_change_the_output_and_none_means_null_label() -> None:
     torch.testing.assert_close(model(x_t, t), model(x_t, t, torch.full((3,), 10)))
 
 
-def test_conditional_model_supports_classifier_free_guidance() -> None:
-    model = perturb(tiny_attention_unet(1, 28, num_classes=10))
+@pytest.mark.parametrize("name", ["attention_unet_conditional", "dit_conditional"])
+def test_conditional_model_supports_classifier_free_guidance(name: str) -> None:
+    model = perturb(NOISE_PREDICTORS[name](1, 28))
     x_t, t = inputs(1, 28)
     labels = torch.tensor([3, 4, 5])
     guided = predict_noise(model, x_t, t, labels, guidance=2.0, null_label=model.null_label)
@@ -305,15 +316,17 @@ def test_conditional_model_supports_classifier_free_guidance() -> None:
         (torch.tensor([0, 1, 2]), "shape (2,)"),
     ],
 )
-def test_bad_labels_raise(labels: torch.Tensor, message: str) -> None:
-    model = tiny_attention_unet(1, 28, num_classes=10)
+@pytest.mark.parametrize("name", ["attention_unet_conditional", "dit_conditional"])
+def test_bad_labels_raise(name: str, labels: torch.Tensor, message: str) -> None:
+    model = NOISE_PREDICTORS[name](1, 28)
     x_t, t = inputs(1, 28, batch=2)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         model(x_t, t, labels)
 
 
-def test_unconditional_model_rejects_labels() -> None:
-    model = tiny_attention_unet(1, 28)
+@pytest.mark.parametrize("name", ["attention_unet", "dit"])
+def test_unconditional_model_rejects_labels(name: str) -> None:
+    model = NOISE_PREDICTORS[name](1, 28)
     x_t, t = inputs(1, 28, batch=2)
     with pytest.raises(ValueError, match="unconditional"):
         model(x_t, t, torch.tensor([0, 1]))
@@ -414,10 +427,12 @@ def test_fc_unet_rejects_bad_configurations(kwargs: dict, message: str) -> None:
 
 
 def test_build_model_uses_the_registry() -> None:
-    assert set(MODELS) == {"fc_unet", "attention_unet"}
+    assert set(MODELS) == {"fc_unet", "attention_unet", "dit"}
     model = build_model("fc_unet", widths=(8, 4), image_size=4)
     assert isinstance(model, FCUNet) and model.widths == (8, 4)
     assert isinstance(build_model("attention_unet", base_channels=8), AttentionUNet)
+    dit = build_model("dit", hidden_size=16, depth=1, num_heads=2, patch_size=7)
+    assert isinstance(dit, DiffusionTransformer) and dit.num_tokens == 16
 
 
 def test_build_model_rejects_unknown_name() -> None:

@@ -1,4 +1,5 @@
-"""The networks of the book, from a denoising autoencoder to a U-net with self-attention.
+"""The networks of the book, from a denoising autoencoder to a U-net with self-attention and a
+diffusion transformer.
 
 Every noise predictor is a plain ``nn.Module`` with ``forward(x_t, t) -> eps`` (conditional
 ones also take ``labels``); none of them owns a noise schedule.
@@ -10,6 +11,7 @@ from torch import nn
 
 from diffusion_lib.models.attention_unet import AttentionUNet
 from diffusion_lib.models.autoencoder import DenoisingAutoencoder
+from diffusion_lib.models.dit import DiffusionTransformer
 from diffusion_lib.models.embeddings import TimeEmbedding, sinusoidal_embedding
 from diffusion_lib.models.fc_unet import FCUNet
 from diffusion_lib.models.toy_mlp import ToyMLP
@@ -18,6 +20,7 @@ from diffusion_lib.validation import check_choice
 MODELS: dict[str, type[nn.Module]] = {
     "fc_unet": FCUNet,
     "attention_unet": AttentionUNet,
+    "dit": DiffusionTransformer,
 }
 
 
@@ -36,6 +39,7 @@ __all__ = [
     "MODELS",
     "AttentionUNet",
     "DenoisingAutoencoder",
+    "DiffusionTransformer",
     "FCUNet",
     "TimeEmbedding",
     "ToyMLP",
