@@ -95,7 +95,9 @@ def run_loop(trainer: _Trainer, bar: tqdm, deadline: float | None = None) -> flo
     probe_started, compile_next = clock.started, False
     while trainer.step < settings.total_steps:
         if compile_next:
+            bar.set_description("compiling (about a minute)", refresh=True)
             clock.untimed(trainer.compiling_step, is_step=True)
+            bar.set_description("training", refresh=False)
             compile_next = False
         elif trainer.step == first_step and settings.total_steps > first_step + 1:
             clock.untimed(trainer.train_step, is_step=True)  # warm-up, or compilation

@@ -502,6 +502,12 @@ def test_auto_compiles_after_the_probe_when_the_run_is_long(schedule, monkeypatc
     assert result.history.loss == eager.loss
 
 
+def test_the_progress_bar_says_when_the_engine_compiles(schedule, monkeypatch, capsys) -> None:
+    _auto_compile_on(monkeypatch, threshold=0.0)
+    quick_train(schedule, progress=True)
+    assert "compiling (about a minute)" in capsys.readouterr().err
+
+
 def test_auto_stays_eager_for_short_runs_and_custom_objectives(schedule, monkeypatch) -> None:
     modes, marks = _auto_compile_on(monkeypatch, threshold=math.inf)
     assert not quick_train(schedule).history.compiled
