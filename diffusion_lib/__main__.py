@@ -30,6 +30,7 @@ from diffusion_lib.checkpoints import (
 )
 from diffusion_lib.command_line import (
     COMPILE_CHOICES,
+    DEFAULT_SAMPLERS,
     IMAGE_CHANNELS,
     IMAGE_SIZE,
     SAMPLERS,
@@ -43,6 +44,7 @@ from diffusion_lib.data import (
 )
 from diffusion_lib.devices import select_device
 from diffusion_lib.distillation import ProgressiveDistillation
+from diffusion_lib.edm import EDMNoiseLevels, PreconditionedDenoiser, edm_loss, edm_sample
 from diffusion_lib.flow_matching import RectifiedFlow, flow_sample
 from diffusion_lib.losses import diffusion_loss
 from diffusion_lib.models import MODELS, build_model, count_parameters
@@ -112,11 +114,29 @@ def _noise_loss(args: argparse.Namespace) -> Callable[..., torch.Tensor] | None:
     if args.objective != "noise":
         raise CommandError(
             "--prediction and --snr-gamma apply to --objective noise only: a flow model always "
-            "predicts the velocity of the straight path, with the plain flow-matching loss"
+            "predicts the velocity of the straight path, with the plain flow-matching loss, and "
+            "an edm model its preconditioned target, with EDM's weight"
         )
     if args.snr_gamma is not None and not 0 < args.snr_gamma < math.inf:
         raise CommandError(f"--snr-gamma must be a number > 0 (5 is typical), got {args.snr_gamma}")
     return functools.partial(diffusion_loss, prediction=args.prediction, snr_gamma=args.snr_gamma)
+
+
+def _objective(
+    args: argparse.Namespace, network: nn.Module, loss: Callable[..., torch.Tensor] | None
+) -> tuple[nn.Module, Any, Callable[..., torch.Tensor] | None]:
+    """The module the engine trains, the process it noises with, and the loss, for --objective."""
+    if args.objective == "edm":
+        if args.timesteps != 1000:
+            raise CommandError(
+                "--objective edm gives the network noise levels mapped onto the time range "
+                "[0, 1000]; leave --timesteps at 1000"
+            )
+        denoiser = PreconditionedDenoiser(network, args.sigma_data)
+        return denoiser, EDMNoiseLevels(sigma_data=args.sigma_data), edm_loss
+    if args.objective == "flow":
+        return network, RectifiedFlow(args.timesteps), loss
+    return network, NoiseSchedule.from_name(args.schedule, args.timesteps), loss
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -125,11 +145,10 @@ def run_train(args: argparse.Namespace) -> None:
     loss = _noise_loss(args)
     kwargs = _model_kwargs(args)
     try:
-        model = build_model(args.model, **kwargs)
+        network = build_model(args.model, **kwargs)
     except TypeError as error:
         raise CommandError(f"bad --model-arg for {args.model}: {error}") from None
-    schedule = NoiseSchedule.from_name(args.schedule, args.timesteps)
-    process = schedule if args.objective == "noise" else RectifiedFlow(args.timesteps)
+    model, process, loss = _objective(args, network, loss)
     images, labels = load_images(
         args.dataset, train=True, value_range=(low, high), limit=args.limit
     )
@@ -141,10 +160,14 @@ def run_train(args: argparse.Namespace) -> None:
         "conditional": args.conditional,
         "objective": args.objective,
     }
-    if loss is not None:
+    if args.objective == "edm":
+        config["sigma_data"] = args.sigma_data
+    elif loss is not None:
         # Absent keys mean epsilon and plain MSE: a default run writes the config it always did.
         config.update(prediction=args.prediction, snr_gamma=args.snr_gamma)
-    print(f"{args.model}: {count_parameters(model):,} trainable parameters; {len(images):,} images")
+    print(
+        f"{args.model}: {count_parameters(network):,} trainable parameters; {len(images):,} images"
+    )
     result = train(
         model,
         process,
@@ -183,7 +206,7 @@ def _sampler(args: argparse.Namespace, config: dict[str, Any]) -> str:
     """The sampler asked for, or the checkpoint's default: ddim for noise, euler for a flow."""
     objective = config.get("objective", "noise")
     allowed = SAMPLERS[objective]
-    sampler = args.sampler or {"noise": "ddim", "flow": "euler"}[objective]
+    sampler = args.sampler or DEFAULT_SAMPLERS[objective]
     if sampler not in allowed:
         raise CommandError(
             f"--sampler {sampler} does not fit this checkpoint, trained with --objective "
@@ -196,10 +219,12 @@ def _check_sampling_args(args: argparse.Namespace, config: dict[str, Any], sampl
     """Validate the sampling options against the checkpoint; return the number of steps."""
     objective = config.get("objective", "noise")
     timesteps = config["schedule"]["timesteps"]
-    default_steps = timesteps if sampler == "ddpm" else min(50, timesteps)
+    default_steps = {"ddpm": timesteps}.get(
+        sampler, 18 if objective == "edm" else min(50, timesteps)
+    )
     # A distilled student samples with the steps it was trained for.
     steps = args.steps if args.steps is not None else config.get("distilled_steps", default_steps)
-    if objective == "flow" and steps < 1:
+    if objective in ("flow", "edm") and steps < 1:
         raise CommandError(f"--steps must be >= 1, got {steps}")
     if objective == "noise" and not 1 <= steps <= timesteps:
         raise CommandError(
@@ -235,6 +260,8 @@ def _rebuild(
     """The model (with the EMA weights, in eval mode) and the schedule described by the checkpoint."""
     config = state["config"]
     model = build_model(config["model"]["name"], **config["model"]["kwargs"])
+    if config.get("objective") == "edm":
+        model = PreconditionedDenoiser(model, config["sigma_data"])
     check_state_dict_fits(path, state["ema"], model)
     model.load_state_dict(state["ema"])
     schedule = NoiseSchedule.from_name(config["schedule"]["name"], config["schedule"]["timesteps"])
@@ -271,6 +298,8 @@ def run_sample(args: argparse.Namespace) -> None:
     if config.get("objective", "noise") == "flow":
         flow = RectifiedFlow(config["schedule"]["timesteps"])
         samples = flow_sample(model, flow, shape, solver=sampler, **options)
+    elif config.get("objective") == "edm":
+        samples = edm_sample(model, shape, solver=sampler, **options)
     else:
         samples = NOISE_SAMPLERS[sampler](model, schedule, shape, **options)
     pictures = to_unit_interval(samples.float().cpu(), tuple(config["value_range"]))
@@ -286,7 +315,7 @@ def _check_teacher(config: dict[str, Any], student_steps: int) -> None:
     if config.get("objective", "noise") != "flow":
         raise CommandError(
             "distill needs a checkpoint trained with --objective flow (a velocity model); "
-            "this one predicts noise"
+            f"this one was trained with --objective {config.get('objective', 'noise')}"
         )
     if student_steps < 1:
         raise CommandError(f"--student-steps must be >= 1, got {student_steps}")

@@ -16,8 +16,14 @@ from diffusion_lib.models import MODELS
 from diffusion_lib.predictions import PREDICTIONS
 from diffusion_lib.schedules import SCHEDULES
 
-OBJECTIVES = ("noise", "flow")  # L_simple with a noise schedule, or flow matching
-SAMPLERS = {"noise": ("ddpm", "ddim", "dpm-solver", "heun"), "flow": ("euler", "heun")}
+# L_simple with a noise schedule, flow matching, or EDM's preconditioned denoiser
+OBJECTIVES = ("noise", "flow", "edm")
+SAMPLERS = {
+    "noise": ("ddpm", "ddim", "dpm-solver", "heun"),
+    "flow": ("euler", "heun"),
+    "edm": ("heun", "euler"),
+}
+DEFAULT_SAMPLERS = {"noise": "ddim", "flow": "euler", "edm": "heun"}
 IMAGE_SIZE, IMAGE_CHANNELS = 28, 1  # MNIST and Fashion-MNIST
 
 EPILOG = """\
@@ -36,6 +42,9 @@ examples:
   python -m diffusion_lib train --model fc_unet --dataset mnist --objective flow --steps 5000 \\
       --output runs/flow
   python -m diffusion_lib sample --checkpoint runs/flow/checkpoint.pt --sampler euler --steps 20
+  python -m diffusion_lib train --model attention_unet --dataset mnist --objective edm \
+      --steps 20000 --output runs/edm
+  python -m diffusion_lib sample --checkpoint runs/edm/checkpoint.pt --steps 18 --output edm.png
   python -m diffusion_lib distill --checkpoint runs/flow/checkpoint.pt --student-steps 16 \\
       --steps 2000 --output runs/flow16
   python -m diffusion_lib distill --checkpoint runs/flow16/checkpoint.pt --student-steps 8 \\
@@ -77,7 +86,16 @@ def _add_model_options(group: argparse._ArgumentGroup) -> None:
         default="noise",
         choices=OBJECTIVES,
         help="noise: predict the noise (L_simple); flow: predict the velocity of the straight "
-        "path (flow matching, sampled with euler or heun) (default: noise)",
+        "path (flow matching, sampled with euler or heun); edm: the preconditioned denoiser of "
+        "Karras et al. 2022 with log-normal noise levels, sampled with heun or euler on their "
+        "noise levels (default: noise)",
+    )
+    group.add_argument(
+        "--sigma-data",
+        type=float,
+        default=0.5,
+        help="with --objective edm, the data's standard deviation (default: 0.5, for images in "
+        "[-1, 1])",
     )
     group.add_argument(
         "--prediction",
@@ -195,12 +213,14 @@ def _add_sample_parser(commands: argparse._SubParsersAction) -> None:
         "--sampler",
         choices=sorted({name for names in SAMPLERS.values() for name in names}),
         help="ddpm, ddim, dpm-solver (DPM-Solver++(2M)) or heun for a noise model, euler or "
-        "heun for a flow (default: ddim, or euler for a flow)",
+        "heun for a flow or an edm model (default: ddim for noise, euler for a flow, heun for "
+        "edm)",
     )
     parser.add_argument(
         "--steps",
         type=int,
-        help="denoising steps, at most T for a noise model (default: T for ddpm, else 50)",
+        help="denoising steps, at most T for a noise model (default: T for ddpm, 18 for edm, "
+        "else 50)",
     )
     parser.add_argument(
         "--eta", type=float, default=0.0, help="ddim noise: 0 deterministic, 1 DDPM-like"

@@ -16,6 +16,7 @@ from diffusion_lib import losses, predictions
 from diffusion_lib.__main__ import CommandError, main
 from diffusion_lib.checkpoints import load_checkpoint, save_checkpoint
 from diffusion_lib.data import DATA_VARIABLE, data_root
+from diffusion_lib.edm import preconditioning
 from diffusion_lib.losses import diffusion_loss
 from diffusion_lib.smoke import SMOKE_VARIABLE
 
@@ -454,3 +455,49 @@ def test_an_old_config_without_prediction_samples_the_noise_directly(
     ])  # fmt: skip
     assert status == 0 and output.is_file()
     assert conversions == []
+
+
+@needs_mnist
+@pytest.mark.parametrize(("sampler", "calls"), [(None, 5), ("euler", 3)])
+def test_an_edm_checkpoint_holds_a_preconditioned_denoiser_sampled_on_its_levels(
+    sampler, calls, tmp_path, monkeypatch, capsys
+) -> None:
+    """--objective edm trains F inside EDM's preconditioning; sample rebuilds the wrapper, picks
+    Heun (2N - 1 calls) unless told Euler (N), and starts F at the c_noise of sigma_max = 80."""
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+    edm = ["--objective", "edm", "--timesteps", "1000", "--sigma-data", "0.6"]
+    assert main(train_arguments(tmp_path / "edm", TINY_FC_UNET, *edm)) == 0
+    checkpoint = tmp_path / "edm" / "checkpoint.pt"
+    state = load_checkpoint(checkpoint)
+    assert state["config"]["objective"] == "edm" and state["config"]["sigma_data"] == 0.6
+    assert state["ema"] and all(key.startswith("network.") for key in state["ema"])
+    seen = record_network_times(monkeypatch)
+    options = [] if sampler is None else ["--sampler", sampler]
+    status = main([
+        "sample", "--checkpoint", str(checkpoint), "--steps", "3", "--num", "4",
+        "--output", str(tmp_path / "edm.png"), *options,
+    ])  # fmt: skip
+    assert status == 0 and (tmp_path / "edm.png").is_file()
+    assert f"({sampler or 'heun'}, 3 steps)" in capsys.readouterr().out
+    assert len(seen) == calls
+    first = preconditioning(torch.tensor([80.0]), sigma_data=0.6).c_noise
+    torch.testing.assert_close(seen[0].float(), first.float().expand(4))
+
+
+@needs_mnist
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--timesteps", "40"], "leave --timesteps at 1000"),
+        (["--timesteps", "1000", "--prediction", "v"], "apply to --objective noise only"),
+        (["--timesteps", "1000", "--sigma-data", "0"], "sigma_data"),
+    ],
+)
+def test_edm_training_errors_are_clear(arguments, message, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+    command = train_arguments(tmp_path / "never", TINY_FC_UNET, "--objective", "edm", *arguments)
+    assert main(command) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
