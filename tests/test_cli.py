@@ -501,3 +501,23 @@ def test_edm_training_errors_are_clear(arguments, message, tmp_path, monkeypatch
     assert main(command) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+@needs_mnist
+def test_a_diffusion_transformer_trains_and_samples_from_the_command_line(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """--model dit comes from the model registry; a conditional one draws a guided class."""
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+    tiny_dit = ["--model", "dit", "--model-arg", "hidden_size=16", "--model-arg", "depth=1",
+                "--model-arg", "num_heads=2"]  # fmt: skip
+    assert main(train_arguments(tmp_path / "dit", tiny_dit, "--conditional")) == 0
+    checkpoint = tmp_path / "dit" / "checkpoint.pt"
+    assert load_checkpoint(checkpoint)["config"]["model"]["name"] == "dit"
+    status = main([
+        "sample", "--checkpoint", str(checkpoint), "--steps", "3", "--num", "4",
+        "--label", "7", "--guidance", "2", "--output", str(tmp_path / "dit.png"),
+    ])  # fmt: skip
+    assert status == 0 and (tmp_path / "dit.png").is_file()
+    assert "saved 4 samples (ddim, 3 steps)" in capsys.readouterr().out
