@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lib.models.autoencoder import check_image_batch
-from diffusion_lib.models.embeddings import TimeEmbedding
+from diffusion_lib.models.embeddings import TimeEmbedding, embed_labels
 from diffusion_lib.validation import check_model_times, check_positive_int
 
 
@@ -288,7 +288,7 @@ class AttentionUNet(nn.Module):
             # Range checks read t's values; skip them on accelerators to avoid a sync per step.
             check_model_times(t, self.timesteps, x_t.shape[0], values=t.device.type == "cpu")
         embedding = self.time_embedding(t)
-        label_embedding = self._embed_labels(labels, x_t.shape[0], x_t.device)
+        label_embedding = embed_labels(self.label_embedding, labels, x_t.shape[0], x_t.device, self)
         if label_embedding is not None:
             embedding = embedding + label_embedding
         time_features = F.silu(embedding)
@@ -306,23 +306,6 @@ class AttentionUNet(nn.Module):
             else:
                 h = module(h)
         return self.output(h)
-
-    def _embed_labels(
-        self, labels: Tensor | None, batch: int, device: torch.device
-    ) -> Tensor | None:
-        """(B, time_dim) label embeddings, the null label's where ``labels`` is None."""
-        if self.label_embedding is None:
-            if labels is not None:
-                raise ValueError(
-                    "this AttentionUNet is unconditional (num_classes=None) and takes no labels; "
-                    "build it with num_classes=... to condition on labels"
-                )
-            return None
-        if labels is None:
-            labels = torch.full((batch,), self.null_label, dtype=torch.long, device=device)
-        elif not torch.compiler.is_compiling():
-            _check_labels(labels, self.null_label, batch)
-        return self.label_embedding(labels)
 
 
 def _resolutions(image_size: int, levels: int) -> list[int]:
@@ -348,24 +331,3 @@ def _attention_resolutions(
             f"choose from {', '.join(map(str, resolutions))}"
         )
     return tuple(requested)
-
-
-def _check_labels(labels: Tensor, null_label: int, batch: int) -> None:
-    """Raise ``ValueError`` unless ``labels`` is an integer tensor (B,) with values 0..null_label."""
-    if not isinstance(labels, Tensor):
-        raise ValueError(
-            f"labels must be an int64 tensor of shape (B,), got {type(labels).__name__}"
-        )
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(
-            f"labels must hold integer class indices (int64), got dtype {labels.dtype}"
-        )
-    if labels.shape != (batch,):
-        raise ValueError(
-            f"labels must have shape ({batch},), one per image; got {tuple(labels.shape)}"
-        )
-    if labels.numel() and bool(((labels < 0) | (labels > null_label)).any()):
-        raise ValueError(
-            f"labels must lie in 0..{null_label} (0..{null_label - 1} are classes, {null_label} is "
-            f"the null label); got values from {int(labels.min())} to {int(labels.max())}"
-        )

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_lib.models.attention_unet import _check_labels, _zero_init
+from diffusion_lib.models.attention_unet import _zero_init
 from diffusion_lib.models.autoencoder import check_image_batch
-from diffusion_lib.models.embeddings import TimeEmbedding, sinusoidal_embedding
+from diffusion_lib.models.embeddings import TimeEmbedding, embed_labels, sinusoidal_embedding
 from diffusion_lib.validation import check_model_times, check_number, check_positive_int
 
 
@@ -247,18 +247,8 @@ class DiffusionTransformer(nn.Module):
     def condition(self, t: Tensor, labels: Tensor | None = None) -> Tensor:
         """The conditioning vector ``c`` (B, D): time embedding plus label embedding."""
         embedding = self.time_embedding(t)
-        if self.label_embedding is None:
-            if labels is not None:
-                raise ValueError(
-                    "this DiffusionTransformer is unconditional (num_classes=None) and takes no "
-                    "labels; build it with num_classes=... to condition on labels"
-                )
-            return embedding
-        if labels is None:
-            labels = torch.full_like(t, self.null_label, dtype=torch.long)
-        elif not torch.compiler.is_compiling():
-            _check_labels(labels, self.null_label, t.shape[0])
-        return embedding + self.label_embedding(labels)
+        label_embedding = embed_labels(self.label_embedding, labels, t.shape[0], t.device, self)
+        return embedding if label_embedding is None else embedding + label_embedding
 
     def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         """Predict the noise in ``x_t`` (B, C, H, W) at timesteps ``t`` (B,)."""

@@ -1,4 +1,5 @@
-"""Timestep embeddings: how a network is told which noise level it is looking at.
+"""Timestep and class embeddings: how a network is told which noise level it is looking at,
+and which class it should draw.
 
 The sinusoidal embedding is the position encoding of Vaswani et al. (2017, sec. 3.5), used
 for diffusion timesteps by Ho et al. (2020, appendix B). A timestep ``t`` becomes the vector
@@ -82,3 +83,54 @@ class TimeEmbedding(nn.Module):
         """``t``: (B,) timesteps -> (B, out_dim) learned embedding."""
         features = sinusoidal_embedding(t, self.dim, self.max_period)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+def embed_labels(
+    table: nn.Embedding | None,
+    labels: Tensor | None,
+    batch: int,
+    device: torch.device,
+    owner: nn.Module,
+) -> Tensor | None:
+    """(B, dim) rows of a conditional network's label ``table``, or None for an unconditional one.
+
+    ``table`` has ``num_classes + 1`` rows; the last, index ``num_classes``, is the null label
+    ("no label", Ho & Salimans 2021), used for the whole batch when ``labels`` is None. An
+    unconditional network (``table`` None) must get no labels. ``owner`` names the network in
+    the error messages.
+    """
+    if table is None:
+        if labels is not None:
+            name = type(owner).__name__
+            raise ValueError(
+                f"this {name} is unconditional (num_classes=None) and takes no labels; "
+                "build it with num_classes=... to condition on labels"
+            )
+        return None
+    null_label = table.num_embeddings - 1
+    if labels is None:
+        labels = torch.full((batch,), null_label, dtype=torch.long, device=device)
+    elif not torch.compiler.is_compiling():
+        _check_labels(labels, null_label, batch)
+    return table(labels)
+
+
+def _check_labels(labels: Tensor, null_label: int, batch: int) -> None:
+    """Raise ``ValueError`` unless ``labels`` is an integer tensor (B,) with values 0..null_label."""
+    if not isinstance(labels, Tensor):
+        raise ValueError(
+            f"labels must be an int64 tensor of shape (B,), got {type(labels).__name__}"
+        )
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(
+            f"labels must hold integer class indices (int64), got dtype {labels.dtype}"
+        )
+    if labels.shape != (batch,):
+        raise ValueError(
+            f"labels must have shape ({batch},), one per image; got {tuple(labels.shape)}"
+        )
+    if labels.numel() and bool(((labels < 0) | (labels > null_label)).any()):
+        raise ValueError(
+            f"labels must lie in 0..{null_label} (0..{null_label - 1} are classes, {null_label} is "
+            f"the null label); got values from {int(labels.min())} to {int(labels.max())}"
+        )
