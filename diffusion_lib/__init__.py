@@ -27,11 +27,18 @@ from diffusion_lib.latent import (
     encode_dataset,
     train_autoencoder,
 )
+from diffusion_lib.learned_variance import (
+    NoiseOnly,
+    learned_log_variance,
+    split_eps_and_v,
+    variance_fraction,
+)
 from diffusion_lib.losses import (
     BoundTerms,
     diffusion_loss,
     discretized_gaussian_log_likelihood,
     elbo_bits_per_dim,
+    hybrid_loss,
     normal_kl,
     prior_bits_per_dim,
     vb_term_bits_per_dim,
@@ -116,6 +123,7 @@ __all__ = [
     "diffusion_loss",
     "discretized_gaussian_log_likelihood",
     "elbo_bits_per_dim",
+    "hybrid_loss",
     "load_images",
     "normal_kl",
     "p_mean_variance",
@@ -134,6 +142,10 @@ __all__ = [
     "plot_trajectory",
     "show_grid",
     "timestep_slider",
+    "NoiseOnly",
+    "learned_log_variance",
+    "split_eps_and_v",
+    "variance_fraction",
     "PREDICTIONS",
     "NoiseFromPrediction",
     "elbo_weight",

@@ -8,7 +8,9 @@ Ho et al. 2020 write the negative ELBO as (eq. 5)
     L_0     = -log p(x_0 | x_1)                           (discretised decoder)
 
 and train with the much simpler L_simple = E ||eps - eps_theta(x_t, t)||^2 (eq. 14).
-The bound terms here are reported in bits per dimension, as image models are compared.
+Nichol & Dhariwal (2021) add a small multiple of the bound to learn the variances as well
+(L_hybrid, :func:`hybrid_loss`). The bound terms here are reported in bits per dimension, as
+image models are compared.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffusion_lib.learned_variance import split_eps_and_v
 from diffusion_lib.predictions import PREDICTIONS, _min_snr_weight, prediction_target
 from diffusion_lib.sampling import NoisePredictor, _evaluating, _randn, p_mean_variance
 from diffusion_lib.schedules import NoiseSchedule, _gather
@@ -30,6 +33,28 @@ from diffusion_lib.validation import (
     check_same_shape,
     check_timesteps,
 )
+
+
+def _noisy_batch(
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    t: Tensor | None,
+    noise: Tensor | None,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(t, noise, x_t)`` for a training batch ``x0`` (B, ...): a uniform random timestep and
+    fresh noise per sample where not given, and x_t ~ q(x_t | x_0) (Ho et al. 2020, eq. 4)."""
+    if t is None:
+        source = generator.device if generator is not None else x0.device
+        t = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=generator, device=source)
+        t = t.to(x0.device)
+    else:
+        check_timesteps(t, schedule.timesteps, x0.shape[0])
+    if noise is None:
+        noise = _randn(tuple(x0.shape), generator, x0.device, x0.dtype)
+    else:
+        check_same_shape("noise", noise, "x0", x0)
+    return t, noise, schedule._q_sample(x0, t, noise)
 
 
 def diffusion_loss(
@@ -59,17 +84,7 @@ def diffusion_loss(
     check_choice("prediction", prediction, PREDICTIONS)
     if snr_gamma is not None:
         snr_gamma = check_number("snr_gamma", snr_gamma, 0.0, low_open=True)
-    if t is None:
-        source = generator.device if generator is not None else x0.device
-        t = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=generator, device=source)
-        t = t.to(x0.device)
-    else:
-        check_timesteps(t, schedule.timesteps, x0.shape[0])
-    if noise is None:
-        noise = _randn(tuple(x0.shape), generator, x0.device, x0.dtype)
-    else:
-        check_same_shape("noise", noise, "x0", x0)
-    x_t = schedule._q_sample(x0, t, noise)
+    t, noise, x_t = _noisy_batch(schedule, x0, t, noise, generator)
     output = model(x_t, t) if labels is None else model(x_t, t, labels)
     check_same_shape("the model's output", output, "x0", x0)
     target = prediction_target(schedule, x0, t, noise, prediction)
@@ -200,3 +215,36 @@ def elbo_bits_per_dim(
             x_t = schedule._q_sample(x0, t, noise.to(x0.device))
             terms.append(vb_term_bits_per_dim(model, schedule, x0, x_t, t, variance=variance))
     return BoundTerms(prior=prior_bits_per_dim(schedule, x0), terms=torch.stack(terms, dim=1))
+
+
+def hybrid_loss(
+    model: NoisePredictor,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    *,
+    t: Tensor | None = None,
+    noise: Tensor | None = None,
+    labels: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    vlb_weight: float = 0.001,
+) -> Tensor:
+    """L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal 2021, eq. 16) for a network with
+    2C output channels: the noise and the variance of eq. 15 (:mod:`~diffusion_lib.learned_variance`).
+
+    L_vlb is estimated from each sample's timestep as T times its bound term in bits per
+    dimension, T L_t, and the mean is held fixed inside it (stop-gradient), so the bound
+    trains only the variance and L_simple alone trains the mean (sec. 3.1). ``vlb_weight`` is
+    lambda (0.001 in the paper). ``x0``: (B, C, H, W) in [-1, 1]; ``t`` (B,) and ``noise`` as
+    in :func:`diffusion_loss`. Returns a scalar (float32) tensor. Pass it to
+    :func:`~diffusion_lib.training.train` as ``loss=hybrid_loss``.
+    """
+    vlb_weight = check_number("vlb_weight", vlb_weight, 0.0, low_open=False)
+    t, noise, x_t = _noisy_batch(schedule, x0, t, noise, generator)
+    output = model(x_t, t) if labels is None else model(x_t, t, labels)
+    eps, v_raw = split_eps_and_v(output, x0.shape[1])
+    simple = F.mse_loss(eps.float(), noise.float())
+    frozen_mean = torch.cat([eps.detach(), v_raw], dim=1)
+    bound_term = vb_term_bits_per_dim(
+        lambda *_: frozen_mean, schedule, x0.float(), x_t.float(), t, variance="learned"
+    )
+    return simple + vlb_weight * schedule.timesteps * bound_term.mean()

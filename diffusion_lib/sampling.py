@@ -14,12 +14,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from diffusion_lib.learned_variance import learned_log_variance, split_eps_and_v
 from diffusion_lib.schedules import NoiseSchedule, _gather
 from diffusion_lib.smoke import cap_sampling_steps
 from diffusion_lib.validation import check_choice, check_positive_int, check_same_shape
 
 NoisePredictor = Callable[..., Tensor]
-VARIANCES = ("small", "large")
+VARIANCES = ("small", "large", "learned")
+_LEARNED_HINT = (
+    "a model with 2C output channels learns its variance: pass variance='learned' to an "
+    "ancestral sampler, or wrap it in NoiseOnly for the others"
+)
 
 
 @dataclass
@@ -53,7 +58,9 @@ def predict_noise(
 
     With ``labels`` and ``guidance = w > 0`` this returns the guided estimate of Ho & Salimans
     (2021, eq. 6): ``(1 + w) eps(x_t, t, c) - w eps(x_t, t, no label)``, where "no label" is
-    ``null_label``. Shapes: ``x_t`` (B, C, H, W), ``t`` (B,), ``labels`` (B,).
+    ``null_label``. Shapes: ``x_t`` (B, C, H, W), ``t`` (B,), ``labels`` (B,). Guidance acts
+    on the first C output channels, the noise; any further channels (a learned variance) are
+    the conditional pass's, as in GLIDE (Nichol et al. 2022).
     """
     if labels is None:
         return model(x_t, t)
@@ -67,7 +74,11 @@ def predict_noise(
         torch.cat([labels, torch.full_like(labels, null_label)]),
     )
     conditional, unconditional = both.chunk(2)
-    return (1.0 + guidance) * conditional - guidance * unconditional
+    channels = x_t.shape[1]
+    guided = (1.0 + guidance) * conditional[:, :channels] - guidance * unconditional[:, :channels]
+    if conditional.shape[1] == channels:
+        return guided
+    return torch.cat([guided, conditional[:, channels:]], dim=1)
 
 
 def _clip(x0: Tensor, clip_x0: tuple[float, float] | None) -> Tensor:
@@ -88,6 +99,7 @@ def _noise_and_x0(
     consistent, as deterministic samplers need. ``x``: (B, ...), ``t``: (B,).
     """
     eps = predict_noise(model, x, t, **extra).to(x.dtype)
+    check_same_shape("the model's output", eps, "x_t", x, hint=_LEARNED_HINT)
     x0 = schedule._predict_x0(x, t, eps)
     if clip_x0 is not None:
         x0 = _clip(x0, clip_x0)
@@ -108,18 +120,26 @@ def p_mean_variance(
     """Mean, variance, log-variance of p_theta(x_{t-1} | x_t), and the model's estimate of x_0.
 
     The mean is the posterior mean of q(x_{t-1} | x_t, x_0) with x_0 replaced by the model's
-    estimate (Ho et al. 2020, eq. 11, written through eqs. 7 and 4). The variance is fixed:
+    estimate (Ho et al. 2020, eq. 11, written through eqs. 7 and 4). The variance is fixed,
     ``"small"`` is sigma_t^2 = beta_tilde_t and ``"large"`` is sigma_t^2 = beta_t (sec. 3.2;
-    both appear in Table 1). ``x_t``: (B, C, H, W); ``t``: (B,). The mean and x_0 estimate have
-    ``x_t``'s shape; variance and log-variance broadcast against it.
+    both appear in Table 1), or ``"learned"``: the model returns 2C channels, the noise and
+    the v of Nichol & Dhariwal (2021, eq. 15), see :mod:`diffusion_lib.learned_variance`.
+    ``x_t``: (B, C, H, W); ``t``: (B,). The mean and x_0 estimate have ``x_t``'s shape;
+    variance and log-variance broadcast against it.
     """
     check_choice("variance", variance, VARIANCES)
     eps = predict_noise(model, x_t, t, **model_kwargs)
-    check_same_shape("the model's output", eps, "x_t", x_t)
+    if variance == "learned":
+        eps, v_raw = split_eps_and_v(eps, x_t.shape[1])
+    else:
+        check_same_shape("the model's output", eps, "x_t", x_t, hint=_LEARNED_HINT)
     x0 = _clip(schedule._predict_x0(x_t, t, eps.to(x_t.dtype)), clip_x0)
     mean, posterior_variance, posterior_log_variance = schedule._q_posterior(x0, x_t, t)
     if variance == "small":
         return mean, posterior_variance, posterior_log_variance, x0
+    if variance == "learned":
+        log_variance = learned_log_variance(schedule, t, v_raw.to(x_t.dtype))
+        return mean, log_variance.exp(), log_variance, x0
     # For "large" the first entry borrows beta_tilde_1 so that the decoder at t = 0 keeps a
     # sensible variance (beta_1 would make L_0 needlessly sharp), as in Nichol & Dhariwal's code.
     large = torch.cat([schedule.posterior_variance[1:2], schedule.betas[1:]])
@@ -292,7 +312,8 @@ def ddpm_sample(
         schedule: the schedule the model was trained with.
         shape: (B, C, H, W) of the batch to draw.
         x_T: starting noise of that shape (drawn from ``generator`` when omitted).
-        variance: ``"small"`` (beta_tilde_t) or ``"large"`` (beta_t).
+        variance: ``"small"`` (beta_tilde_t), ``"large"`` (beta_t) or ``"learned"`` (a model
+            with 2C output channels, Nichol & Dhariwal 2021, eq. 15).
         steps: visit only this many evenly spaced timesteps, with the schedule respaced to
             keep alpha-bar (Nichol & Dhariwal 2021, sec. 4); ``None`` visits all T.
         clip_x0: range the x_0 estimate is clipped to at each step (``None``: no clipping).

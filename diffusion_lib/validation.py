@@ -59,12 +59,14 @@ def check_finite(name: str, x: Tensor) -> None:
         )
 
 
-def check_same_shape(name: str, x: Tensor, reference_name: str, reference: Tensor) -> None:
-    """Raise ``ValueError`` unless ``x`` has the shape of ``reference``."""
+def check_same_shape(
+    name: str, x: Tensor, reference_name: str, reference: Tensor, *, hint: str = ""
+) -> None:
+    """Raise ``ValueError`` unless ``x`` has the shape of ``reference``; ``hint`` ends the message."""
     if x.shape != reference.shape:
         raise ValueError(
             f"{name} must have the shape of {reference_name}, {tuple(reference.shape)}; "
-            f"got {tuple(x.shape)}"
+            f"got {tuple(x.shape)}" + (f" ({hint})" if hint else "")
         )
 
 

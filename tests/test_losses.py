@@ -11,12 +11,16 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from diffusion_lib import (
+    FCUNet,
     NoiseSchedule,
     diffusion_loss,
     discretized_gaussian_log_likelihood,
     elbo_bits_per_dim,
+    hybrid_loss,
+    learned_log_variance,
     normal_kl,
     prior_bits_per_dim,
+    train,
     vb_term_bits_per_dim,
 )
 
@@ -283,3 +287,101 @@ def test_bad_input(schedule: NoiseSchedule) -> None:
         diffusion_loss(lambda x, t: x.flatten(1), schedule, x0)
     with pytest.raises(ValueError, match="x0 must be finite"):
         elbo_bits_per_dim(lambda x, t: x, schedule, x0 * float("nan"))
+
+
+# ----------------------------------------------------------------------------- L_hybrid
+class EpsAndVariance(torch.nn.Module):
+    """A "network" whose output is two fixed tensors: the noise guess and the variance channel."""
+
+    def __init__(self, eps: torch.Tensor, v_raw: torch.Tensor) -> None:
+        super().__init__()
+        self.eps = torch.nn.Parameter(eps.clone())
+        self.v_raw = torch.nn.Parameter(v_raw.clone())
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.eps, self.v_raw], dim=1)
+
+
+def test_hybrid_loss_is_mse_plus_lambda_t_times_the_kl(schedule: NoiseSchedule) -> None:
+    """Nichol & Dhariwal 2021, eq. 16, with the KL written through torch.distributions."""
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(3, 1, 4, 4, generator=generator) * 2 - 1
+    noise, guess = torch.randn(2, 3, 1, 4, 4, generator=generator)
+    v_raw = torch.rand(3, 1, 4, 4, generator=generator) * 2 - 1
+    t = torch.tensor([1, 300, 999])
+    loss = hybrid_loss(EpsAndVariance(guess, v_raw), schedule, x0, t=t, noise=noise)
+
+    abar = schedule.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
+    beta = schedule.betas[t].float().reshape(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    x0_hat = (x_t - (1 - abar).sqrt() * guess) / abar.sqrt()
+    abar_prev = schedule.alphas_cumprod[t - 1].float().reshape(-1, 1, 1, 1)
+    tilde = beta * (1 - abar_prev) / (1 - abar)
+
+    def posterior_mean(x: torch.Tensor) -> torch.Tensor:
+        return (abar_prev.sqrt() * beta * x + (1 - beta).sqrt() * (1 - abar_prev) * x_t) / (
+            1 - abar
+        )
+
+    fraction = (v_raw + 1) / 2
+    variance = torch.exp(fraction * beta.log() + (1 - fraction) * tilde.log())
+    kl = kl_divergence(
+        Normal(posterior_mean(x0), tilde.sqrt()), Normal(posterior_mean(x0_hat), variance.sqrt())
+    )
+    expected = F.mse_loss(guess, noise) + 0.001 * 1000 * (kl.mean() / math.log(2))
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_bound_in_hybrid_loss_does_not_train_the_mean(schedule: NoiseSchedule) -> None:
+    generator = torch.Generator().manual_seed(1)
+    x0 = torch.rand(4, 1, 3, 3, generator=generator) * 2 - 1
+    noise, guess, v_raw = torch.randn(3, 4, 1, 3, 3, generator=generator)
+    t = torch.tensor([0, 2, 50, 700])
+    gradients = {}
+    for weight in (0.0, 10.0):
+        model = EpsAndVariance(guess, v_raw)
+        hybrid_loss(model, schedule, x0, t=t, noise=noise, vlb_weight=weight).backward()
+        gradients[weight] = (model.eps.grad, model.v_raw.grad)
+    torch.testing.assert_close(gradients[10.0][0], gradients[0.0][0])  # the mean: L_simple only
+    assert torch.count_nonzero(gradients[0.0][1]) == 0
+    assert gradients[10.0][1].abs().min() > 0  # every variance channel hears the bound
+
+
+def test_hybrid_loss_learns_the_kl_optimal_variance(schedule: NoiseSchedule) -> None:
+    """With the mean off by c * delta, the KL is smallest at sigma^2 = beta_tilde + (c delta)^2,
+    where c = beta_t / (sqrt(alpha_t) sqrt(1 - abar_t)) carries the noise error to the mean."""
+    t, delta = 40, 0.3
+    x0 = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
+    noise = torch.full_like(x0, 0.5)
+    model = EpsAndVariance(noise + delta, torch.zeros_like(x0))
+    optimiser = torch.optim.LBFGS([model.v_raw], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = hybrid_loss(model, schedule, x0, t=torch.tensor([t]), noise=noise)
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    learned = learned_log_variance(schedule, torch.tensor([t]), model.v_raw.detach()).exp()
+    beta, abar = schedule.betas[t], schedule.alphas_cumprod[t]
+    mean_error = beta / ((1 - beta).sqrt() * (1 - abar).sqrt()) * delta
+    optimum = schedule.posterior_variance[t] + mean_error**2
+    assert math.isclose(learned.item(), optimum.item(), rel_tol=1e-6)
+
+
+def test_hybrid_loss_trains_a_two_channel_network() -> None:
+    images = torch.rand(64, 1, 8, 8) * 2 - 1
+    model = FCUNet(image_size=8, widths=(32, 16), out_channels=2)
+    result = train(model, NoiseSchedule.from_name("linear"), images, loss=hybrid_loss, steps=30,
+                   batch_size=16, device="cpu", progress=False, seed=0)  # fmt: skip
+    assert len(result.history.loss) == 30 and all(map(math.isfinite, result.history.loss))
+    variance_bias = result.model.output.bias.detach().reshape(2, 8, 8)[1]
+    assert variance_bias.abs().max() > 0  # the variance channel left its zero start
+
+
+def test_hybrid_loss_rejects_a_one_channel_network(schedule: NoiseSchedule) -> None:
+    with pytest.raises(ValueError, match="a learned variance needs a model with 2C = 2 output"):
+        hybrid_loss(lambda x, t: x, schedule, torch.zeros(2, 1, 2, 2))
+    with pytest.raises(ValueError, match=r"vlb_weight must lie in \[0.0, inf\), got -1.0"):
+        hybrid_loss(lambda x, t: x, schedule, torch.zeros(2, 1, 2, 2), vlb_weight=-1.0)

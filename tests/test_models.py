@@ -137,6 +137,27 @@ def test_noise_predictor_output_shape(name: str, channels: int, image_size: int)
     assert eps.shape == x_t.shape and eps.dtype == x_t.dtype
 
 
+TINY_BUILDERS = {"fc_unet": tiny_fc_unet, "attention_unet": tiny_attention_unet, "dit": tiny_dit}
+
+
+@pytest.mark.parametrize("name", TINY_BUILDERS)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_out_channels_sets_the_output_channels(name: str, channels: int) -> None:
+    model = perturb(TINY_BUILDERS[name](channels, 28, out_channels=2 * channels))
+    x_t, t = inputs(channels, 28)
+    output = model(x_t, t)
+    assert output.shape == (x_t.shape[0], 2 * channels, 28, 28)
+    assert model.out_channels == 2 * channels and model.channels == channels
+    # each output channel is its own function of the input, not a copy of another
+    assert not torch.allclose(output[:, :channels], output[:, channels:])
+
+
+@pytest.mark.parametrize("name", TINY_BUILDERS)
+def test_out_channels_must_be_positive(name: str) -> None:
+    with pytest.raises(ValueError, match="out_channels must be an integer >= 1, got 0"):
+        TINY_BUILDERS[name](1, 28, out_channels=0)
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("image_size", [28, 32])
 def test_autoencoder_shapes(channels: int, image_size: int) -> None:

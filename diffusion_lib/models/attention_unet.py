@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_lib.models.autoencoder import check_image_batch
+from diffusion_lib.models.autoencoder import check_image_batch, check_out_channels
 from diffusion_lib.models.embeddings import TimeEmbedding, embed_labels
 from diffusion_lib.validation import check_model_times, check_positive_int
 
@@ -175,9 +175,11 @@ class AttentionUNet(nn.Module):
         timesteps: T; used only to check that ``t`` lies in 0..T-1.
         num_heads: attention heads; must divide the channels of every attention level.
         norm_groups: GroupNorm groups; must divide the channels of every level.
+        out_channels: channels of the output; ``None`` means C. ``2 C`` gives the noise and a
+            learned variance (see :mod:`diffusion_lib.learned_variance`).
 
     Shapes: ``forward(x_t, t, labels=None)`` with ``x_t`` (B, C, H, W), ``t`` (B,) int64 and
-    ``labels`` (B,) int64 in 0..num_classes -> (B, C, H, W).
+    ``labels`` (B,) int64 in 0..num_classes -> (B, out_channels, H, W).
     """
 
     def __init__(
@@ -193,10 +195,12 @@ class AttentionUNet(nn.Module):
         timesteps: int = 1000,
         num_heads: int = 4,
         norm_groups: int = 8,
+        out_channels: int | None = None,
     ) -> None:
         super().__init__()
         self.image_size = check_positive_int("image_size", image_size)
         self.channels = check_positive_int("channels", channels)
+        self.out_channels = check_out_channels(out_channels, channels)
         self.timesteps = check_positive_int("timesteps", timesteps)
         check_positive_int("base_channels", base_channels)
         check_positive_int("num_res_blocks", num_res_blocks)
@@ -265,7 +269,7 @@ class AttentionUNet(nn.Module):
         self.output = nn.Sequential(
             nn.GroupNorm(norm_groups, width),
             nn.SiLU(),
-            _zero_init(nn.Conv2d(width, channels, 3, padding=1)),
+            _zero_init(nn.Conv2d(width, self.out_channels, 3, padding=1)),
         )
 
     @property

@@ -29,6 +29,11 @@ def check_image_batch(model_name: str, x: Tensor, channels: int, image_size: int
         )
 
 
+def check_out_channels(out_channels: int | None, channels: int) -> int:
+    """The output channels of a noise predictor: ``channels`` when ``None``, else a positive int."""
+    return channels if out_channels is None else check_positive_int("out_channels", out_channels)
+
+
 class DenoisingAutoencoder(nn.Module):
     """Convolutional encoder -> latent vector -> convolutional decoder.
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lib.models.attention_unet import _zero_init
-from diffusion_lib.models.autoencoder import check_image_batch
+from diffusion_lib.models.autoencoder import check_image_batch, check_out_channels
 from diffusion_lib.models.embeddings import TimeEmbedding, embed_labels, sinusoidal_embedding
 from diffusion_lib.validation import check_model_times, check_number, check_positive_int
 
@@ -171,9 +171,11 @@ class DiffusionTransformer(nn.Module):
         mlp_ratio: width of each block's MLP as a multiple of D (4 in the paper).
         num_classes: number of class labels for conditioning, or ``None`` for unconditional.
         timesteps: T; used only to check that ``t`` lies in 0..T-1.
+        out_channels: channels of the output; ``None`` means C. ``2 C`` gives the noise and a
+            learned variance, as the paper trains (see :mod:`diffusion_lib.learned_variance`).
 
     Shapes: ``forward(x_t, t, labels=None)`` with ``x_t`` (B, C, H, W), ``t`` (B,) int64 (or
-    real times in [0, T]) and ``labels`` (B,) int64 in 0..num_classes -> (B, C, H, W).
+    real times in [0, T]) and ``labels`` (B,) int64 in 0..num_classes -> (B, out_channels, H, W).
     """
 
     def __init__(
@@ -187,10 +189,12 @@ class DiffusionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         num_classes: int | None = None,
         timesteps: int = 1000,
+        out_channels: int | None = None,
     ) -> None:
         super().__init__()
         self.image_size = check_positive_int("image_size", image_size)
         self.channels = check_positive_int("channels", channels)
+        self.out_channels = check_out_channels(out_channels, channels)
         self.patch_size = check_positive_int("patch_size", patch_size)
         self.timesteps = check_positive_int("timesteps", timesteps)
         self.depth = check_positive_int("depth", depth)
@@ -215,7 +219,7 @@ class DiffusionTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)
         )
-        self.final_layer = FinalLayer(hidden_size, patch_dim)
+        self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels)
         self._initialise()
 
     def _initialise(self) -> None:
@@ -262,7 +266,7 @@ class DiffusionTransformer(nn.Module):
         for block in self.blocks:
             tokens = block(tokens, condition)
         patches = self.final_layer(tokens, condition)
-        return unpatchify(patches, self.patch_size, self.channels, self.image_size)
+        return unpatchify(patches, self.patch_size, self.out_channels, self.image_size)
 
 
 def _check_widths(image_size: int, patch_size: int, hidden_size: int, num_heads: int) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_lib.models.autoencoder import check_image_batch
+from diffusion_lib.models.autoencoder import check_image_batch, check_out_channels
 from diffusion_lib.models.embeddings import TimeEmbedding
 from diffusion_lib.validation import check_choice, check_model_times, check_positive_int
 
@@ -73,9 +73,11 @@ class FCUNet(nn.Module):
         time_embedding: ``"scalar"`` or ``"sinusoidal"``.
         layer_norm: put a LayerNorm before every hidden activation.
         time_embedding_dim: length of the sinusoidal features (``"sinusoidal"`` only).
+        out_channels: channels of the output; ``None`` means C. ``2 C`` gives the noise and a
+            learned variance (see :mod:`diffusion_lib.learned_variance`).
 
     Shapes: ``forward(x_t, t)`` with ``x_t`` (B, C, H, W) and ``t`` (B,) int64 in 0..T-1 ->
-    (B, C, H, W).
+    (B, out_channels, H, W).
     """
 
     def __init__(
@@ -87,10 +89,12 @@ class FCUNet(nn.Module):
         time_embedding: str = "scalar",
         layer_norm: bool = False,
         time_embedding_dim: int = 64,
+        out_channels: int | None = None,
     ) -> None:
         super().__init__()
         self.image_size = check_positive_int("image_size", image_size)
         self.channels = check_positive_int("channels", channels)
+        self.out_channels = check_out_channels(out_channels, channels)
         self.timesteps = check_positive_int("timesteps", timesteps)
         self.time_embedding = check_choice("time_embedding", time_embedding, TIME_EMBEDDINGS)
         self.widths = tuple(check_positive_int("widths", width) for width in widths)
@@ -116,7 +120,7 @@ class FCUNet(nn.Module):
             _DenseLayer(n_in, n_out, time_dim, layer_norm)
             for n_in, n_out in zip(decoder_widths[:-1], decoder_widths[1:], strict=True)
         )
-        self.output = nn.Linear(self.widths[0], pixels)
+        self.output = nn.Linear(self.widths[0], self.out_channels * image_size * image_size)
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
 
@@ -149,4 +153,4 @@ class FCUNet(nn.Module):
             encoder_activations.append(h)
         for encoder_index, decoder_index in self.skip_pairs:
             h = self.decoder[decoder_index](h, time_features) + encoder_activations[encoder_index]
-        return self.output(h).reshape(x_t.shape)
+        return self.output(h).reshape(x_t.shape[0], self.out_channels, *x_t.shape[2:])
