@@ -34,6 +34,7 @@ from diffusion_lib.command_line import (
     IMAGE_CHANNELS,
     IMAGE_SIZE,
     SAMPLERS,
+    SCHEDULE_OBJECTIVES,
     build_parser,
 )
 from diffusion_lib.data import (
@@ -46,7 +47,8 @@ from diffusion_lib.devices import select_device
 from diffusion_lib.distillation import ProgressiveDistillation
 from diffusion_lib.edm import EDMNoiseLevels, PreconditionedDenoiser, edm_loss, edm_sample
 from diffusion_lib.flow_matching import RectifiedFlow, flow_sample
-from diffusion_lib.losses import diffusion_loss
+from diffusion_lib.learned_variance import NoiseOnly
+from diffusion_lib.losses import diffusion_loss, hybrid_loss
 from diffusion_lib.models import MODELS, build_model, count_parameters
 from diffusion_lib.predictions import NoiseFromPrediction
 from diffusion_lib.sampling import ddim_sample, ddpm_sample
@@ -86,6 +88,27 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 f"(choose one of {', '.join(conditional) or 'none'})"
             )
         kwargs["num_classes"] = len(CLASS_NAMES[args.dataset])
+    return _with_output_channels(kwargs, args.objective)
+
+
+def _with_output_channels(kwargs: dict[str, Any], objective: str) -> dict[str, Any]:
+    """The model arguments with the output channels that --objective needs: 2C for hybrid (the
+    noise, then the variance), else C, left to the model's default."""
+    channels = kwargs["channels"]
+    needed = 2 * channels if objective == "hybrid" else channels
+    given = kwargs.get("out_channels", needed)
+    if given != needed:
+        hint = (
+            "the noise, then the variance"
+            if objective == "hybrid"
+            else "one per image channel; --objective hybrid trains 2C, the noise and its variance"
+        )
+        raise CommandError(
+            f"--objective {objective} needs out_channels={needed} ({hint}); leave out "
+            f"--model-arg out_channels={given}"
+        )
+    if objective == "hybrid":
+        kwargs["out_channels"] = needed
     return kwargs
 
 
@@ -114,8 +137,9 @@ def _noise_loss(args: argparse.Namespace) -> Callable[..., torch.Tensor] | None:
     if args.objective != "noise":
         raise CommandError(
             "--prediction and --snr-gamma apply to --objective noise only: a flow model always "
-            "predicts the velocity of the straight path, with the plain flow-matching loss, and "
-            "an edm model its preconditioned target, with EDM's weight"
+            "predicts the velocity of the straight path, with the plain flow-matching loss, an "
+            "edm model its preconditioned target, with EDM's weight, and a hybrid model the "
+            "noise and its variance, with L_hybrid"
         )
     if args.snr_gamma is not None and not 0 < args.snr_gamma < math.inf:
         raise CommandError(f"--snr-gamma must be a number > 0 (5 is typical), got {args.snr_gamma}")
@@ -136,7 +160,8 @@ def _objective(
         return denoiser, EDMNoiseLevels(sigma_data=args.sigma_data), edm_loss
     if args.objective == "flow":
         return network, RectifiedFlow(args.timesteps), loss
-    return network, NoiseSchedule.from_name(args.schedule, args.timesteps), loss
+    schedule = NoiseSchedule.from_name(args.schedule, args.timesteps)
+    return network, schedule, hybrid_loss if args.objective == "hybrid" else loss
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -162,7 +187,7 @@ def run_train(args: argparse.Namespace) -> None:
     }
     if args.objective == "edm":
         config["sigma_data"] = args.sigma_data
-    elif loss is not None:
+    elif args.objective == "noise" and loss is not None:
         # Absent keys mean epsilon and plain MSE: a default run writes the config it always did.
         config.update(prediction=args.prediction, snr_gamma=args.snr_gamma)
     print(
@@ -203,7 +228,7 @@ def _read_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def _sampler(args: argparse.Namespace, config: dict[str, Any]) -> str:
-    """The sampler asked for, or the checkpoint's default: ddim for noise, euler for a flow."""
+    """The sampler asked for, or the checkpoint's default for its objective (DEFAULT_SAMPLERS)."""
     objective = config.get("objective", "noise")
     allowed = SAMPLERS[objective]
     sampler = args.sampler or DEFAULT_SAMPLERS[objective]
@@ -226,7 +251,7 @@ def _check_sampling_args(args: argparse.Namespace, config: dict[str, Any], sampl
     steps = args.steps if args.steps is not None else config.get("distilled_steps", default_steps)
     if objective in ("flow", "edm") and steps < 1:
         raise CommandError(f"--steps must be >= 1, got {steps}")
-    if objective == "noise" and not 1 <= steps <= timesteps:
+    if objective in SCHEDULE_OBJECTIVES and not 1 <= steps <= timesteps:
         raise CommandError(
             f"--steps must lie in 1..{timesteps} (T of this checkpoint), got {steps}"
         )
@@ -268,6 +293,24 @@ def _rebuild(
     return model.to(device).eval(), schedule
 
 
+def _as_noise_sampler_reads_it(
+    network: nn.Module, schedule: NoiseSchedule, config: dict[str, Any], sampler: str
+) -> tuple[nn.Module, str | None]:
+    """The model a noise sampler calls, and the ddpm variance it asks for (``None``: the default).
+
+    An x0 or v network goes through the noise it implies. A hybrid network's learned variance
+    sets each ddpm step's variance; the other samplers read only its noise channels.
+    """
+    prediction = config.get("prediction", "epsilon")
+    if prediction != "epsilon":
+        return NoiseFromPrediction(network, schedule, prediction), None
+    if config.get("objective") != "hybrid":
+        return network, None
+    if sampler == "ddpm":
+        return network, "learned"
+    return NoiseOnly(network), None
+
+
 def run_sample(args: argparse.Namespace) -> None:
     """``sample``: rebuild model and schedule from the checkpoint and save a grid of samples."""
     path, state = _read_checkpoint(args.checkpoint)
@@ -275,11 +318,8 @@ def run_sample(args: argparse.Namespace) -> None:
     sampler = _sampler(args, config)
     steps = _check_sampling_args(args, config, sampler)
     device = select_device(args.device)
-    model, schedule = _rebuild(path, state, device)
-    prediction = config.get("prediction", "epsilon")
-    if prediction != "epsilon":
-        # The samplers ask for the noise; the wrapper derives it from an x0 or v output.
-        model = NoiseFromPrediction(model, schedule, prediction)
+    network, schedule = _rebuild(path, state, device)
+    model, variance = _as_noise_sampler_reads_it(network, schedule, config, sampler)
     num = cap_samples(args.num)
     kwargs = config["model"]["kwargs"]
     size = kwargs.get("image_size", IMAGE_SIZE)
@@ -292,9 +332,11 @@ def run_sample(args: argparse.Namespace) -> None:
     }
     if args.label is not None:
         options["labels"] = torch.full((num,), args.label, dtype=torch.long, device=device)
-        options.update(guidance=args.guidance, null_label=model.null_label)
+        options.update(guidance=args.guidance, null_label=network.null_label)
     if sampler == "ddim":
         options["eta"] = args.eta
+    if variance is not None:
+        options["variance"] = variance
     if config.get("objective", "noise") == "flow":
         flow = RectifiedFlow(config["schedule"]["timesteps"])
         samples = flow_sample(model, flow, shape, solver=sampler, **options)
@@ -307,7 +349,8 @@ def run_sample(args: argparse.Namespace) -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, args.output)
     width, height = grid.shape[2], grid.shape[1]
-    print(f"saved {num} samples ({sampler}, {steps} steps) to {args.output} ({width}x{height})")
+    method = sampler if variance is None else f"{sampler}, {variance} variance"
+    print(f"saved {num} samples ({method}, {steps} steps) to {args.output} ({width}x{height})")
 
 
 def _check_teacher(config: dict[str, Any], student_steps: int) -> None:

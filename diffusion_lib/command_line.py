@@ -16,14 +16,18 @@ from diffusion_lib.models import MODELS
 from diffusion_lib.predictions import PREDICTIONS
 from diffusion_lib.schedules import SCHEDULES
 
-# L_simple with a noise schedule, flow matching, or EDM's preconditioned denoiser
-OBJECTIVES = ("noise", "flow", "edm")
+# L_simple with a noise schedule, flow matching, EDM's preconditioned denoiser, or L_hybrid
+# (the noise and a learned variance, Nichol & Dhariwal 2021) with a noise schedule
+OBJECTIVES = ("noise", "flow", "edm", "hybrid")
 SAMPLERS = {
     "noise": ("ddpm", "ddim", "dpm-solver", "heun"),
     "flow": ("euler", "heun"),
     "edm": ("heun", "euler"),
+    "hybrid": ("ddpm", "ddim", "dpm-solver", "heun"),
 }
-DEFAULT_SAMPLERS = {"noise": "ddim", "flow": "euler", "edm": "heun"}
+DEFAULT_SAMPLERS = {"noise": "ddim", "flow": "euler", "edm": "heun", "hybrid": "ddpm"}
+# The objectives whose models are sampled on the training schedule's T timesteps
+SCHEDULE_OBJECTIVES = ("noise", "hybrid")
 IMAGE_SIZE, IMAGE_CHANNELS = 28, 1  # MNIST and Fashion-MNIST
 
 EPILOG = """\
@@ -42,9 +46,13 @@ examples:
   python -m diffusion_lib train --model fc_unet --dataset mnist --objective flow --steps 5000 \\
       --output runs/flow
   python -m diffusion_lib sample --checkpoint runs/flow/checkpoint.pt --sampler euler --steps 20
-  python -m diffusion_lib train --model attention_unet --dataset mnist --objective edm \
+  python -m diffusion_lib train --model attention_unet --dataset mnist --objective edm \\
       --steps 20000 --output runs/edm
   python -m diffusion_lib sample --checkpoint runs/edm/checkpoint.pt --steps 18 --output edm.png
+  python -m diffusion_lib train --model attention_unet --dataset mnist --objective hybrid \\
+      --schedule cosine --steps 20000 --output runs/hybrid
+  python -m diffusion_lib sample --checkpoint runs/hybrid/checkpoint.pt --steps 100 \\
+      --output hybrid.png
   python -m diffusion_lib distill --checkpoint runs/flow/checkpoint.pt --student-steps 16 \\
       --steps 2000 --output runs/flow16
   python -m diffusion_lib distill --checkpoint runs/flow16/checkpoint.pt --student-steps 8 \\
@@ -88,7 +96,10 @@ def _add_model_options(group: argparse._ArgumentGroup) -> None:
         help="noise: predict the noise (L_simple); flow: predict the velocity of the straight "
         "path (flow matching, sampled with euler or heun); edm: the preconditioned denoiser of "
         "Karras et al. 2022 with log-normal noise levels, sampled with heun or euler on their "
-        "noise levels (default: noise)",
+        "noise levels; hybrid: predict the noise and, in C more output channels, the variance "
+        "of each reverse step, trained with L_hybrid (Nichol & Dhariwal 2021) and sampled "
+        "with ddpm on the learned variance, or with ddim, dpm-solver or heun on the noise "
+        "alone (default: noise)",
     )
     group.add_argument(
         "--sigma-data",
@@ -212,15 +223,16 @@ def _add_sample_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--sampler",
         choices=sorted({name for names in SAMPLERS.values() for name in names}),
-        help="ddpm, ddim, dpm-solver (DPM-Solver++(2M)) or heun for a noise model, euler or "
-        "heun for a flow or an edm model (default: ddim for noise, euler for a flow, heun for "
-        "edm)",
+        help="ddpm, ddim, dpm-solver (DPM-Solver++(2M)) or heun for a noise or a hybrid model, "
+        "euler or heun for a flow or an edm model; ddpm draws each step of a hybrid model with "
+        "its learned variance, the others read only its noise (default: ddim for noise, ddpm "
+        "for hybrid, euler for a flow, heun for edm)",
     )
     parser.add_argument(
         "--steps",
         type=int,
-        help="denoising steps, at most T for a noise model (default: T for ddpm, 18 for edm, "
-        "else 50)",
+        help="denoising steps, at most T for a noise or a hybrid model, where ddpm respaces the "
+        "schedule to visit fewer (default: T for ddpm, 18 for edm, else 50)",
     )
     parser.add_argument(
         "--eta", type=float, default=0.0, help="ddim noise: 0 deterministic, 1 DDPM-like"

@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_lib import losses, predictions
+from diffusion_lib import learned_variance, losses, predictions, sampling
 from diffusion_lib.__main__ import CommandError, main
 from diffusion_lib.checkpoints import load_checkpoint, save_checkpoint
 from diffusion_lib.data import DATA_VARIABLE, data_root
 from diffusion_lib.edm import preconditioning
-from diffusion_lib.losses import diffusion_loss
+from diffusion_lib.losses import diffusion_loss, hybrid_loss
 from diffusion_lib.smoke import SMOKE_VARIABLE
 
 DATA_FOLDER = data_root()
@@ -103,7 +103,8 @@ def test_train_then_sample_end_to_end_in_smoke_mode(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """An unconditional and a conditional checkpoint, trained in-process in smoke mode."""
+    """Noise checkpoints (unconditional and conditional), a flow one and a conditional hybrid one
+    (noise and learned variance), trained in-process in smoke mode."""
     if not (DATA_FOLDER / "MNIST" / "raw").is_dir():
         pytest.skip(f"MNIST not found under {DATA_FOLDER}")
     folder = tmp_path_factory.mktemp("cli")
@@ -114,10 +115,13 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         conditional = train_arguments(folder / "labels", TINY_ATTENTION_UNET, "--conditional")
         assert main(conditional) == 0
         assert main(train_arguments(folder / "flow", TINY_FC_UNET, "--objective", "flow")) == 0
+        hybrid = ["--objective", "hybrid", "--conditional"]
+        assert main(train_arguments(folder / "hybrid", TINY_ATTENTION_UNET, *hybrid)) == 0
     return {
         "plain": folder / "plain" / "checkpoint.pt",
         "labels": folder / "labels" / "checkpoint.pt",
         "flow": folder / "flow" / "checkpoint.pt",
+        "hybrid": folder / "hybrid" / "checkpoint.pt",
     }
 
 
@@ -139,6 +143,12 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         ),
         ("flow", ["--sampler", "ddim"], "trained with --objective flow; choose euler or heun"),
         ("flow", ["--steps", "0"], "--steps must be >= 1"),
+        (
+            "hybrid",
+            ["--sampler", "euler"],
+            "trained with --objective hybrid; choose ddpm, ddim, dpm-solver or heun",
+        ),
+        ("hybrid", ["--steps", str(TIMESTEPS + 1)], f"1..{TIMESTEPS}"),
     ],
 )
 def test_sampling_errors_are_clear(
@@ -521,3 +531,71 @@ def test_a_diffusion_transformer_trains_and_samples_from_the_command_line(
     ])  # fmt: skip
     assert status == 0 and (tmp_path / "dit.png").is_file()
     assert "saved 4 samples (ddim, 3 steps)" in capsys.readouterr().out
+
+
+@needs_mnist
+def test_a_hybrid_run_trains_2c_output_channels_with_l_hybrid(tmp_path, monkeypatch) -> None:
+    """--objective hybrid gives the network a variance channel per image channel, hands the
+    engine hybrid_loss on the chosen schedule, and records the objective but no prediction."""
+    kwargs = arguments_given_to_train(tmp_path, monkeypatch, "--objective", "hybrid")
+    assert kwargs["loss"] is hybrid_loss
+    config = kwargs["config"]
+    assert config["objective"] == "hybrid"
+    assert config["model"]["kwargs"]["out_channels"] == 2
+    assert "prediction" not in config and "snr_gamma" not in config
+
+
+def test_a_hybrid_checkpoint_rebuilds_its_variance_channels(checkpoints) -> None:
+    state = load_checkpoint(checkpoints["hybrid"])
+    assert state["config"]["objective"] == "hybrid"
+    assert state["config"]["model"]["kwargs"]["out_channels"] == 2
+    assert state["ema"]["output.2.weight"].shape[0] == 2  # the last convolution: eps, then v
+
+
+@pytest.mark.parametrize(
+    ("sampler", "guidance"),
+    [(None, []), ("ddpm", ["--guidance", "2"]), ("ddim", ["--guidance", "2"])],
+)
+def test_a_hybrid_checkpoint_samples_ddpm_with_its_learned_variance_and_ddim_with_its_noise(
+    checkpoints, sampler, guidance, tmp_path, monkeypatch, capsys
+) -> None:
+    """ddpm, the default, sets every step's variance from the network's v channels; ddim reads
+    the noise channels alone through NoiseOnly, with guidance as for a noise model."""
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    variances = record_calls(monkeypatch, sampling, "learned_log_variance")
+    noise_only = record_calls(monkeypatch, learned_variance, "split_eps_and_v")
+    output = tmp_path / "hybrid.png"
+    options = [] if sampler is None else ["--sampler", sampler]
+    status = main([
+        "sample", "--checkpoint", str(checkpoints["hybrid"]), "--steps", "4", "--num", "4",
+        "--label", "3", "--output", str(output), *options, *guidance,
+    ])  # fmt: skip
+    assert status == 0
+    with Image.open(output) as image:
+        assert image.size == (2 * 30 + 2, 2 * 30 + 2)
+    if sampler == "ddim":
+        assert "(ddim, 4 steps)" in capsys.readouterr().out
+        assert variances == [] and len(noise_only) == 4
+        assert all(call[0].shape[1] == 2 for call in noise_only)
+    else:
+        assert "(ddpm, learned variance, 4 steps)" in capsys.readouterr().out
+        assert len(variances) == 4 and noise_only == []
+
+
+@needs_mnist
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--objective", "hybrid", "--prediction", "v"], "apply to --objective noise only"),
+        (["--objective", "hybrid", "--model-arg", "out_channels=1"], "needs out_channels=2"),
+        (["--model-arg", "out_channels=2"], "--objective hybrid trains 2C"),
+    ],
+)
+def test_hybrid_training_errors_are_clear(
+    arguments, message, tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+    assert main(train_arguments(tmp_path / "never", TINY_FC_UNET, *arguments)) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
