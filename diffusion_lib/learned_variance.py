@@ -60,12 +60,15 @@ class NoiseOnly(nn.Module):
     """The noise channels of a learned-variance network, for samplers that need only eps.
 
     ``NoiseOnly(model)(x_t, t, *args)`` returns the first C channels of ``model(x_t, t, *args)``
-    (B, 2C, ...), where C is ``x_t``'s channel count: what DDIM and the ODE solvers read.
+    (B, 2C, ...), where C is ``x_t``'s channel count: what DDIM and the ODE solvers read. A
+    conditional model's ``null_label`` is kept, for classifier-free guidance.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        if hasattr(model, "null_label"):
+            self.null_label = model.null_label
 
     def forward(self, x_t: Tensor, t: Tensor, *args: Tensor) -> Tensor:
         eps, _ = split_eps_and_v(self.model(x_t, t, *args), x_t.shape[1])

@@ -188,6 +188,14 @@ def test_split_and_noise_only_take_the_first_c_channels() -> None:
     torch.testing.assert_close(NoiseOnly(model)(x_t, torch.tensor([1, 2])), x_t + 1)
 
 
+def test_noise_only_keeps_the_null_label_of_a_conditional_model() -> None:
+    from diffusion_lib import AttentionUNet
+
+    options = dict(base_channels=8, num_res_blocks=1, num_heads=2, out_channels=2)
+    assert NoiseOnly(AttentionUNet(num_classes=10, **options)).null_label == 10
+    assert not hasattr(NoiseOnly(AttentionUNet(**options)), "null_label")
+
+
 def test_noise_only_lets_ddim_read_a_learned_variance_model(linear: NoiseSchedule) -> None:
     two_channel = constant_variance_model(gaussian_eps(linear), 0.4)
     kwargs = dict(steps=10, clip_x0=None, x_T=torch.randn(3, 1, 2, 2))
