@@ -161,12 +161,25 @@ def _objective(
     if args.objective == "flow":
         return network, RectifiedFlow(args.timesteps), loss
     schedule = NoiseSchedule.from_name(args.schedule, args.timesteps)
-    return network, schedule, hybrid_loss if args.objective == "hybrid" else loss
+    return network, schedule, _hybrid_loss(args) if args.objective == "hybrid" else loss
+
+
+def _hybrid_loss(args: argparse.Namespace) -> Callable[..., torch.Tensor]:
+    """hybrid_loss, with --vlb-weight as its lambda when given."""
+    if args.vlb_weight is None:
+        return hybrid_loss
+    if not 0 <= args.vlb_weight < math.inf:
+        raise CommandError(
+            f"--vlb-weight must be a number >= 0 (0.001 is typical), got {args.vlb_weight}"
+        )
+    return functools.partial(hybrid_loss, vlb_weight=args.vlb_weight)
 
 
 def run_train(args: argparse.Namespace) -> None:
     """``train``: load the dataset, build model and schedule, train, report the checkpoint."""
     low, high = args.value_range
+    if args.vlb_weight is not None and args.objective != "hybrid":
+        raise CommandError("--vlb-weight applies to --objective hybrid only")
     loss = _noise_loss(args)
     kwargs = _model_kwargs(args)
     try:
@@ -187,6 +200,8 @@ def run_train(args: argparse.Namespace) -> None:
     }
     if args.objective == "edm":
         config["sigma_data"] = args.sigma_data
+    elif args.objective == "hybrid":
+        config["vlb_weight"] = 0.001 if args.vlb_weight is None else args.vlb_weight
     elif args.objective == "noise" and loss is not None:
         # Absent keys mean epsilon and plain MSE: a default run writes the config it always did.
         config.update(prediction=args.prediction, snr_gamma=args.snr_gamma)

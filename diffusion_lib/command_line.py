@@ -109,6 +109,13 @@ def _add_model_options(group: argparse._ArgumentGroup) -> None:
         "[-1, 1])",
     )
     group.add_argument(
+        "--vlb-weight",
+        type=float,
+        default=None,
+        help="with --objective hybrid, lambda in L_hybrid = L_simple + lambda L_vlb, the weight "
+        "of the bound that trains the variance (default: 0.001, Nichol & Dhariwal's value)",
+    )
+    group.add_argument(
         "--prediction",
         default="epsilon",
         choices=PREDICTIONS,

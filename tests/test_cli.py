@@ -543,6 +543,14 @@ def test_a_hybrid_run_trains_2c_output_channels_with_l_hybrid(tmp_path, monkeypa
     assert config["objective"] == "hybrid"
     assert config["model"]["kwargs"]["out_channels"] == 2
     assert "prediction" not in config and "snr_gamma" not in config
+    assert config["vlb_weight"] == 0.001
+
+
+def test_vlb_weight_sets_lambda_of_l_hybrid(tmp_path, monkeypatch) -> None:
+    kwargs = arguments_given_to_train(tmp_path, monkeypatch, "--objective", "hybrid",
+                                      "--vlb-weight", "0.01")  # fmt: skip
+    assert kwargs["loss"].func is hybrid_loss and kwargs["loss"].keywords == {"vlb_weight": 0.01}
+    assert kwargs["config"]["vlb_weight"] == 0.01
 
 
 def test_a_hybrid_checkpoint_rebuilds_its_variance_channels(checkpoints) -> None:
@@ -589,6 +597,8 @@ def test_a_hybrid_checkpoint_samples_ddpm_with_its_learned_variance_and_ddim_wit
         (["--objective", "hybrid", "--prediction", "v"], "apply to --objective noise only"),
         (["--objective", "hybrid", "--model-arg", "out_channels=1"], "needs out_channels=2"),
         (["--model-arg", "out_channels=2"], "--objective hybrid trains 2C"),
+        (["--objective", "hybrid", "--vlb-weight", "-1"], "--vlb-weight must be a number >= 0"),
+        (["--vlb-weight", "0.01"], "--vlb-weight applies to --objective hybrid only"),
     ],
 )
 def test_hybrid_training_errors_are_clear(
