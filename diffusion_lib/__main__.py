@@ -1,8 +1,10 @@
 """Command line: ``python -m diffusion_lib train ...`` trains a model, ``... sample ...`` draws from
-it, and ``... distill ...`` halves the sampling steps of a flow model (progressive distillation).
+it, ``... evaluate ...`` scores its samples (and its variational bound), and ``... distill ...``
+halves the sampling steps of a flow model (progressive distillation).
 
 A checkpoint written by ``train`` records the model's name and arguments, the schedule, the
-dataset and its value range, so ``sample`` and ``distill`` rebuild everything from the file alone.
+dataset and its value range, so ``sample``, ``evaluate`` and ``distill`` rebuild everything from
+the file alone.
 The options and the help text are defined in :mod:`diffusion_lib.command_line`.
 """
 
@@ -12,9 +14,13 @@ import argparse
 import copy
 import functools
 import inspect
+import json
 import math
+import os
 import sys
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +54,20 @@ from diffusion_lib.distillation import ProgressiveDistillation
 from diffusion_lib.edm import EDMNoiseLevels, PreconditionedDenoiser, edm_loss, edm_sample
 from diffusion_lib.flow_matching import RectifiedFlow, flow_sample
 from diffusion_lib.learned_variance import NoiseOnly
-from diffusion_lib.losses import diffusion_loss, hybrid_loss
+from diffusion_lib.losses import diffusion_loss, elbo_bits_per_dim, hybrid_loss
+from diffusion_lib.metrics import (
+    CLASSIFIER_VERSION,
+    SPLIT_SIZES,
+    QualityScore,
+    ReferenceClassifier,
+    get_classifier,
+    score_samples,
+)
 from diffusion_lib.models import MODELS, build_model, count_parameters
 from diffusion_lib.predictions import NoiseFromPrediction
 from diffusion_lib.sampling import ddim_sample, ddpm_sample
 from diffusion_lib.schedules import NoiseSchedule
-from diffusion_lib.smoke import cap_samples
+from diffusion_lib.smoke import cap_samples, cap_sampling_steps
 from diffusion_lib.solvers import dpm_solver_sample, heun_sample
 from diffusion_lib.training import train
 
@@ -63,6 +77,10 @@ NOISE_SAMPLERS = {
     "dpm-solver": dpm_solver_sample,
     "heun": heun_sample,
 }
+# The rows of evaluate's table: JSON key, then the label printed.
+SCORE_ROWS = {"samples": "samples", "real_test_images": "real test images"}
+# Test images per batch of the bound: T network calls each, without gradients.
+BOUND_BATCH_SIZE = 256
 
 
 class CommandError(Exception):
@@ -326,46 +344,250 @@ def _as_noise_sampler_reads_it(
     return NoiseOnly(network), None
 
 
-def run_sample(args: argparse.Namespace) -> None:
-    """``sample``: rebuild model and schedule from the checkpoint and save a grid of samples."""
+@dataclass
+class SamplingPlan:
+    """A checkpoint rebuilt for sampling, with the sampling options checked against it.
+
+    Attributes:
+        path: the checkpoint file.
+        config: its config (model, schedule, dataset, value range, objective).
+        network: the model with the EMA weights, in eval mode, on ``device``.
+        schedule: the training schedule (what noise and hybrid models are sampled on).
+        sampler: one of ``SAMPLERS[objective]``.
+        steps: the denoising steps, after smoke mode's cap.
+        device: where the model runs.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    network: nn.Module
+    schedule: NoiseSchedule
+    sampler: str
+    steps: int
+    device: torch.device
+
+
+def _plan_sampling(args: argparse.Namespace) -> SamplingPlan:
+    """Read --checkpoint, check the sampling options against it and rebuild its model."""
     path, state = _read_checkpoint(args.checkpoint)
     config = state["config"]
     sampler = _sampler(args, config)
     steps = _check_sampling_args(args, config, sampler)
     device = select_device(args.device)
     network, schedule = _rebuild(path, state, device)
-    model, variance = _as_noise_sampler_reads_it(network, schedule, config, sampler)
+    return SamplingPlan(path, config, network, schedule, sampler, cap_sampling_steps(steps), device)
+
+
+def _draw_samples(plan: SamplingPlan, args: argparse.Namespace) -> tuple[torch.Tensor, str | None]:
+    """``cap_samples(args.num)`` samples (N, C, H, W), float32 on the CPU in the checkpoint's
+    value range, and the ddpm variance they were drawn with (``None``: the sampler's default).
+
+    --label and --guidance steer a conditional model (classifier-free guidance), --eta sets
+    ddim's noise. The noise comes from a CPU generator seeded with --seed, so a seed gives the
+    same images on every device.
+    """
+    config, device = plan.config, plan.device
+    model, variance = _as_noise_sampler_reads_it(plan.network, plan.schedule, config, plan.sampler)
     num = cap_samples(args.num)
     kwargs = config["model"]["kwargs"]
     size = kwargs.get("image_size", IMAGE_SIZE)
     shape = (num, kwargs.get("channels", IMAGE_CHANNELS), size, size)
-    # Noise comes from a CPU generator, so a seed gives the same images on every device.
     options: dict[str, Any] = {
-        "steps": steps,
+        "steps": plan.steps,
         "generator": torch.Generator().manual_seed(args.seed),
         "device": device,
     }
     if args.label is not None:
         options["labels"] = torch.full((num,), args.label, dtype=torch.long, device=device)
-        options.update(guidance=args.guidance, null_label=network.null_label)
-    if sampler == "ddim":
+        options.update(guidance=args.guidance, null_label=plan.network.null_label)
+    if plan.sampler == "ddim":
         options["eta"] = args.eta
     if variance is not None:
         options["variance"] = variance
     if config.get("objective", "noise") == "flow":
         flow = RectifiedFlow(config["schedule"]["timesteps"])
-        samples = flow_sample(model, flow, shape, solver=sampler, **options)
+        samples = flow_sample(model, flow, shape, solver=plan.sampler, **options)
     elif config.get("objective") == "edm":
-        samples = edm_sample(model, shape, solver=sampler, **options)
+        samples = edm_sample(model, shape, solver=plan.sampler, **options)
     else:
-        samples = NOISE_SAMPLERS[sampler](model, schedule, shape, **options)
-    pictures = to_unit_interval(samples.float().cpu(), tuple(config["value_range"]))
+        samples = NOISE_SAMPLERS[plan.sampler](model, plan.schedule, shape, **options)
+    return samples.float().cpu(), variance
+
+
+def _method(sampler: str, variance: str | None, steps: int) -> str:
+    """How samples were drawn, in words: ``"ddpm, learned variance, 100 steps"``."""
+    return ", ".join([sampler, *([f"{variance} variance"] if variance else []), f"{steps} steps"])
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    """``sample``: rebuild model and schedule from the checkpoint and save a grid of samples."""
+    plan = _plan_sampling(args)
+    samples, variance = _draw_samples(plan, args)
+    num = len(samples)
+    pictures = to_unit_interval(samples, tuple(plan.config["value_range"]))
     grid = make_grid(pictures, nrow=math.ceil(math.sqrt(num)), padding=2)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, args.output)
     width, height = grid.shape[2], grid.shape[1]
-    method = sampler if variance is None else f"{sampler}, {variance} variance"
-    print(f"saved {num} samples ({method}, {steps} steps) to {args.output} ({width}x{height})")
+    method = _method(plan.sampler, variance, plan.steps)
+    print(f"saved {num} samples ({method}) to {args.output} ({width}x{height})")
+
+
+def _check_evaluation_args(args: argparse.Namespace) -> None:
+    """The checks on evaluate's own options that need no checkpoint."""
+    test_images = SPLIT_SIZES[False]
+    if not 2 <= args.num <= test_images:
+        raise CommandError(
+            f"--num must lie in 2..{test_images} (the Fréchet distance fits a covariance to at "
+            f"least 2 samples, and as many real test images are scored beside them); got {args.num}"
+        )
+    if not 0 <= args.bound_images <= test_images:
+        raise CommandError(
+            f"--bound-images must lie in 0..{test_images} (0 skips the bound); "
+            f"got {args.bound_images}"
+        )
+    if args.json is not None and args.json.is_dir():
+        raise CommandError(f"--json names a file to write; {args.json} is a folder")
+
+
+def _check_bound_fits(config: dict[str, Any], bound_images: int) -> None:
+    """--bound-images needs a model with a noise schedule, trained on data in [-1, 1]."""
+    if bound_images == 0:
+        return
+    objective = config.get("objective", "noise")
+    if objective not in SCHEDULE_OBJECTIVES:
+        allowed = " or ".join(f"--objective {name}" for name in SCHEDULE_OBJECTIVES)
+        raise CommandError(
+            f"--bound-images needs a checkpoint trained with {allowed}, whose noise schedule "
+            f"defines the variational bound; this one was trained with --objective {objective}"
+        )
+    if [float(value) for value in config["value_range"]] != [-1.0, 1.0]:
+        raise CommandError(
+            "--bound-images needs a checkpoint trained on images in [-1, 1], where the bound's "
+            "decoder scores 8-bit pixels; this one was trained with --value-range "
+            f"{' '.join(str(value) for value in config['value_range'])}"
+        )
+
+
+def _quality_scores(
+    samples: torch.Tensor, plan: SamplingPlan, classifier: ReferenceClassifier
+) -> dict[str, QualityScore]:
+    """Scores of ``samples`` (N, 1, 28, 28) and of the first N real test images, by SCORE_ROWS key.
+
+    The Fréchet distance of N images is biased upwards, the more so the smaller N, so the
+    samples' distance compares with the real images' distance at the same N, not with 0.
+    """
+    dataset = plan.config["dataset"]
+    real_images, _ = load_images(dataset, train=False, limit=len(samples))
+    value_range = tuple(plan.config["value_range"])
+    return {
+        "samples": score_samples(samples, dataset, value_range=value_range, classifier=classifier),
+        "real_test_images": score_samples(real_images, dataset, classifier=classifier),
+    }
+
+
+def _variational_bound(plan: SamplingPlan, num_images: int, seed: int) -> dict[str, Any]:
+    """The negative ELBO (Ho et al. 2020, eq. 5) in bits per dimension, averaged over the first
+    ``cap_samples(num_images)`` test images.
+
+    The reverse process is the one ddpm samples: a hybrid model's learned variance, otherwise
+    the posterior variance beta_tilde ("small"); an x0 or v model through the noise it implies.
+    A conditional model is called without labels (its null label). Each x_t's noise comes from
+    a CPU generator seeded with ``seed``, which runs on through batches of BOUND_BATCH_SIZE.
+    """
+    model, variance = _as_noise_sampler_reads_it(plan.network, plan.schedule, plan.config, "ddpm")
+    variance = variance or "small"
+    x0, _ = load_images(plan.config["dataset"], train=False, limit=cap_samples(num_images))
+    generator = torch.Generator().manual_seed(seed)
+    totals = [
+        elbo_bits_per_dim(
+            model, plan.schedule, batch.to(plan.device), variance=variance, generator=generator
+        ).total
+        for batch in x0.split(BOUND_BATCH_SIZE)
+    ]
+    bits_per_dim = float(torch.cat(totals).mean())
+    return {"bits_per_dim": bits_per_dim, "images": len(x0), "variance": variance}
+
+
+def _score_table(scores: dict[str, QualityScore]) -> str:
+    """The scores as a table of aligned columns, one row per SCORE_ROWS entry."""
+    lines = [f"{'':<18}{'n':>6}{'Fréchet distance':>18}{'confident':>11}{'class entropy':>15}"]
+    for key, score in scores.items():
+        lines.append(
+            f"{SCORE_ROWS[key]:<18}{score.n:>6}{score.frechet_distance:>18.2f}"
+            f"{score.confident_share:>11.1%}{score.class_entropy:>15.3f}"
+        )
+    return "\n".join(lines)
+
+
+def _evaluation_record(
+    args: argparse.Namespace,
+    plan: SamplingPlan,
+    variance: str | None,
+    scores: dict[str, QualityScore],
+    bound: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Everything evaluate measured, and how, as a JSON-ready dict."""
+    return {
+        "checkpoint": str(plan.path),
+        "dataset": plan.config["dataset"],
+        "sampler": plan.sampler,
+        "variance": variance,
+        "steps": plan.steps,
+        "seed": args.seed,
+        "label": args.label,
+        "guidance": args.guidance,
+        "classifier_version": CLASSIFIER_VERSION,
+        **{
+            key: {**score.as_row(), "class_counts": list(score.class_counts)}
+            for key, score in scores.items()
+        },
+        "bound": bound,
+    }
+
+
+def _write_json_atomically(path: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` to a temporary file beside ``path``, then rename it to ``path``: a
+    reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            json.dump(record, file, indent=2)
+            file.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would hide the scores from others
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    """``evaluate``: score samples of a checkpoint beside as many real test images, and with
+    --bound-images its variational bound."""
+    _check_evaluation_args(args)
+    plan = _plan_sampling(args)
+    _check_bound_fits(plan.config, args.bound_images)
+    classifier = get_classifier(plan.config["dataset"], device=plan.device)
+    samples, variance = _draw_samples(plan, args)
+    scores = _quality_scores(samples, plan, classifier)
+    bound = _variational_bound(plan, args.bound_images, args.seed) if args.bound_images else None
+    guided = "" if args.label is None else f", label {args.label}, guidance {args.guidance:g}"
+    print(
+        f"{plan.path}: {len(samples)} samples of {plan.config['dataset']} "
+        f"({_method(plan.sampler, variance, plan.steps)}{guided}, seed {args.seed})"
+    )
+    print(_score_table(scores))
+    if bound is not None:
+        print(
+            f"variational bound: {bound['bits_per_dim']:.4f} bits/dim on {bound['images']} "
+            f"test images ({bound['variance']} variance)"
+        )
+    if args.json is not None:
+        _write_json_atomically(args.json, _evaluation_record(args, plan, variance, scores, bound))
+        print(f"scores written to {args.json}")
 
 
 def _check_teacher(config: dict[str, Any], student_steps: int) -> None:
@@ -421,7 +643,12 @@ def run_distill(args: argparse.Namespace) -> None:
     print(f"checkpoint written to {result.checkpoint_path}")
 
 
-COMMANDS = {"train": run_train, "sample": run_sample, "distill": run_distill}
+COMMANDS = {
+    "train": run_train,
+    "sample": run_sample,
+    "evaluate": run_evaluate,
+    "distill": run_distill,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

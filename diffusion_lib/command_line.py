@@ -1,7 +1,7 @@
 """The argument parser of ``python -m diffusion_lib``: its commands, options and help text.
 
-The commands themselves (what ``train``, ``sample`` and ``distill`` do with the parsed
-arguments) are in :mod:`diffusion_lib.__main__`.
+The commands themselves (what ``train``, ``sample``, ``evaluate`` and ``distill`` do with the
+parsed arguments) are in :mod:`diffusion_lib.__main__`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ examples:
       --steps 10 --output fast.png
   python -m diffusion_lib sample --checkpoint runs/fashion/checkpoint.pt --label 7 \\
       --guidance 3 --output sneakers.png
+  python -m diffusion_lib evaluate --checkpoint runs/fc_unet/checkpoint.pt --num 1000 \\
+      --json scores.json
   python -m diffusion_lib train --model fc_unet --dataset mnist --prediction v --snr-gamma 5 \\
       --steps 5000 --output runs/v
   python -m diffusion_lib train --model fc_unet --dataset mnist --objective flow --steps 5000 \\
@@ -53,14 +55,18 @@ examples:
       --schedule cosine --steps 20000 --output runs/hybrid
   python -m diffusion_lib sample --checkpoint runs/hybrid/checkpoint.pt --steps 100 \\
       --output hybrid.png
+  python -m diffusion_lib evaluate --checkpoint runs/hybrid/checkpoint.pt --steps 100 \\
+      --bound-images 100
   python -m diffusion_lib distill --checkpoint runs/flow/checkpoint.pt --student-steps 16 \\
       --steps 2000 --output runs/flow16
   python -m diffusion_lib distill --checkpoint runs/flow16/checkpoint.pt --student-steps 8 \\
       --steps 2000 --output runs/flow8
   python -m diffusion_lib sample --checkpoint runs/flow8/checkpoint.pt --output eight_steps.png
 
-Datasets are read from $DIFFUSION_LIB_DATA (torchvision layout). Set DIFFUSION_LIB_SMOKE=1
-for a quick run with capped steps, data and samples.
+Datasets are read from $DIFFUSION_LIB_DATA (torchvision layout). evaluate trains the reference
+classifier of a dataset once and caches it in $DIFFUSION_LIB_CACHE (default
+~/.cache/diffusion_lib). Set DIFFUSION_LIB_SMOKE=1 for a quick run with capped steps, data and
+samples.
 """
 
 
@@ -216,14 +222,8 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     _add_output_options(parser.add_argument_group("checkpoint"))
 
 
-def _add_sample_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "sample",
-        help="draw images from a checkpoint and save them as a grid",
-        description="Draw samples with the EMA weights of a checkpoint and save them as one image.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _add_sampling_options(parser: argparse.ArgumentParser, default_num: int) -> None:
+    """The options that rebuild a checkpoint and draw from it, shared by sample and evaluate."""
     parser.add_argument(
         "--checkpoint", required=True, type=Path, help="a checkpoint.pt written by train"
     )
@@ -244,14 +244,60 @@ def _add_sample_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--eta", type=float, default=0.0, help="ddim noise: 0 deterministic, 1 DDPM-like"
     )
-    parser.add_argument("--num", type=int, default=64, help="number of images (default: 64)")
-    parser.add_argument("--output", type=Path, default=Path("samples.png"), help="PNG to write")
+    parser.add_argument(
+        "--num", type=int, default=default_num, help=f"number of images (default: {default_num})"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--label", type=int, help="class to draw (conditional checkpoints)")
     parser.add_argument(
         "--guidance", type=float, default=0.0, help="classifier-free guidance weight w"
     )
     parser.add_argument("--device", help="cuda, mps or cpu (default: the fastest present)")
+
+
+def _add_sample_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "sample",
+        help="draw images from a checkpoint and save them as a grid",
+        description="Draw samples with the EMA weights of a checkpoint and save them as one image.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_sampling_options(parser, default_num=64)
+    parser.add_argument("--output", type=Path, default=Path("samples.png"), help="PNG to write")
+
+
+def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "evaluate",
+        help="score a checkpoint's samples against real test images, and its variational bound",
+        description="Draw --num samples as sample does and score them with the reference "
+        "classifier of the checkpoint's dataset (diffusion_lib.metrics): the Fréchet distance "
+        "of its features to those of the test set, the share of confidently classified "
+        "samples and the entropy of their classes. The first --num real test images are "
+        "scored beside them, because the Fréchet distance of a finite sample is biased "
+        "upwards and compares only with a reference of the same size.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_sampling_options(parser, default_num=1000)
+    parser.add_argument(
+        "--bound-images",
+        type=int,
+        default=0,
+        metavar="M",
+        help="also compute the variational bound (the negative ELBO of Ho et al. 2020, eq. 5) "
+        "in bits per dimension on the first M test images, which takes T network calls on "
+        "them: for a noise or a hybrid checkpoint trained on [-1, 1], with the learned "
+        "variance of a hybrid model and the posterior variance beta_tilde otherwise; a "
+        "conditional model is bounded without labels (default: 0, no bound)",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="also write the numbers to this JSON file",
+    )
 
 
 def _add_distill_parser(commands: argparse._SubParsersAction) -> None:
@@ -285,15 +331,18 @@ def _add_distill_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m diffusion_lib`` argument parser: ``train``, ``sample`` and ``distill``."""
+    """The ``python -m diffusion_lib`` argument parser: ``train``, ``sample``, ``evaluate`` and
+    ``distill``."""
     parser = argparse.ArgumentParser(
         prog="python -m diffusion_lib",
-        description="Train denoising diffusion models on MNIST-like data and sample from them.",
+        description="Train denoising diffusion models on MNIST-like data, sample from them and "
+        "score the samples.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(title="commands", dest="command", required=True)
     _add_train_parser(commands)
     _add_sample_parser(commands)
+    _add_evaluate_parser(commands)
     _add_distill_parser(commands)
     return parser

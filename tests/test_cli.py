@@ -1,23 +1,30 @@
-"""The command line: help, argument errors, and train -> sample end to end in smoke mode."""
+"""The command line: help, argument errors, and train -> sample -> evaluate end to end in smoke
+mode."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from diffusion_lib import learned_variance, losses, predictions, sampling
+from diffusion_lib import learned_variance, losses, metrics, predictions, sampling
 from diffusion_lib.__main__ import CommandError, main
 from diffusion_lib.checkpoints import load_checkpoint, save_checkpoint
-from diffusion_lib.data import DATA_VARIABLE, data_root
+from diffusion_lib.data import DATA_VARIABLE, data_root, load_images
 from diffusion_lib.edm import preconditioning
-from diffusion_lib.losses import diffusion_loss, hybrid_loss
+from diffusion_lib.losses import diffusion_loss, elbo_bits_per_dim, hybrid_loss
+from diffusion_lib.models import build_model
+from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import SMOKE_VARIABLE
 
 DATA_FOLDER = data_root()
@@ -50,7 +57,7 @@ def train_arguments(output: Path, model: list[str], *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["sample"], ["distill"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["sample"], ["evaluate"], ["distill"]])
 def test_help_exits_cleanly_and_shows_examples(command: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
@@ -609,3 +616,126 @@ def test_hybrid_training_errors_are_clear(
     assert main(train_arguments(tmp_path / "never", TINY_FC_UNET, *arguments)) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+@pytest.fixture(scope="module")
+def classifier_cache(tmp_path_factory) -> Iterator[Path]:
+    """A cache folder for evaluate's MNIST classifier, seeded with the current one from the
+    default cache where there is one; otherwise it is trained there once (about a minute)."""
+    folder = tmp_path_factory.mktemp("classifier_cache")
+    cached = metrics.classifier_path("mnist")
+    if cached.is_file():
+        shutil.copy(cached, metrics.classifier_path("mnist", folder))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(metrics.CACHE_VARIABLE, str(folder))
+        yield folder
+
+
+def evaluate(checkpoint: Path, *arguments: str) -> int:
+    """``evaluate`` in-process, in smoke mode, on tiny numbers unless ``arguments`` say otherwise."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(SMOKE_VARIABLE, "1")
+        patch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+        return main(["evaluate", "--checkpoint", str(checkpoint), "--steps", "3", *arguments])
+
+
+def test_evaluate_scores_samples_beside_as_many_real_test_images(
+    checkpoints, classifier_cache, tmp_path, capsys
+) -> None:
+    """The table has a row for the samples and one for the first N test images; the JSON holds
+    the same numbers, and the reference row is score_samples of those test images."""
+    path = tmp_path / "scores" / "plain.json"
+    assert evaluate(checkpoints["plain"], "--num", "6", "--seed", "3", "--json", str(path)) == 0
+    output = capsys.readouterr().out
+    assert "6 samples of mnist (ddim, 3 steps, seed 3)" in output
+    assert re.search(r"^samples +6 ", output, re.MULTILINE)
+    assert re.search(r"^real test images +6 ", output, re.MULTILINE)
+    assert "variational bound" not in output and f"scores written to {path}" in output
+    assert list(path.parent.iterdir()) == [path]  # the temporary file was renamed
+    record = json.loads(path.read_text())
+    assert record.keys() >= {"checkpoint", "sampler", "steps", "seed", "classifier_version"}
+    assert [record[key] for key in ("sampler", "steps", "seed", "bound")] == ["ddim", 3, 3, None]
+    for row in ("samples", "real_test_images"):
+        scores = record[row]
+        assert scores["n"] == 6 and sum(scores["class_counts"]) == 6
+        for key in ("frechet_distance", "confident_share", "class_entropy"):
+            assert math.isfinite(scores[key]) and scores[key] >= 0
+    real_images, _ = load_images("mnist", train=False, limit=6)
+    reference = metrics.score_samples(real_images, classifier=metrics.get_classifier("mnist"))
+    assert record["real_test_images"]["frechet_distance"] == pytest.approx(
+        reference.frechet_distance
+    )
+    assert record["real_test_images"]["class_counts"] == list(reference.class_counts)
+
+
+@pytest.mark.parametrize(("which", "variance"), [("hybrid", "learned"), ("plain", "small")])
+def test_evaluate_bound_is_the_elbo_of_the_first_test_images(
+    checkpoints, classifier_cache, which, variance, tmp_path, capsys
+) -> None:
+    """--bound-images M reports elbo_bits_per_dim of the first M test images, computed here from
+    the checkpoint's EMA weights with the same seed: with the learned variance for a hybrid
+    model, which moves the bound away from the one with the posterior variance."""
+    path = tmp_path / "bound.json"
+    arguments = ["--num", "2", "--bound-images", "2", "--seed", "5", "--json", str(path)]
+    assert evaluate(checkpoints[which], *arguments) == 0
+    state = load_checkpoint(checkpoints[which])
+    config = state["config"]
+    network = build_model(config["model"]["name"], **config["model"]["kwargs"])
+    network.load_state_dict(state["ema"])
+    schedule = NoiseSchedule.from_name(config["schedule"]["name"], TIMESTEPS)
+    x0, _ = load_images("mnist", train=False, limit=2)
+
+    def bound(variance: str) -> float:
+        generator = torch.Generator().manual_seed(5)
+        # The posterior variance needs only the noise channels of a hybrid model.
+        hybrid_on_small = config["objective"] == "hybrid" and variance == "small"
+        model = learned_variance.NoiseOnly(network) if hybrid_on_small else network
+        terms = elbo_bits_per_dim(model, schedule, x0, variance=variance, generator=generator)
+        return float(terms.total.mean())
+
+    expected = bound(variance)
+    printed = re.search(
+        rf"variational bound: ([0-9.]+) bits/dim on 2 test images \({variance} variance\)",
+        capsys.readouterr().out,
+    )
+    assert printed and float(printed.group(1)) == pytest.approx(expected, abs=1e-4)
+    record = json.loads(path.read_text())["bound"]
+    assert record == {"bits_per_dim": pytest.approx(expected, rel=1e-4), "images": 2,
+                      "variance": variance}  # fmt: skip
+    if which == "hybrid":
+        assert abs(expected - bound("small")) > 1e-2
+
+
+def checkpoint_on_zero_one(checkpoints, folder: Path) -> Path:
+    """The plain checkpoint, its config saying it was trained on images in [0, 1]."""
+    state = load_checkpoint(checkpoints["plain"])
+    state["config"]["value_range"] = [0.0, 1.0]
+    return save_checkpoint(folder / "zero_one" / "checkpoint.pt", state)
+
+
+@pytest.mark.parametrize(
+    ("which", "arguments", "message"),
+    [
+        ("flow", ["--bound-images", "2"],
+         "--bound-images needs a checkpoint trained with --objective noise or --objective hybrid"),
+        ("zero_one", ["--bound-images", "2"], "trained on images in [-1, 1]"),
+        ("plain", ["--num", "0"], "--num must lie in 2..10000"),
+        ("plain", ["--num", "1"], "the Fréchet distance fits a covariance"),
+        ("plain", ["--bound-images", "-1"], "--bound-images must lie in 0..10000"),
+        ("plain", ["--sampler", "euler"], "choose ddpm, ddim, dpm-solver or heun"),
+        ("plain", ["--guidance", "2"], "--guidance needs --label"),
+        ("missing", [], "no checkpoint at"),
+    ],
+)  # fmt: skip
+def test_evaluate_errors_are_clear(
+    checkpoints, which, arguments, message, tmp_path, capsys
+) -> None:
+    paths = {
+        **checkpoints,
+        "zero_one": checkpoint_on_zero_one(checkpoints, tmp_path),
+        "missing": tmp_path / "nothing.pt",
+    }
+    output = tmp_path / "never.json"
+    assert evaluate(paths[which], *arguments, "--json", str(output)) == 1
+    assert message in capsys.readouterr().err
+    assert not output.exists()
