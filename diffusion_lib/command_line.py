@@ -1,7 +1,11 @@
-"""The argument parser of ``python -m diffusion_lib``: its commands, options and help text.
+"""The argument parser of ``python -m diffusion_lib``: its commands, options and help text, the
+choices that the commands share (objectives, samplers, image size), and :class:`CommandError`,
+which a command raises when its inputs are wrong.
 
 The commands themselves (what ``train``, ``sample``, ``evaluate`` and ``distill`` do with the
-parsed arguments) are in :mod:`diffusion_lib.__main__`.
+parsed arguments) are in :mod:`diffusion_lib.cli_train`, :mod:`diffusion_lib.cli_sample`,
+:mod:`diffusion_lib.cli_evaluate` and :mod:`diffusion_lib.cli_distill`; the entry point,
+:mod:`diffusion_lib.__main__`, runs the one asked for.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ DEFAULT_SAMPLERS = {"noise": "ddim", "flow": "euler", "edm": "heun", "hybrid": "
 # The objectives whose models are sampled on the training schedule's T timesteps
 SCHEDULE_OBJECTIVES = ("noise", "hybrid")
 IMAGE_SIZE, IMAGE_CHANNELS = 28, 1  # MNIST and Fashion-MNIST
+
+
+class CommandError(Exception):
+    """A problem with the command's inputs, reported as one line on stderr (exit status 1)."""
+
 
 EPILOG = """\
 examples:

@@ -343,7 +343,7 @@ def arguments_given_to_train(tmp_path, monkeypatch, *arguments: str) -> dict:
         calls.append(kwargs)
         raise CommandError("stopped before training")
 
-    monkeypatch.setattr("diffusion_lib.__main__.train", stop)
+    monkeypatch.setattr("diffusion_lib.cli_train.train", stop)
     monkeypatch.setenv(SMOKE_VARIABLE, "1")
     monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
     assert main(train_arguments(tmp_path, TINY_FC_UNET, *arguments)) == 1

@@ -1,0 +1,185 @@
+"""The ``train`` command: build the model, the noise process and the loss that the options ask
+for, load the dataset and run :func:`diffusion_lib.training.train`, whose checkpoint records the
+config that ``sample``, ``evaluate`` and ``distill`` rebuild everything from.
+
+The options of the training engine (steps, batch size, learning rate, checkpoints) come from
+:func:`engine_options`, which ``distill`` uses too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffusion_lib.command_line import COMPILE_CHOICES, IMAGE_CHANNELS, IMAGE_SIZE, CommandError
+from diffusion_lib.data import CLASS_NAMES, load_images
+from diffusion_lib.edm import EDMNoiseLevels, PreconditionedDenoiser, edm_loss
+from diffusion_lib.flow_matching import RectifiedFlow
+from diffusion_lib.losses import diffusion_loss, hybrid_loss
+from diffusion_lib.models import MODELS, build_model, count_parameters
+from diffusion_lib.schedules import NoiseSchedule
+from diffusion_lib.training import train
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "image_size": IMAGE_SIZE,
+        "channels": IMAGE_CHANNELS,
+        "timesteps": args.timesteps,
+        **dict(args.model_arg),
+    }
+    if args.conditional:
+        if "num_classes" not in inspect.signature(MODELS[args.model]).parameters:
+            conditional = [
+                name
+                for name, cls in MODELS.items()
+                if "num_classes" in inspect.signature(cls).parameters
+            ]
+            raise CommandError(
+                f"--conditional needs a model that takes class labels; {args.model} does not "
+                f"(choose one of {', '.join(conditional) or 'none'})"
+            )
+        kwargs["num_classes"] = len(CLASS_NAMES[args.dataset])
+    return _with_output_channels(kwargs, args.objective)
+
+
+def _with_output_channels(kwargs: dict[str, Any], objective: str) -> dict[str, Any]:
+    """The model arguments with the output channels that --objective needs: 2C for hybrid (the
+    noise, then the variance), else C, left to the model's default."""
+    channels = kwargs["channels"]
+    needed = 2 * channels if objective == "hybrid" else channels
+    given = kwargs.get("out_channels", needed)
+    if given != needed:
+        hint = (
+            "the noise, then the variance"
+            if objective == "hybrid"
+            else "one per image channel; --objective hybrid trains 2C, the noise and its variance"
+        )
+        raise CommandError(
+            f"--objective {objective} needs out_channels={needed} ({hint}); leave out "
+            f"--model-arg out_channels={given}"
+        )
+    if objective == "hybrid":
+        kwargs["out_channels"] = needed
+    return kwargs
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments of :func:`train` that the optimisation and checkpoint options set."""
+    return {
+        "steps": args.steps,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "compile": COMPILE_CHOICES[args.compile],
+        "time_limit": args.time_limit,
+        "checkpoint_dir": args.output,
+        "checkpoint_every": args.checkpoint_every,
+        "resume": args.resume,
+        "seed": args.seed,
+        "progress": not args.no_progress,
+    }
+
+
+def _noise_loss(args: argparse.Namespace) -> Callable[..., torch.Tensor] | None:
+    """The objective that --prediction and --snr-gamma ask for; ``None`` (the engine's default,
+    L_simple on the noise) when they keep their defaults."""
+    if args.prediction == "epsilon" and args.snr_gamma is None:
+        return None
+    if args.objective != "noise":
+        raise CommandError(
+            "--prediction and --snr-gamma apply to --objective noise only: a flow model always "
+            "predicts the velocity of the straight path, with the plain flow-matching loss, an "
+            "edm model its preconditioned target, with EDM's weight, and a hybrid model the "
+            "noise and its variance, with L_hybrid"
+        )
+    if args.snr_gamma is not None and not 0 < args.snr_gamma < math.inf:
+        raise CommandError(f"--snr-gamma must be a number > 0 (5 is typical), got {args.snr_gamma}")
+    return functools.partial(diffusion_loss, prediction=args.prediction, snr_gamma=args.snr_gamma)
+
+
+def _objective(
+    args: argparse.Namespace, network: nn.Module, loss: Callable[..., torch.Tensor] | None
+) -> tuple[nn.Module, Any, Callable[..., torch.Tensor] | None]:
+    """The module the engine trains, the process it noises with, and the loss, for --objective."""
+    if args.objective == "edm":
+        if args.timesteps != 1000:
+            raise CommandError(
+                "--objective edm gives the network noise levels mapped onto the time range "
+                "[0, 1000]; leave --timesteps at 1000"
+            )
+        denoiser = PreconditionedDenoiser(network, args.sigma_data)
+        return denoiser, EDMNoiseLevels(sigma_data=args.sigma_data), edm_loss
+    if args.objective == "flow":
+        return network, RectifiedFlow(args.timesteps), loss
+    schedule = NoiseSchedule.from_name(args.schedule, args.timesteps)
+    return network, schedule, _hybrid_loss(args) if args.objective == "hybrid" else loss
+
+
+def _hybrid_loss(args: argparse.Namespace) -> Callable[..., torch.Tensor]:
+    """hybrid_loss, with --vlb-weight as its lambda when given."""
+    if args.vlb_weight is None:
+        return hybrid_loss
+    if not 0 <= args.vlb_weight < math.inf:
+        raise CommandError(
+            f"--vlb-weight must be a number >= 0 (0.001 is typical), got {args.vlb_weight}"
+        )
+    return functools.partial(hybrid_loss, vlb_weight=args.vlb_weight)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    """``train``: load the dataset, build model and schedule, train, report the checkpoint."""
+    low, high = args.value_range
+    if args.vlb_weight is not None and args.objective != "hybrid":
+        raise CommandError("--vlb-weight applies to --objective hybrid only")
+    loss = _noise_loss(args)
+    kwargs = _model_kwargs(args)
+    try:
+        network = build_model(args.model, **kwargs)
+    except TypeError as error:
+        raise CommandError(f"bad --model-arg for {args.model}: {error}") from None
+    model, process, loss = _objective(args, network, loss)
+    images, labels = load_images(
+        args.dataset, train=True, value_range=(low, high), limit=args.limit
+    )
+    config = {
+        "model": {"name": args.model, "kwargs": kwargs},
+        "schedule": {"name": args.schedule, "timesteps": args.timesteps},
+        "dataset": args.dataset,
+        "value_range": [low, high],
+        "conditional": args.conditional,
+        "objective": args.objective,
+    }
+    if args.objective == "edm":
+        config["sigma_data"] = args.sigma_data
+    elif args.objective == "hybrid":
+        config["vlb_weight"] = 0.001 if args.vlb_weight is None else args.vlb_weight
+    elif args.objective == "noise" and loss is not None:
+        # Absent keys mean epsilon and plain MSE: a default run writes the config it always did.
+        config.update(prediction=args.prediction, snr_gamma=args.snr_gamma)
+    print(
+        f"{args.model}: {count_parameters(network):,} trainable parameters; {len(images):,} images"
+    )
+    result = train(
+        model,
+        process,
+        images,
+        labels=labels if args.conditional else None,
+        label_dropout=args.label_dropout if args.conditional else 0.0,
+        device=args.device,
+        loss=loss,
+        **engine_options(args),
+        config=config,
+    )
+    final = result.history.loss[-1] if result.history.loss else float("nan")
+    print(f"trained {result.steps} steps in {result.seconds:.1f} s, final loss {final:.4f}")
+    print(f"checkpoint written to {result.checkpoint_path}")
+    if args.time_limit is not None and result.seconds >= args.time_limit:
+        print("stopped at the time limit; the same command continues from the checkpoint")
