@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import platform
 import shlex
 import sys
@@ -57,6 +56,7 @@ from torch.utils.data import Subset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, transforms
 
+from diffusion_lib.checkpoints import write_atomically
 from diffusion_lib.data import data_root, load_images
 from diffusion_lib.devices import select_device, synchronize
 from diffusion_lib.losses import diffusion_loss
@@ -1040,9 +1040,7 @@ class ResultsFile:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text + "\n")
-    os.replace(temporary, path)
+    write_atomically(path, lambda file: file.write((text + "\n").encode("utf-8")))
 
 
 def _summary(row: dict) -> str:

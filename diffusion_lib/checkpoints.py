@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -38,27 +39,46 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, incomplete, or does not fit the model."""
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically and return the path.
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Create or replace the file at ``path`` with the bytes ``write(file)`` writes, atomically.
 
     The bytes go to a temporary file in the same folder, are flushed to disk (fsync), and the
     file is then renamed over ``path`` in one step (``os.replace``). A crash or a full disk
-    midway leaves the previous checkpoint untouched, never a half-written one.
+    midway leaves the previous file untouched, never a half-written one, and no temporary file
+    behind. The new file gets the permissions a plain ``open`` would give it (0666 less the
+    umask), not the 0600 of the temporary file. Returns the path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
-            torch.save(state, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
     return path
+
+
+def _umask() -> int:
+    """The process's file-creation mask (reading it means setting it, so it is set back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically (:func:`write_atomically`) and return the path.
+
+    A crash or a full disk midway leaves the previous checkpoint untouched, never a
+    half-written one.
+    """
+    return write_atomically(path, lambda file: torch.save(state, file))
 
 
 def _fsync_folder(folder: Path) -> None:

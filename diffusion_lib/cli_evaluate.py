@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from diffusion_lib.checkpoints import write_atomically
 from diffusion_lib.cli_sample import (
     SamplingPlan,
     as_noise_sampler_reads_it,
@@ -154,24 +152,6 @@ def _evaluation_record(
     }
 
 
-def _write_json_atomically(path: Path, record: dict[str, Any]) -> None:
-    """Write ``record`` to a temporary file beside ``path``, then rename it to ``path``: a
-    reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(record, file, indent=2)
-            file.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would hide the scores from others
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def run_evaluate(args: argparse.Namespace) -> None:
     """``evaluate``: score samples of a checkpoint beside as many real test images, and with
     --bound-images its variational bound."""
@@ -194,5 +174,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
             f"test images ({bound['variance']} variance)"
         )
     if args.json is not None:
-        _write_json_atomically(args.json, _evaluation_record(args, plan, variance, scores, bound))
+        record = _evaluation_record(args, plan, variance, scores, bound)
+        text = json.dumps(record, indent=2) + "\n"
+        write_atomically(args.json, lambda file: file.write(text.encode("utf-8")))
         print(f"scores written to {args.json}")

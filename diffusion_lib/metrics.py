@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion_lib.checkpoints import write_atomically
 from diffusion_lib.data import CLASS_NAMES, dataset_name, load_images
 from diffusion_lib.validation import check_finite
 
@@ -239,15 +239,7 @@ def _save(classifier: ReferenceClassifier, path: Path) -> None:
         "feature_covariance": classifier.feature_covariance.cpu(),
         "test_accuracy": classifier.test_accuracy,
     }
-    # Write beside the target, then rename: readers never see half a file.
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(contents, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    write_atomically(path, lambda file: torch.save(contents, file))  # never half a file
 
 
 def _load(path: Path, dataset: str) -> ReferenceClassifier | None:

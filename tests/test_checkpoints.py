@@ -145,3 +145,14 @@ def test_missing_file_and_unknown_weights(tmp_path) -> None:
     with pytest.raises(ValueError, match="choose one of ema, model"):
         load_checkpoint(tmp_path / "absent.pt", weights="best")
     assert issubclass(CheckpointError, ValueError)
+
+
+def test_write_atomically_gives_the_permissions_of_a_plain_open(tmp_path) -> None:
+    from diffusion_lib.checkpoints import write_atomically
+
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"x")
+    written = write_atomically(tmp_path / "atomic.bin", lambda file: file.write(b"y"))
+    assert written.read_bytes() == b"y"
+    assert (written.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["atomic.bin", "plain.bin"]
