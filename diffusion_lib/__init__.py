@@ -43,6 +43,16 @@ from diffusion_lib.losses import (
     prior_bits_per_dim,
     vb_term_bits_per_dim,
 )
+from diffusion_lib.masked_diffusion import (
+    MASKING_SCHEDULES,
+    MaskedDiffusion,
+    TokenDenoiser,
+    images_from_tokens,
+    masked_diffusion_loss,
+    masked_nll_bound,
+    masked_sample,
+    tokens_from_images,
+)
 from diffusion_lib.metrics import (
     QualityScore,
     ReferenceClassifier,
@@ -211,4 +221,12 @@ __all__ = [
     "edm_sample",
     "karras_sigmas",
     "preconditioning",
+    "MASKING_SCHEDULES",
+    "MaskedDiffusion",
+    "TokenDenoiser",
+    "images_from_tokens",
+    "masked_diffusion_loss",
+    "masked_nll_bound",
+    "masked_sample",
+    "tokens_from_images",
 ]

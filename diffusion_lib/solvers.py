@@ -81,6 +81,8 @@ class EvaluationCounter(nn.Module):
 
     A sampler's cost is its number of network evaluations (NFE). ``calls`` counts calls and
     ``images`` the batch rows passed, so classifier-free guidance's doubled batch shows up.
+    The arguments after ``x_t`` (``t``, labels) are passed on as given, so it also wraps a
+    model without a time input, such as :class:`~diffusion_lib.masked_diffusion.TokenDenoiser`.
     """
 
     def __init__(self, model: NoisePredictor) -> None:
@@ -89,10 +91,10 @@ class EvaluationCounter(nn.Module):
         self.calls = 0
         self.images = 0
 
-    def forward(self, x_t: Tensor, t: Tensor, *args: Tensor) -> Tensor:
+    def forward(self, x_t: Tensor, *args: Tensor) -> Tensor:
         self.calls += 1
         self.images += x_t.shape[0]
-        return self.model(x_t, t, *args)
+        return self.model(x_t, *args)
 
 
 def _grid(schedule: NoiseSchedule, steps: int, spacing: str, timesteps: Tensor | None) -> Tensor:
