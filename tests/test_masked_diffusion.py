@@ -21,6 +21,7 @@ from diffusion_lib import FCUNet
 from diffusion_lib.masked_diffusion import (
     MaskedDiffusion,
     TokenDenoiser,
+    _most_confident,
     images_from_tokens,
     masked_diffusion_loss,
     masked_nll_bound,
@@ -513,6 +514,78 @@ def test_logits_are_recomputed_only_after_a_reveal(batch: int) -> None:
         calls = len(model.inputs)
         assert calls <= batch * D
         assert calls == int(changed.sum())
+
+
+def test_the_most_confident_masked_symbols_are_revealed() -> None:
+    """_most_confident against sorting each row by hand."""
+    rows, dims = 200, 12
+    rng = generator(20)
+    masked = torch.rand(rows, 1, 3, 4, generator=rng) < 0.6
+    confidence = torch.rand(rows, 1, 3, 4, generator=rng)
+    for still_masked in (0, 3, 7, 12):
+        reveal = _most_confident(masked, confidence, still_masked)
+        assert not bool((reveal & ~masked).any())
+        for row in range(rows):
+            scores = confidence[row].flatten()[masked[row].flatten()].tolist()
+            count = max(len(scores) - still_masked, 0)
+            expected = sorted(scores, reverse=True)[:count]
+            got = confidence[row].flatten()[reveal[row].flatten()].tolist()
+            assert sorted(got, reverse=True) == expected
+    assert dims == masked[0].numel()
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_confidence_order_leaves_the_scheduled_number_masked(schedule: str) -> None:
+    """After the step to time s, D (1 - alpha_s) symbols of every sample are masked, rounded."""
+    process, steps, shape = MaskedDiffusion(schedule=schedule), 7, (5, 1, 4, 4)
+    model = FixedLogits(torch.randn(2, 1, 4, 4, generator=generator(21)))
+    trajectory = masked_sample(
+        model, process, shape, steps, order="confidence", generator=generator(22),
+        return_trajectory=True,
+    )  # fmt: skip
+    masked_counts = (trajectory.states == 0.0).flatten(2).sum(dim=2)  # (steps + 1, B)
+    for i, s in enumerate(trajectory.timesteps.double().tolist()):
+        alpha_s = process.alpha(torch.tensor(s, dtype=torch.float64)).item()
+        assert bool((masked_counts[i] == round(16 * (1 - alpha_s))).all())
+    assert bool(((trajectory.states[-1] == -1.0) | (trajectory.states[-1] == 1.0)).all())
+
+
+def confidence_law(table: Tensor) -> Tensor:
+    """The exact law of the confidence-order sampler with the oracle and one reveal per step,
+    by enumerating the candidates drawn at each step: every masked position draws a candidate
+    from p(x^i | revealed), the most probable candidate (the first on ties) is revealed, and the
+    other candidates are thrown away."""
+    law = torch.zeros(8, dtype=torch.float64)
+
+    def step(known: dict[int, int], weight: float) -> None:
+        masked = [i for i in range(D) if i not in known]
+        if not masked:
+            law[sum(v << (D - 1 - i) for i, v in known.items())] += weight
+            return
+        for candidate in itertools.product((0, 1), repeat=len(masked)):
+            chances = [
+                conditional(table, i, c, known) for i, c in zip(masked, candidate, strict=True)
+            ]
+            chosen = max(range(len(masked)), key=lambda j: (chances[j], -j))
+            step({**known, masked[chosen]: candidate[chosen]}, weight * math.prod(chances))
+
+    step({}, 1.0)
+    return law
+
+
+def test_confidence_order_follows_its_enumerated_law() -> None:
+    """One reveal per step (3 steps for 3 symbols): the samples follow the enumerated law,
+    which is not the table: choosing the surest candidate favours each symbol's likelier value."""
+    n = 20000
+    samples = masked_sample(
+        Oracle(), MaskedDiffusion(), (n, 1, 1, D), D, order="confidence", generator=generator(23)
+    )
+    law = confidence_law(TABLE)
+    assert math.isclose(law.sum().item(), 1.0, rel_tol=1e-12)
+    assert total_variation(law, TABLE) > 0.02
+    assert_law(frequencies(samples), law, n)
+    with pytest.raises(ValueError, match="random, confidence"):
+        masked_sample(Oracle(), MaskedDiffusion(), (2, 1, 1, D), 3, order="greedy")
 
 
 def test_the_trajectory_goes_from_grey_to_the_sample() -> None:
