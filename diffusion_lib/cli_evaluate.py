@@ -2,12 +2,17 @@
 many real test images and, with --bound-images, its variational bound in bits/dim; --json writes
 the numbers atomically. The checkpoint is rebuilt and sampled as ``sample`` does it, through
 :mod:`diffusion_lib.cli_sample`.
+
+A masked checkpoint draws images of K grey levels, so the test images beside them are quantised
+to the same levels, and its bound is the order-agnostic bound of masked diffusion on the
+quantised test images.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any
 
 import torch
@@ -20,9 +25,15 @@ from diffusion_lib.cli_sample import (
     plan_sampling,
     sampling_method,
 )
-from diffusion_lib.command_line import SCHEDULE_OBJECTIVES, CommandError
+from diffusion_lib.command_line import MASKED_BOUND_DRAWS, SCHEDULE_OBJECTIVES, CommandError
 from diffusion_lib.data import load_images
 from diffusion_lib.losses import elbo_bits_per_dim
+from diffusion_lib.masked_diffusion import (
+    MaskedDiffusion,
+    images_from_tokens,
+    masked_nll_bound,
+    tokens_from_images,
+)
 from diffusion_lib.metrics import (
     CLASSIFIER_VERSION,
     SPLIT_SIZES,
@@ -33,8 +44,15 @@ from diffusion_lib.metrics import (
 )
 from diffusion_lib.smoke import cap_samples
 
-# The rows of evaluate's table: JSON key, then the label printed.
-SCORE_ROWS = {"samples": "samples", "real_test_images": "real test images"}
+# The rows of evaluate's table: JSON key, then the label printed. A masked checkpoint's reference
+# row holds the test images quantised to its grey levels.
+SCORE_ROWS = {
+    "samples": "samples",
+    "real_test_images": "real test images",
+    "quantised_test_images": "quantised test images",
+}
+# The objectives that --bound-images applies to
+BOUND_OBJECTIVES = (*SCHEDULE_OBJECTIVES, "masked")
 # Test images per batch of the bound: T network calls each, without gradients.
 BOUND_BATCH_SIZE = 256
 
@@ -57,15 +75,17 @@ def _check_evaluation_args(args: argparse.Namespace) -> None:
 
 
 def _check_bound_fits(config: dict[str, Any], bound_images: int) -> None:
-    """--bound-images needs a model with a noise schedule, trained on data in [-1, 1]."""
+    """--bound-images needs a model with a noise schedule, trained on data in [-1, 1], or a
+    masked model."""
     if bound_images == 0:
         return
     objective = config.get("objective", "noise")
-    if objective not in SCHEDULE_OBJECTIVES:
-        allowed = " or ".join(f"--objective {name}" for name in SCHEDULE_OBJECTIVES)
+    if objective not in BOUND_OBJECTIVES:
+        allowed = ", ".join(f"--objective {name}" for name in BOUND_OBJECTIVES[:-1])
         raise CommandError(
-            f"--bound-images needs a checkpoint trained with {allowed}, whose noise schedule "
-            f"defines the variational bound; this one was trained with --objective {objective}"
+            f"--bound-images needs a checkpoint trained with {allowed} or --objective "
+            f"{BOUND_OBJECTIVES[-1]}, whose noise schedule or masking process defines the "
+            f"variational bound; this one was trained with --objective {objective}"
         )
     if [float(value) for value in config["value_range"]] != [-1.0, 1.0]:
         raise CommandError(
@@ -86,9 +106,15 @@ def _quality_scores(
     dataset = plan.config["dataset"]
     real_images, _ = load_images(dataset, train=False, limit=len(samples))
     value_range = tuple(plan.config["value_range"])
+    reference = "real_test_images"
+    if isinstance(plan.schedule, MaskedDiffusion):
+        # The samples have K grey levels; test images of as many levels are their reference.
+        classes = plan.schedule.num_classes
+        real_images = images_from_tokens(tokens_from_images(real_images, classes), classes)
+        reference = "quantised_test_images"
     return {
         "samples": score_samples(samples, dataset, value_range=value_range, classifier=classifier),
-        "real_test_images": score_samples(real_images, dataset, classifier=classifier),
+        reference: score_samples(real_images, dataset, classifier=classifier),
     }
 
 
@@ -115,12 +141,44 @@ def _variational_bound(plan: SamplingPlan, num_images: int, seed: int) -> dict[s
     return {"bits_per_dim": bits_per_dim, "images": len(x0), "variance": variance}
 
 
+def _masked_bound(plan: SamplingPlan, num_images: int, seed: int) -> dict[str, Any]:
+    """The order-agnostic bound on -log p(x_0) of a masked model (:func:`masked_nll_bound`),
+    averaged over the first ``cap_samples(num_images)`` test images quantised to its K levels:
+    in nats per image, and in bits per dimension, nats / (D ln 2) for D pixels.
+
+    Each image's bound is the mean of MASKED_BOUND_DRAWS unbiased draws (the masked pixels are
+    random). A CPU generator seeded with ``seed`` runs on through the draws, each a pass over
+    the images in batches of BOUND_BATCH_SIZE.
+    """
+    process = plan.schedule
+    images, _ = load_images(plan.config["dataset"], train=False, limit=cap_samples(num_images))
+    x0 = tokens_from_images(images, process.num_classes)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        draws = torch.stack([
+            torch.cat([
+                masked_nll_bound(plan.network, process, batch.to(plan.device), generator=generator)
+                for batch in x0.split(BOUND_BATCH_SIZE)
+            ])
+            for _ in range(MASKED_BOUND_DRAWS)
+        ])  # fmt: skip
+    nats = float(draws.mean(dim=0).mean())
+    return {
+        "bits_per_dim": nats / (x0[0].numel() * math.log(2)),
+        "nats_per_image": nats,
+        "images": len(x0),
+        "classes": process.num_classes,
+        "draws": MASKED_BOUND_DRAWS,
+    }
+
+
 def _score_table(scores: dict[str, QualityScore]) -> str:
     """The scores as a table of aligned columns, one row per SCORE_ROWS entry."""
-    lines = [f"{'':<18}{'n':>6}{'Fréchet distance':>18}{'confident':>11}{'class entropy':>15}"]
+    width = max(18, *(len(SCORE_ROWS[key]) + 2 for key in scores))
+    lines = [f"{'':<{width}}{'n':>6}{'Fréchet distance':>18}{'confident':>11}{'class entropy':>15}"]
     for key, score in scores.items():
         lines.append(
-            f"{SCORE_ROWS[key]:<18}{score.n:>6}{score.frechet_distance:>18.2f}"
+            f"{SCORE_ROWS[key]:<{width}}{score.n:>6}{score.frechet_distance:>18.2f}"
             f"{score.confident_share:>11.1%}{score.class_entropy:>15.3f}"
         )
     return "\n".join(lines)
@@ -134,11 +192,19 @@ def _evaluation_record(
     bound: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Everything evaluate measured, and how, as a JSON-ready dict."""
+    masked = {}
+    if isinstance(plan.schedule, MaskedDiffusion):
+        masked = {
+            "classes": plan.schedule.num_classes,
+            "masking_schedule": plan.schedule.schedule,
+            "order": plan.order,
+        }
     return {
         "checkpoint": str(plan.path),
         "dataset": plan.config["dataset"],
         "sampler": plan.sampler,
         "variance": variance,
+        **masked,
         "steps": plan.steps,
         "seed": args.seed,
         "label": args.label,
@@ -161,14 +227,29 @@ def run_evaluate(args: argparse.Namespace) -> None:
     classifier = get_classifier(plan.config["dataset"], device=plan.device)
     samples, variance = draw_samples(plan, args)
     scores = _quality_scores(samples, plan, classifier)
-    bound = _variational_bound(plan, args.bound_images, args.seed) if args.bound_images else None
+    masked = isinstance(plan.schedule, MaskedDiffusion)
+    bound = None
+    if args.bound_images:
+        bound_of = _masked_bound if masked else _variational_bound
+        bound = bound_of(plan, args.bound_images, args.seed)
     guided = "" if args.label is None else f", label {args.label}, guidance {args.guidance:g}"
     print(
         f"{plan.path}: {len(samples)} samples of {plan.config['dataset']} "
-        f"({sampling_method(plan.sampler, variance, plan.steps)}{guided}, seed {args.seed})"
+        f"({sampling_method(plan, variance)}{guided}, seed {args.seed})"
     )
     print(_score_table(scores))
-    if bound is not None:
+    if masked:
+        print(
+            f"(quantised test images: the first {len(samples)} test images rounded to the "
+            f"{plan.schedule.num_classes} grey levels the model draws)"
+        )
+    if bound is not None and masked:
+        print(
+            f"variational bound: {bound['bits_per_dim']:.4f} bits/dim, "
+            f"{bound['nats_per_image']:.2f} nats per image, on {bound['images']} test images "
+            f"at {bound['classes']} grey levels (each the mean of {bound['draws']} draws)"
+        )
+    elif bound is not None:
         print(
             f"variational bound: {bound['bits_per_dim']:.4f} bits/dim on {bound['images']} "
             f"test images ({bound['variance']} variance)"

@@ -1,6 +1,10 @@
 """The ``sample`` command, and the checkpoint side that ``evaluate`` and ``distill`` share with
 it: read a checkpoint written by ``train``, rebuild its model and schedule, check the sampling
 options against it (:class:`SamplingPlan`) and draw samples with a sampler of its objective.
+
+A masked checkpoint (``train --objective masked``) holds a :class:`TokenDenoiser`; its plan
+carries the masking process, with the schedule of --masking-schedule, and its samples are the
+drawn tokens as images of its K grey levels.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from torchvision.utils import make_grid, save_image
 
 from diffusion_lib.checkpoints import CHECKPOINT_NAME, check_state_dict_fits, load_checkpoint
 from diffusion_lib.command_line import (
+    DEFAULT_MASKED_STEPS,
+    DEFAULT_MASKING_SCHEDULE,
+    DEFAULT_REVEAL_ORDER,
     DEFAULT_SAMPLERS,
     IMAGE_CHANNELS,
     IMAGE_SIZE,
@@ -29,6 +36,12 @@ from diffusion_lib.devices import select_device
 from diffusion_lib.edm import PreconditionedDenoiser, edm_sample
 from diffusion_lib.flow_matching import RectifiedFlow, flow_sample
 from diffusion_lib.learned_variance import NoiseOnly
+from diffusion_lib.masked_diffusion import (
+    MaskedDiffusion,
+    TokenDenoiser,
+    images_from_tokens,
+    masked_sample,
+)
 from diffusion_lib.models import build_model
 from diffusion_lib.predictions import NoiseFromPrediction
 from diffusion_lib.sampling import ddim_sample, ddpm_sample
@@ -68,16 +81,61 @@ def _sampler(args: argparse.Namespace, config: dict[str, Any]) -> str:
     allowed = SAMPLERS[objective]
     sampler = args.sampler or DEFAULT_SAMPLERS[objective]
     if sampler not in allowed:
+        choices = allowed[0] if len(allowed) == 1 else f"{', '.join(allowed[:-1])} or {allowed[-1]}"
         raise CommandError(
             f"--sampler {sampler} does not fit this checkpoint, trained with --objective "
-            f"{objective}; choose {', '.join(allowed[:-1])} or {allowed[-1]}"
+            f"{objective}; choose {choices}"
         )
     return sampler
+
+
+def _masked_options(args: argparse.Namespace, config: dict[str, Any]) -> tuple[str, str] | None:
+    """The masking schedule and the reveal order for a masked checkpoint, and ``None`` for the
+    others, which take neither --masking-schedule nor --order."""
+    objective = config.get("objective", "noise")
+    if objective != "masked":
+        for option, value in (
+            ("--masking-schedule", args.masking_schedule),
+            ("--order", args.order),
+        ):
+            if value is not None:
+                raise CommandError(
+                    f"{option} applies to a masked checkpoint (trained with --objective masked) "
+                    f"only; this one was trained with --objective {objective}"
+                )
+        return None
+    return (
+        args.masking_schedule or DEFAULT_MASKING_SCHEDULE,
+        args.order or DEFAULT_REVEAL_ORDER,
+    )
+
+
+def _check_masked_sampling_args(args: argparse.Namespace) -> int:
+    """Validate the sampling options for a masked checkpoint; return the number of steps. It is
+    unconditional and draws no Gaussian noise, so --label, --guidance and --eta do not apply."""
+    steps = DEFAULT_MASKED_STEPS if args.steps is None else args.steps
+    if steps < 1:
+        raise CommandError(f"--steps must be >= 1, got {steps}")
+    if args.num < 1:
+        raise CommandError(f"--num must be >= 1, got {args.num}")
+    for option, given in (
+        ("--label", args.label is not None),
+        ("--guidance", args.guidance != 0),
+        ("--eta", args.eta != 0),
+    ):
+        if given:
+            raise CommandError(
+                f"{option} does not apply to a masked checkpoint, which is unconditional and "
+                "adds no Gaussian noise; it takes --steps, --masking-schedule and --order"
+            )
+    return steps
 
 
 def _check_sampling_args(args: argparse.Namespace, config: dict[str, Any], sampler: str) -> int:
     """Validate the sampling options against the checkpoint; return the number of steps."""
     objective = config.get("objective", "noise")
+    if objective == "masked":
+        return _check_masked_sampling_args(args)
     timesteps = config["schedule"]["timesteps"]
     default_steps = {"ddpm": timesteps}.get(
         sampler, 18 if objective == "edm" else min(50, timesteps)
@@ -116,14 +174,20 @@ def _check_sampling_args(args: argparse.Namespace, config: dict[str, Any], sampl
 
 def rebuild(
     path: Path, state: dict[str, Any], device: torch.device
-) -> tuple[nn.Module, NoiseSchedule]:
-    """The model (with the EMA weights, in eval mode) and the schedule described by the checkpoint."""
+) -> tuple[nn.Module, NoiseSchedule | MaskedDiffusion]:
+    """The model (with the EMA weights, in eval mode) and the schedule described by the
+    checkpoint: for a masked checkpoint, a :class:`TokenDenoiser` and its masking process, on
+    the linear schedule (the one sampling uses is the caller's choice)."""
     config = state["config"]
     model = build_model(config["model"]["name"], **config["model"]["kwargs"])
     if config.get("objective") == "edm":
         model = PreconditionedDenoiser(model, config["sigma_data"])
+    elif config.get("objective") == "masked":
+        model = TokenDenoiser(model, config["classes"])
     check_state_dict_fits(path, state["ema"], model)
     model.load_state_dict(state["ema"])
+    if config.get("objective") == "masked":
+        return model.to(device).eval(), MaskedDiffusion(config["classes"])
     schedule = NoiseSchedule.from_name(config["schedule"]["name"], config["schedule"]["timesteps"])
     return model.to(device).eval(), schedule
 
@@ -154,19 +218,22 @@ class SamplingPlan:
         path: the checkpoint file.
         config: its config (model, schedule, dataset, value range, objective).
         network: the model with the EMA weights, in eval mode, on ``device``.
-        schedule: the training schedule (what noise and hybrid models are sampled on).
+        schedule: the training schedule (what noise and hybrid models are sampled on); for a
+            masked checkpoint, its masking process on the schedule of --masking-schedule.
         sampler: one of ``SAMPLERS[objective]``.
         steps: the denoising steps, after smoke mode's cap.
         device: where the model runs.
+        order: for a masked checkpoint, the reveal order of --order; else ``None``.
     """
 
     path: Path
     config: dict[str, Any]
     network: nn.Module
-    schedule: NoiseSchedule
+    schedule: NoiseSchedule | MaskedDiffusion
     sampler: str
     steps: int
     device: torch.device
+    order: str | None = None
 
 
 def plan_sampling(args: argparse.Namespace) -> SamplingPlan:
@@ -174,10 +241,16 @@ def plan_sampling(args: argparse.Namespace) -> SamplingPlan:
     path, state = read_checkpoint(args.checkpoint)
     config = state["config"]
     sampler = _sampler(args, config)
+    masked = _masked_options(args, config)
     steps = _check_sampling_args(args, config, sampler)
     device = select_device(args.device)
     network, schedule = rebuild(path, state, device)
-    return SamplingPlan(path, config, network, schedule, sampler, cap_sampling_steps(steps), device)
+    order = None
+    if masked is not None:
+        masking_schedule, order = masked
+        schedule = MaskedDiffusion(config["classes"], masking_schedule)
+    steps = cap_sampling_steps(steps)
+    return SamplingPlan(path, config, network, schedule, sampler, steps, device, order)
 
 
 def draw_samples(plan: SamplingPlan, args: argparse.Namespace) -> tuple[torch.Tensor, str | None]:
@@ -186,13 +259,21 @@ def draw_samples(plan: SamplingPlan, args: argparse.Namespace) -> tuple[torch.Te
 
     --label and --guidance steer a conditional model (classifier-free guidance), --eta sets
     ddim's noise. The noise comes from a CPU generator seeded with --seed, so a seed gives the
-    same images on every device.
+    same images on every device. A masked checkpoint's samples are its drawn tokens as images
+    in [-1, 1], each pixel one of its K grey levels (:func:`images_from_tokens`).
     """
     config, device = plan.config, plan.device
-    model, variance = as_noise_sampler_reads_it(plan.network, plan.schedule, config, plan.sampler)
     num = cap_samples(args.num)
     kwargs = config["model"]["kwargs"]
     size = kwargs.get("image_size", IMAGE_SIZE)
+    if isinstance(plan.schedule, MaskedDiffusion):
+        generator = torch.Generator().manual_seed(args.seed)
+        shape = (num, IMAGE_CHANNELS, size, size)
+        tokens = masked_sample(
+            plan.network, plan.schedule, shape, plan.steps, generator=generator, order=plan.order
+        )
+        return images_from_tokens(tokens, plan.schedule.num_classes).cpu(), None
+    model, variance = as_noise_sampler_reads_it(plan.network, plan.schedule, config, plan.sampler)
     shape = (num, kwargs.get("channels", IMAGE_CHANNELS), size, size)
     options: dict[str, Any] = {
         "steps": plan.steps,
@@ -216,9 +297,13 @@ def draw_samples(plan: SamplingPlan, args: argparse.Namespace) -> tuple[torch.Te
     return samples.float().cpu(), variance
 
 
-def sampling_method(sampler: str, variance: str | None, steps: int) -> str:
-    """How samples were drawn, in words: ``"ddpm, learned variance, 100 steps"``."""
-    return ", ".join([sampler, *([f"{variance} variance"] if variance else []), f"{steps} steps"])
+def sampling_method(plan: SamplingPlan, variance: str | None) -> str:
+    """How samples were drawn, in words: ``"ddpm, learned variance, 100 steps"``, or for a
+    masked checkpoint ``"masked, cosine schedule, random order, 100 steps"``."""
+    details = [f"{variance} variance"] if variance else []
+    if isinstance(plan.schedule, MaskedDiffusion):
+        details = [f"{plan.schedule.schedule} schedule", f"{plan.order} order"]
+    return ", ".join([plan.sampler, *details, f"{plan.steps} steps"])
 
 
 def run_sample(args: argparse.Namespace) -> None:
@@ -231,5 +316,5 @@ def run_sample(args: argparse.Namespace) -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, args.output)
     width, height = grid.shape[2], grid.shape[1]
-    method = sampling_method(plan.sampler, variance, plan.steps)
+    method = sampling_method(plan, variance)
     print(f"saved {num} samples ({method}) to {args.output} ({width}x{height})")

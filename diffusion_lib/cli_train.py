@@ -18,11 +18,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusion_lib.command_line import COMPILE_CHOICES, IMAGE_CHANNELS, IMAGE_SIZE, CommandError
+from diffusion_lib.command_line import (
+    COMPILE_CHOICES,
+    DEFAULT_MASKED_CLASSES,
+    DEFAULT_SCHEDULE,
+    DEFAULT_SIGMA_DATA,
+    DEFAULT_TIMESTEPS,
+    IMAGE_CHANNELS,
+    IMAGE_SIZE,
+    MAX_MASKED_CLASSES,
+    CommandError,
+)
 from diffusion_lib.data import CLASS_NAMES, load_images
 from diffusion_lib.edm import EDMNoiseLevels, PreconditionedDenoiser, edm_loss
 from diffusion_lib.flow_matching import RectifiedFlow
 from diffusion_lib.losses import diffusion_loss, hybrid_loss
+from diffusion_lib.masked_diffusion import MaskedDiffusion, TokenDenoiser, masked_diffusion_loss
 from diffusion_lib.models import MODELS, build_model, count_parameters
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.training import train
@@ -31,7 +42,8 @@ from diffusion_lib.training import train
 def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "image_size": IMAGE_SIZE,
-        "channels": IMAGE_CHANNELS,
+        # A masked model reads each image channel as K + 1 one-hot channels (levels and mask).
+        "channels": IMAGE_CHANNELS * (args.classes + 1 if args.objective == "masked" else 1),
         "timesteps": args.timesteps,
         **dict(args.model_arg),
     }
@@ -47,6 +59,8 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 f"(choose one of {', '.join(conditional) or 'none'})"
             )
         kwargs["num_classes"] = len(CLASS_NAMES[args.dataset])
+    if args.objective == "masked":
+        return _masked_channels(kwargs, args.classes)
     return _with_output_channels(kwargs, args.objective)
 
 
@@ -69,6 +83,25 @@ def _with_output_channels(kwargs: dict[str, Any], objective: str) -> dict[str, A
     if objective == "hybrid":
         kwargs["out_channels"] = needed
     return kwargs
+
+
+def _masked_channels(kwargs: dict[str, Any], classes: int) -> dict[str, Any]:
+    """The model arguments of a masked model, which reads C (K + 1) channels, the one-hot levels
+    and the mask of each image channel, and writes C K, the logits of the K levels."""
+    needed = {"channels": IMAGE_CHANNELS * (classes + 1), "out_channels": IMAGE_CHANNELS * classes}
+    if kwargs["channels"] != needed["channels"]:
+        raise CommandError(
+            f"--objective masked needs channels={needed['channels']} (K + 1 one-hot channels "
+            f"per image channel, for K = {classes} levels and the mask); leave out --model-arg "
+            f"channels={kwargs['channels']}"
+        )
+    given = kwargs.get("out_channels", needed["out_channels"])
+    if given != needed["out_channels"]:
+        raise CommandError(
+            f"--objective masked needs out_channels={needed['out_channels']} (the logits of the "
+            f"K = {classes} levels per image channel); leave out --model-arg out_channels={given}"
+        )
+    return {**kwargs, "out_channels": needed["out_channels"]}
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -109,6 +142,11 @@ def _objective(
     args: argparse.Namespace, network: nn.Module, loss: Callable[..., torch.Tensor] | None
 ) -> tuple[nn.Module, Any, Callable[..., torch.Tensor] | None]:
     """The module the engine trains, the process it noises with, and the loss, for --objective."""
+    if args.objective == "masked":
+        # The loss is the order-agnostic bound, the same for every masking schedule: the
+        # schedule is chosen when sampling.
+        process = MaskedDiffusion(args.classes)
+        return TokenDenoiser(network, args.classes), process, masked_diffusion_loss
     if args.objective == "edm":
         if args.timesteps != 1000:
             raise CommandError(
@@ -134,9 +172,73 @@ def _hybrid_loss(args: argparse.Namespace) -> Callable[..., torch.Tensor]:
     return functools.partial(hybrid_loss, vlb_weight=args.vlb_weight)
 
 
+def _check_masked_options(args: argparse.Namespace) -> None:
+    """--classes applies to --objective masked only, and masked takes none of the options of
+    the Gaussian objectives: a masked model has no noise schedule, no timesteps, no prediction
+    target and no labels."""
+    if args.objective != "masked":
+        if args.classes is not None:
+            raise CommandError(
+                "--classes applies to --objective masked only: the other objectives model "
+                "continuous pixels, not a few grey levels"
+            )
+        return
+    # Each option that a masked run rejects, whether it was given, and why it does not apply.
+    inapplicable = {
+        "--schedule": (
+            args.schedule is not None,
+            "it has no noise schedule; sample picks how fast pixels are revealed with "
+            "--masking-schedule",
+        ),
+        "--timesteps": (
+            args.timesteps is not None,
+            "its network takes no time: the masked pixels say how far the process has gone",
+        ),
+        "--prediction": (
+            args.prediction != "epsilon",
+            "its network predicts the levels of the hidden pixels",
+        ),
+        "--snr-gamma": (args.snr_gamma is not None, "its loss is the bound, with its own weights"),
+        "--vlb-weight": (args.vlb_weight is not None, "its loss is the bound itself"),
+        "--sigma-data": (args.sigma_data is not None, "it adds no Gaussian noise"),
+        "--conditional": (args.conditional, "a masked model is unconditional"),
+    }
+    for option, (given, reason) in inapplicable.items():
+        if given:
+            raise CommandError(
+                f"{option} does not apply to --objective masked ({reason}); a masked run takes "
+                "--classes besides the model, data and optimisation options"
+            )
+    if [float(value) for value in args.value_range] != [-1.0, 1.0]:
+        raise CommandError(
+            "--objective masked quantises images in [-1, 1] to --classes grey levels; leave "
+            "--value-range at -1 1"
+        )
+    if args.classes is None:
+        args.classes = DEFAULT_MASKED_CLASSES
+    if not 2 <= args.classes <= MAX_MASKED_CLASSES:
+        raise CommandError(
+            f"--classes must lie in 2..{MAX_MASKED_CLASSES} (2 is black and white, "
+            f"{MAX_MASKED_CLASSES} the levels of an 8-bit image); got {args.classes}"
+        )
+
+
+def _fill_in_defaults(args: argparse.Namespace) -> None:
+    """The defaults of the options that the parser leaves at None, so that --objective masked
+    can tell that they were given."""
+    if args.schedule is None:
+        args.schedule = DEFAULT_SCHEDULE
+    if args.timesteps is None:
+        args.timesteps = DEFAULT_TIMESTEPS
+    if args.sigma_data is None:
+        args.sigma_data = DEFAULT_SIGMA_DATA
+
+
 def run_train(args: argparse.Namespace) -> None:
     """``train``: load the dataset, build model and schedule, train, report the checkpoint."""
     low, high = args.value_range
+    _check_masked_options(args)
+    _fill_in_defaults(args)
     if args.vlb_weight is not None and args.objective != "hybrid":
         raise CommandError("--vlb-weight applies to --objective hybrid only")
     loss = _noise_loss(args)
@@ -157,7 +259,11 @@ def run_train(args: argparse.Namespace) -> None:
         "conditional": args.conditional,
         "objective": args.objective,
     }
-    if args.objective == "edm":
+    if args.objective == "masked":
+        # No noise schedule: the masking schedule is sample's choice.
+        del config["schedule"]
+        config["classes"] = args.classes
+    elif args.objective == "edm":
         config["sigma_data"] = args.sigma_data
     elif args.objective == "hybrid":
         config["vlb_weight"] = 0.001 if args.vlb_weight is None else args.vlb_weight

@@ -16,23 +16,44 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_lib.data import DATASETS
+from diffusion_lib.masked_diffusion import MASKING_SCHEDULES, REVEAL_ORDERS
 from diffusion_lib.models import MODELS
 from diffusion_lib.predictions import PREDICTIONS
 from diffusion_lib.schedules import SCHEDULES
 
-# L_simple with a noise schedule, flow matching, EDM's preconditioned denoiser, or L_hybrid
-# (the noise and a learned variance, Nichol & Dhariwal 2021) with a noise schedule
-OBJECTIVES = ("noise", "flow", "edm", "hybrid")
+# L_simple with a noise schedule, flow matching, EDM's preconditioned denoiser, L_hybrid (the
+# noise and a learned variance, Nichol & Dhariwal 2021) with a noise schedule, or masked
+# diffusion of images quantised to a few grey levels (the order-agnostic bound)
+OBJECTIVES = ("noise", "flow", "edm", "hybrid", "masked")
 SAMPLERS = {
     "noise": ("ddpm", "ddim", "dpm-solver", "heun"),
     "flow": ("euler", "heun"),
     "edm": ("heun", "euler"),
     "hybrid": ("ddpm", "ddim", "dpm-solver", "heun"),
+    "masked": ("masked",),
 }
-DEFAULT_SAMPLERS = {"noise": "ddim", "flow": "euler", "edm": "heun", "hybrid": "ddpm"}
+DEFAULT_SAMPLERS = {
+    "noise": "ddim",
+    "flow": "euler",
+    "edm": "heun",
+    "hybrid": "ddpm",
+    "masked": "masked",
+}
 # The objectives whose models are sampled on the training schedule's T timesteps
 SCHEDULE_OBJECTIVES = ("noise", "hybrid")
 IMAGE_SIZE, IMAGE_CHANNELS = 28, 1  # MNIST and Fashion-MNIST
+# Defaults of train's options that --objective masked rejects when given: their parser default
+# is None, so that a given value can be told from the default.
+DEFAULT_SCHEDULE, DEFAULT_TIMESTEPS, DEFAULT_SIGMA_DATA = "linear", 1000, 0.5
+# --objective masked: the grey levels K by default (black and white), and the most allowed
+# (the 256 of an 8-bit image)
+DEFAULT_MASKED_CLASSES, MAX_MASKED_CLASSES = 2, 256
+# sample and evaluate for a masked checkpoint: the sampling steps, the masking schedule (in
+# chapter 19 the cosine one drew better digits than the linear one at every step count) and the
+# order in which masked pixels are revealed
+DEFAULT_MASKED_STEPS, DEFAULT_MASKING_SCHEDULE, DEFAULT_REVEAL_ORDER = 100, "cosine", "random"
+# evaluate --bound-images for a masked checkpoint: unbiased draws of the bound averaged per image
+MASKED_BOUND_DRAWS = 4
 
 
 class CommandError(Exception):
@@ -66,6 +87,11 @@ examples:
       --output hybrid.png
   python -m diffusion_lib evaluate --checkpoint runs/hybrid/checkpoint.pt --steps 100 \\
       --bound-images 100
+  python -m diffusion_lib train --model attention_unet --dataset mnist --objective masked \\
+      --steps 20000 --output runs/masked
+  python -m diffusion_lib sample --checkpoint runs/masked/checkpoint.pt --steps 100 \\
+      --masking-schedule cosine --output masked.png
+  python -m diffusion_lib evaluate --checkpoint runs/masked/checkpoint.pt --bound-images 1000
   python -m diffusion_lib distill --checkpoint runs/flow/checkpoint.pt --student-steps 16 \\
       --steps 2000 --output runs/flow16
   python -m diffusion_lib distill --checkpoint runs/flow16/checkpoint.pt --student-steps 8 \\
@@ -101,9 +127,13 @@ def _add_model_options(group: argparse._ArgumentGroup) -> None:
         help="extra model argument, VALUE as JSON, e.g. --model-arg widths=[512,256] (repeatable)",
     )
     group.add_argument(
-        "--schedule", default="linear", choices=list(SCHEDULES), help="(default: linear)"
+        "--schedule",
+        choices=list(SCHEDULES),
+        help=f"the noise schedule of a noise or a hybrid model (default: {DEFAULT_SCHEDULE})",
     )
-    group.add_argument("--timesteps", type=int, default=1000, help="T (default: 1000)")
+    group.add_argument(
+        "--timesteps", type=int, help=f"T, the number of timesteps (default: {DEFAULT_TIMESTEPS})"
+    )
     group.add_argument(
         "--objective",
         default="noise",
@@ -114,14 +144,23 @@ def _add_model_options(group: argparse._ArgumentGroup) -> None:
         "noise levels; hybrid: predict the noise and, in C more output channels, the variance "
         "of each reverse step, trained with L_hybrid (Nichol & Dhariwal 2021) and sampled "
         "with ddpm on the learned variance, or with ddim, dpm-solver or heun on the noise "
-        "alone (default: noise)",
+        "alone; masked: quantise the images to --classes grey levels and learn to fill in "
+        "pixels hidden behind a mask symbol (masked diffusion, chapter 19), sampled by "
+        "revealing them step by step (default: noise)",
+    )
+    group.add_argument(
+        "--classes",
+        type=int,
+        metavar="K",
+        help="with --objective masked, the grey levels the images are quantised to, K >= 2: 2 "
+        "is black and white, and the network reads K + 1 channels (one-hot levels and the "
+        f"mask) and writes K (default: {DEFAULT_MASKED_CLASSES})",
     )
     group.add_argument(
         "--sigma-data",
         type=float,
-        default=0.5,
-        help="with --objective edm, the data's standard deviation (default: 0.5, for images in "
-        "[-1, 1])",
+        help="with --objective edm, the data's standard deviation (default: "
+        f"{DEFAULT_SIGMA_DATA}, for images in [-1, 1])",
     )
     group.add_argument(
         "--vlb-weight",
@@ -240,15 +279,33 @@ def _add_sampling_options(parser: argparse.ArgumentParser, default_num: int) -> 
         "--sampler",
         choices=sorted({name for names in SAMPLERS.values() for name in names}),
         help="ddpm, ddim, dpm-solver (DPM-Solver++(2M)) or heun for a noise or a hybrid model, "
-        "euler or heun for a flow or an edm model; ddpm draws each step of a hybrid model with "
-        "its learned variance, the others read only its noise (default: ddim for noise, ddpm "
-        "for hybrid, euler for a flow, heun for edm)",
+        "euler or heun for a flow or an edm model, masked for a masked model; ddpm draws each "
+        "step of a hybrid model with its learned variance, the others read only its noise "
+        "(default: ddim for noise, ddpm for hybrid, euler for a flow, heun for edm, masked for "
+        "masked)",
     )
     parser.add_argument(
         "--steps",
         type=int,
         help="denoising steps, at most T for a noise or a hybrid model, where ddpm respaces the "
-        "schedule to visit fewer (default: T for ddpm, 18 for edm, else 50)",
+        "schedule to visit fewer; for a masked model, the steps in which its pixels are "
+        f"revealed (default: T for ddpm, 18 for edm, {DEFAULT_MASKED_STEPS} for masked, else 50)",
+    )
+    parser.add_argument(
+        "--masking-schedule",
+        choices=MASKING_SCHEDULES,
+        help="for a masked model, how fast pixels are revealed: linear reveals as many at every "
+        "step, cosine few at the first steps, which see the least, and more towards the end; "
+        "in chapter 19 cosine drew better digits at every step count "
+        f"(default: {DEFAULT_MASKING_SCHEDULE})",
+    )
+    parser.add_argument(
+        "--order",
+        choices=REVEAL_ORDERS,
+        help="for a masked model, which masked pixels a step reveals: random, each with the "
+        "reverse process's probability; confidence, those whose drawn values the model is "
+        "surest of (MaskGIT's decoding), which is no longer the process the bound describes "
+        f"and tends to trade diversity for cleaner images (default: {DEFAULT_REVEAL_ORDER})",
     )
     parser.add_argument(
         "--eta", type=float, default=0.0, help="ddim noise: 0 deterministic, 1 DDPM-like"
@@ -299,7 +356,11 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
         "in bits per dimension on the first M test images, which takes T network calls on "
         "them: for a noise or a hybrid checkpoint trained on [-1, 1], with the learned "
         "variance of a hybrid model and the posterior variance beta_tilde otherwise; a "
-        "conditional model is bounded without labels (default: 0, no bound)",
+        "conditional model is bounded without labels. For a masked checkpoint, the "
+        "order-agnostic bound on the test images quantised to its K grey levels, in nats per "
+        "image and in bits per dimension (of K-level pixels, so not comparable with the "
+        f"8-bit bound of a noise model), each image's bound the mean of {MASKED_BOUND_DRAWS} "
+        "random draws of one network call each (default: 0, no bound)",
     )
     parser.add_argument(
         "--json",

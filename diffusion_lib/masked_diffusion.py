@@ -58,9 +58,7 @@ class MaskedDiffusion:
     """
 
     def __init__(self, num_classes: int = 2, schedule: str = "linear") -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        self.num_classes = num_classes
+        self.num_classes = _check_num_classes(num_classes)
         self.mask_id = num_classes
         self.schedule = check_choice("masking schedule", schedule, MASKING_SCHEDULES)
 
@@ -103,15 +101,17 @@ class MaskedDiffusion:
         with probability 1 - alpha_t, independently; ``t``: (B,) times in [0, 1], or one time
         for the whole batch."""
         x0 = self._check_tokens(x0)
-        t = _check_times(t).to(x0.device, torch.float64)
+        t = _check_times(t).detach().cpu().double()
         if t.dim() == 0:
             t = t.expand(x0.shape[0])
         if t.shape != (x0.shape[0],):
             raise ValueError(
                 f"t must be one time or have shape ({x0.shape[0]},), got {tuple(t.shape)}"
             )
-        keep = self.alpha(t).view(-1, *([1] * (x0.dim() - 1)))
-        hidden = _uniform(tuple(x0.shape), generator, x0.device) >= keep
+        keep = self.alpha(t).to(x0.device, _real_dtype(x0.device))
+        hidden = _uniform(tuple(x0.shape), generator, x0.device) >= keep.view(
+            -1, *([1] * (x0.dim() - 1))
+        )
         return x0.masked_fill(hidden, self.mask_id)
 
     def _check_tokens(self, tokens: Tensor, *, masks_allowed: bool = False) -> Tensor:
@@ -142,15 +142,34 @@ def _uniform(
 ) -> Tensor:
     """U[0, 1) drawn on the generator's device, so a seed gives the same draw anywhere."""
     source = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=source, dtype=torch.float64).to(device)
+    dtype = _real_dtype(source, device)
+    return torch.rand(shape, generator=generator, device=source, dtype=dtype).to(device)
+
+
+def _real_dtype(*devices: torch.device) -> torch.dtype:
+    """float64 for the probabilities, except on Apple's MPS, which has no float64."""
+    return torch.float32 if any(device.type == "mps" for device in devices) else torch.float64
+
+
+def _check_num_classes(num_classes: object) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    return num_classes
 
 
 def tokens_from_images(images: Tensor, num_classes: int = 2) -> Tensor:
     """Quantise images (B, C, H, W) in [-1, 1] to ``num_classes`` evenly spaced grey levels:
     int64 tokens of the same shape, each pixel to the nearest level and a pixel halfway between
-    two to the brighter. With two classes, pixels at or above 0 become 1 (white)."""
+    two to the brighter. With two classes, pixels at or above 0 become 1 (white). Images scaled
+    to [0, 1] would all come out in the upper half: rescale them to [-1, 1] first."""
+    num_classes = _check_num_classes(num_classes)
     if not images.dtype.is_floating_point:
         raise ValueError(f"images must be floating point in [-1, 1], got {images.dtype}")
+    if images.numel() and (float(images.min()) < -1.001 or float(images.max()) > 1.001):
+        raise ValueError(
+            f"images must lie in [-1, 1], got values from {float(images.min()):.3g} to "
+            f"{float(images.max()):.3g}"
+        )
     levels = (images.clamp(-1.0, 1.0) + 1.0) / 2.0 * (num_classes - 1)
     return (levels + 0.5).floor().long()
 
@@ -158,6 +177,7 @@ def tokens_from_images(images: Tensor, num_classes: int = 2) -> Tensor:
 def images_from_tokens(tokens: Tensor, num_classes: int = 2) -> Tensor:
     """Tokens (B, C, H, W) back to images in [-1, 1]; a masked symbol (``num_classes``) is drawn
     as mid-grey, 0."""
+    num_classes = _check_num_classes(num_classes)
     images = tokens.float() / (num_classes - 1) * 2.0 - 1.0
     return images.masked_fill(tokens == num_classes, 0.0)
 

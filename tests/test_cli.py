@@ -16,13 +16,22 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 
-from diffusion_lib import learned_variance, losses, metrics, predictions, sampling
+from diffusion_lib import learned_variance, losses, masked_diffusion, metrics, predictions, sampling
 from diffusion_lib.__main__ import CommandError, main
 from diffusion_lib.checkpoints import load_checkpoint, save_checkpoint
-from diffusion_lib.data import DATA_VARIABLE, data_root, load_images
+from diffusion_lib.data import DATA_VARIABLE, data_root, load_images, to_unit_interval
 from diffusion_lib.edm import preconditioning
 from diffusion_lib.losses import diffusion_loss, elbo_bits_per_dim, hybrid_loss
+from diffusion_lib.masked_diffusion import (
+    MaskedDiffusion,
+    TokenDenoiser,
+    images_from_tokens,
+    masked_nll_bound,
+    masked_sample,
+    tokens_from_images,
+)
 from diffusion_lib.models import build_model
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import SMOKE_VARIABLE
@@ -53,6 +62,14 @@ def run_cli(*arguments: str) -> subprocess.CompletedProcess:
 def train_arguments(output: Path, model: list[str], *extra: str) -> list[str]:
     return [
         "train", *model, "--dataset", "mnist", "--timesteps", str(TIMESTEPS), "--steps", "3",
+        "--batch-size", "8", "--output", str(output), "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def masked_train_arguments(output: Path, model: list[str], *extra: str) -> list[str]:
+    """train_arguments for --objective masked, which takes no --timesteps."""
+    return [
+        "train", *model, "--dataset", "mnist", "--objective", "masked", "--steps", "3",
         "--batch-size", "8", "--output", str(output), "--no-progress", *extra,
     ]  # fmt: skip
 
@@ -717,7 +734,8 @@ def checkpoint_on_zero_one(checkpoints, folder: Path) -> Path:
     ("which", "arguments", "message"),
     [
         ("flow", ["--bound-images", "2"],
-         "--bound-images needs a checkpoint trained with --objective noise or --objective hybrid"),
+         "--bound-images needs a checkpoint trained with --objective noise, --objective hybrid "
+         "or --objective masked"),
         ("zero_one", ["--bound-images", "2"], "trained on images in [-1, 1]"),
         ("plain", ["--num", "0"], "--num must lie in 2..10000"),
         ("plain", ["--num", "1"], "the Fréchet distance fits a covariance"),
@@ -739,3 +757,270 @@ def test_evaluate_errors_are_clear(
     assert evaluate(paths[which], *arguments, "--json", str(output)) == 1
     assert message in capsys.readouterr().err
     assert not output.exists()
+
+
+@pytest.fixture(scope="module")
+def masked_checkpoints(tmp_path_factory) -> dict[int, Path]:
+    """Masked checkpoints by K: black and white with a fully connected U-net, and four grey
+    levels with an attention U-net, trained in-process in smoke mode."""
+    if not (DATA_FOLDER / "MNIST" / "raw").is_dir():
+        pytest.skip(f"MNIST not found under {DATA_FOLDER}")
+    folder = tmp_path_factory.mktemp("masked")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(SMOKE_VARIABLE, "1")
+        patch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+        assert main(masked_train_arguments(folder / "two", TINY_FC_UNET)) == 0
+        four = masked_train_arguments(folder / "four", TINY_ATTENTION_UNET, "--classes", "4")
+        assert main(four) == 0
+    return {2: folder / "two" / "checkpoint.pt", 4: folder / "four" / "checkpoint.pt"}
+
+
+def rebuilt_token_denoiser(checkpoint: Path) -> TokenDenoiser:
+    """The EMA weights of a masked checkpoint in a TokenDenoiser built here from its config."""
+    state = load_checkpoint(checkpoint)
+    config = state["config"]
+    network = build_model(config["model"]["name"], **config["model"]["kwargs"])
+    model = TokenDenoiser(network, config["classes"])
+    model.load_state_dict(state["ema"])
+    return model.eval()
+
+
+def grid_pictures(path: Path, count: int) -> torch.Tensor:
+    """The ``count`` pictures (N, 28, 28) uint8 of a grid saved by sample, without its borders."""
+    with Image.open(path) as image:
+        grid = pil_to_tensor(image.convert("L"))[0]
+    columns = math.ceil(math.sqrt(count))
+    return torch.stack([
+        grid[2 + 30 * (k // columns):][:28, 2 + 30 * (k % columns):][:, :28] for k in range(count)
+    ])  # fmt: skip
+
+
+@needs_mnist
+def test_a_masked_run_trains_a_token_denoiser_on_the_order_agnostic_bound(
+    tmp_path, monkeypatch
+) -> None:
+    """--objective masked wraps the network in TokenDenoiser, with K + 1 input channels and K
+    output channels, and trains it with masked_diffusion_loss, which bounds the images quantised
+    to K levels; the checkpoint records the objective and K, and no noise schedule."""
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+    bounds: list[tuple] = []
+    original = masked_diffusion.masked_nll_bound
+
+    def recording(*args, **kwargs):
+        bounds.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(masked_diffusion, "masked_nll_bound", recording)
+    assert main(masked_train_arguments(tmp_path / "run", TINY_FC_UNET, "--classes", "3")) == 0
+    assert len(bounds) == 3
+    model, process, x0 = bounds[0]
+    assert isinstance(model, TokenDenoiser) and model.num_classes == 3
+    assert isinstance(process, MaskedDiffusion) and process.num_classes == 3
+    assert x0.dtype == torch.int64 and set(x0.unique().tolist()) <= {0, 1, 2}
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    config = state["config"]
+    assert config["objective"] == "masked" and config["classes"] == 3
+    assert config["model"]["kwargs"]["channels"] == 4
+    assert config["model"]["kwargs"]["out_channels"] == 3
+    assert "schedule" not in config and config["value_range"] == [-1.0, 1.0]
+    assert all(key.startswith("network.") for key in state["ema"])
+
+
+@pytest.mark.parametrize(
+    ("options", "method"),
+    [
+        ([], "masked, cosine schedule, random order, 4 steps"),
+        (
+            ["--sampler", "masked", "--masking-schedule", "linear", "--order", "confidence"],
+            "masked, linear schedule, confidence order, 4 steps",
+        ),
+    ],
+)
+def test_a_masked_checkpoint_samples_black_and_white_images_by_revealing_pixels(
+    masked_checkpoints, options, method, tmp_path, monkeypatch, capsys
+) -> None:
+    """The grid shows images_from_tokens of masked_sample with the same seed, schedule and order:
+    black and white pixels only, no mask grey; the network is called at t = 0, at most once a
+    step."""
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    seen = record_network_times(monkeypatch)
+    output = tmp_path / "masked.png"
+    status = main([
+        "sample", "--checkpoint", str(masked_checkpoints[2]), "--steps", "4", "--num", "5",
+        "--seed", "3", "--output", str(output), *options,
+    ])  # fmt: skip
+    assert status == 0
+    assert f"saved 5 samples ({method})" in capsys.readouterr().out
+    assert 1 <= len(seen) <= 4 and all(int(t.abs().max()) == 0 for t in seen)
+    pictures = grid_pictures(output, 5)
+    assert set(pictures.unique().tolist()) == {0, 255}
+    monkeypatch.undo()
+    schedule, order = ("linear", "confidence") if options else ("cosine", "random")
+    tokens = masked_sample(
+        rebuilt_token_denoiser(masked_checkpoints[2]), MaskedDiffusion(2, schedule),
+        (5, 1, 28, 28), 4, generator=torch.Generator().manual_seed(3), order=order,
+    )  # fmt: skip
+    expected = to_unit_interval(images_from_tokens(tokens, 2))[:, 0].mul(255).round()
+    torch.testing.assert_close(pictures.float(), expected, rtol=0, atol=0)
+
+
+def test_a_masked_checkpoint_of_four_levels_samples_and_bounds_them(
+    masked_checkpoints, classifier_cache, tmp_path, monkeypatch, capsys
+) -> None:
+    """--classes 4 round trip: the samples show exactly the 4 levels, and the bound is taken on
+    the test images quantised to 4 levels."""
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    output = tmp_path / "four.png"
+    status = main([
+        "sample", "--checkpoint", str(masked_checkpoints[4]), "--steps", "3", "--num", "4",
+        "--output", str(output),
+    ])  # fmt: skip
+    assert status == 0
+    assert set(grid_pictures(output, 4).unique().tolist()) == {0, 85, 170, 255}
+    path = tmp_path / "four.json"
+    assert (
+        evaluate(masked_checkpoints[4], "--num", "2", "--bound-images", "2", "--json", str(path))
+        == 0
+    )
+    record = json.loads(path.read_text())
+    assert record["classes"] == 4 and record["bound"]["classes"] == 4
+    bound = record["bound"]
+    assert bound["bits_per_dim"] == pytest.approx(bound["nats_per_image"] / (784 * math.log(2)))
+
+
+def test_evaluate_scores_a_masked_checkpoint_beside_quantised_test_images_and_its_bound(
+    masked_checkpoints, classifier_cache, tmp_path, capsys
+) -> None:
+    """The reference row is the first N test images in black and white, and says so; the bound
+    is the mean of 4 draws of masked_nll_bound per test image, computed here with the same seed,
+    in nats per image and in bits per dimension."""
+    path = tmp_path / "masked.json"
+    arguments = ["--num", "3", "--bound-images", "2", "--seed", "5", "--json", str(path)]
+    assert evaluate(masked_checkpoints[2], *arguments) == 0
+    output = capsys.readouterr().out
+    assert "3 samples of mnist (masked, cosine schedule, random order, 3 steps, seed 5)" in output
+    assert re.search(r"^quantised test images +3 ", output, re.MULTILINE)
+    assert "real test images" not in output
+    model = rebuilt_token_denoiser(masked_checkpoints[2])
+    x0 = tokens_from_images(load_images("mnist", train=False, limit=2)[0])
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        draws = [masked_nll_bound(model, MaskedDiffusion(2), x0, generator=generator)
+                 for _ in range(4)]  # fmt: skip
+    nats = float(torch.stack(draws).mean())
+    bits = nats / (784 * math.log(2))
+    printed = re.search(
+        r"variational bound: ([0-9.]+) bits/dim, ([0-9.]+) nats per image, on 2 test images at "
+        r"2 grey levels \(each the mean of 4 draws\)",
+        output,
+    )
+    assert printed
+    assert float(printed.group(1)) == pytest.approx(bits, abs=1e-4)
+    assert float(printed.group(2)) == pytest.approx(nats, abs=1e-2)
+    record = json.loads(path.read_text())
+    assert record["bound"] == {
+        "bits_per_dim": pytest.approx(bits, rel=1e-4), "nats_per_image": pytest.approx(nats, rel=1e-4),
+        "images": 2, "classes": 2, "draws": 4,
+    }  # fmt: skip
+    assert [record[key] for key in ("sampler", "masking_schedule", "order", "steps")] == [
+        "masked", "cosine", "random", 3,
+    ]  # fmt: skip
+    assert "real_test_images" not in record
+    quantised = images_from_tokens(
+        tokens_from_images(load_images("mnist", train=False, limit=3)[0])
+    )
+    reference = metrics.score_samples(quantised, classifier=metrics.get_classifier("mnist"))
+    assert record["quantised_test_images"]["frechet_distance"] == pytest.approx(
+        reference.frechet_distance
+    )
+    assert record["samples"]["n"] == 3
+
+
+@needs_mnist
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--schedule", "cosine"], "--schedule does not apply to --objective masked"),
+        (["--timesteps", "40"], "--timesteps does not apply to --objective masked"),
+        (["--prediction", "v"], "--prediction does not apply to --objective masked"),
+        (["--snr-gamma", "5"], "--snr-gamma does not apply to --objective masked"),
+        (["--vlb-weight", "0.01"], "--vlb-weight does not apply to --objective masked"),
+        (["--sigma-data", "0.6"], "--sigma-data does not apply to --objective masked"),
+        (["--conditional"], "--conditional does not apply to --objective masked"),
+        (["--value-range", "0", "1"], "leave --value-range at -1 1"),
+        (["--classes", "1"], "--classes must lie in 2..256"),
+        (["--classes", "257"], "--classes must lie in 2..256"),
+        (["--model-arg", "out_channels=1"], "needs out_channels=2"),
+        (["--classes", "4", "--model-arg", "channels=3"], "needs channels=5"),
+    ],
+)
+def test_masked_training_errors_are_clear(
+    arguments, message, tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+    assert main(masked_train_arguments(tmp_path / "never", TINY_FC_UNET, *arguments)) == 1
+    error = capsys.readouterr().err
+    assert message in error
+    if "does not apply" in message:
+        assert "a masked run takes --classes" in error
+    assert not (tmp_path / "never").exists()
+
+
+def test_classes_applies_to_masked_only(tmp_path, capsys) -> None:
+    assert main(train_arguments(tmp_path / "never", TINY_FC_UNET, "--classes", "4")) == 1
+    assert "--classes applies to --objective masked only" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(
+    ("which", "arguments", "message"),
+    [
+        ("masked", ["--sampler", "ddim"], "trained with --objective masked; choose masked$"),
+        ("masked", ["--steps", "0"], "--steps must be >= 1"),
+        ("masked", ["--num", "0"], "--num must be >= 1"),
+        ("masked", ["--label", "1"], "--label does not apply to a masked checkpoint"),
+        ("masked", ["--guidance", "2"], "--guidance does not apply to a masked checkpoint"),
+        ("masked", ["--eta", "0.5"], "--eta does not apply to a masked checkpoint"),
+        ("plain", ["--sampler", "masked"], "choose ddpm, ddim, dpm-solver or heun"),
+        ("plain", ["--masking-schedule", "linear"], "--masking-schedule applies to a masked"),
+        ("flow", ["--order", "confidence"], r"--order applies to a masked checkpoint .* only"),
+    ],
+)
+def test_masked_sampling_errors_are_clear(
+    checkpoints, masked_checkpoints, which, arguments, message, tmp_path, capsys
+) -> None:
+    paths = {**checkpoints, "masked": masked_checkpoints[2]}
+    output = tmp_path / "never.png"
+    status = main(
+        ["sample", "--checkpoint", str(paths[which]), "--output", str(output), *arguments]
+    )
+    assert status == 1
+    assert re.search(message, capsys.readouterr().err.strip())
+    assert not output.exists()
+
+
+def test_a_masked_checkpoint_is_not_a_distillation_teacher(
+    masked_checkpoints, tmp_path, capsys
+) -> None:
+    status = main([
+        "distill", "--checkpoint", str(masked_checkpoints[2]), "--student-steps", "2",
+        "--steps", "2", "--output", str(tmp_path / "never"),
+    ])  # fmt: skip
+    assert status == 1
+    assert "trained with --objective masked" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_the_help_explains_the_masked_options(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--objective {noise,flow,edm,hybrid,masked}" in text and "--classes K" in text
+    assert "--objective masked" in text  # the example
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--masking-schedule {linear,cosine}" in text and "--order {random,confidence}" in text
+    assert "(default: cosine)" in text and "(default: random)" in text

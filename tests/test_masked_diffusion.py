@@ -428,7 +428,7 @@ def test_zero_logits_cost_d_log_k_on_every_draw(k: int) -> None:
 def test_the_loss_is_the_bound_per_symbol_on_quantised_images(k: int, channels: int) -> None:
     process = MaskedDiffusion(num_classes=k)
     model = TokenDenoiser(TimeIgnoringNet(channels * (k + 1), channels * k), num_classes=k)
-    images = torch.rand(64, channels, 4, 4) * 2.4 - 1.2  # off the grey levels, some clamped
+    images = torch.rand(64, channels, 4, 4) * 2 - 1  # off the grey levels
     loss = masked_diffusion_loss(model, process, images, generator=generator(8))
     tokens = tokens_from_images(images, k)
     bound = masked_nll_bound(model, process, tokens, generator=generator(8))
@@ -616,8 +616,16 @@ def test_grey_levels_survive_a_round_trip(k: int) -> None:
 
 
 def test_two_classes_split_at_zero_and_masks_are_grey() -> None:
-    images = torch.tensor([-1.0, -0.4, -0.01, 0.0, 0.01, 0.3, 1.0, 2.5, -7.0]).view(1, 1, 1, 9)
-    assert tokens_from_images(images).flatten().tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 0]
+    images = torch.tensor([-1.0, -0.4, -0.01, 0.0, 0.01, 0.3, 1.0]).view(1, 1, 1, 7)
+    assert tokens_from_images(images).flatten().tolist() == [0, 0, 0, 1, 1, 1, 1]
+    for outside in (2.5, -7.0, 255.0):
+        with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+            tokens_from_images(torch.full((1, 1, 2, 2), outside))
+    for classes in (1, True):
+        with pytest.raises(ValueError, match="num_classes"):
+            tokens_from_images(images, classes)
+        with pytest.raises(ValueError, match="num_classes"):
+            images_from_tokens(torch.zeros(1, 1, 2, 2, dtype=torch.long), classes)
     tokens = torch.tensor([0, 1, 2]).view(1, 1, 1, 3)
     assert images_from_tokens(tokens).flatten().tolist() == [-1.0, 1.0, 0.0]
     assert images_from_tokens(torch.tensor([0, 3, 4]).view(1, 1, 1, 3), 4).flatten().tolist() == [
