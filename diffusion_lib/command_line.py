@@ -304,8 +304,9 @@ def _add_sampling_options(parser: argparse.ArgumentParser, default_num: int) -> 
         choices=REVEAL_ORDERS,
         help="for a masked model, which masked pixels a step reveals: random, each with the "
         "reverse process's probability; confidence, those whose drawn values the model is "
-        "surest of (MaskGIT's decoding), which is no longer the process the bound describes "
-        f"and tends to trade diversity for cleaner images (default: {DEFAULT_REVEAL_ORDER})",
+        "surest of (MaskGIT's decoding, without its noise), which is no longer the process the "
+        "bound describes and on black-and-white digits collapses to strokes and blank images "
+        f"(default: {DEFAULT_REVEAL_ORDER})",
     )
     parser.add_argument(
         "--eta", type=float, default=0.0, help="ddim noise: 0 deterministic, 1 DDPM-like"

@@ -282,8 +282,10 @@ def masked_sample(
     each other. With ``order="confidence"`` the step instead draws a candidate for every masked
     symbol and reveals those whose candidates the model gives the highest probability, as many
     as leave D (1 - alpha_s), rounded, of each sample's D symbols masked (MaskGIT's decoding, Chang
-    et al. 2022, sec. 3.2). That is no longer the reverse process of the bound, and it tends to
-    trade diversity for cleaner samples.
+    et al. 2022, sec. 3.2, without their noise on the confidences). That is no longer the
+    reverse process of the bound: it favours each symbol's likelier value, and on black-and-white
+    digits, whose background the model is surest of, it collapses to strokes, dashes and blank
+    images (chapter 19).
 
     The denoiser ignores time, so when a step reveals nothing its logits are reused instead of
     recomputed, and once nothing is masked the network is not called again: however many
