@@ -93,6 +93,7 @@ from diffusion_lib.predictions import (
     x0_error_weight,
 )
 from diffusion_lib.sampling import (
+    DDIM_SPACINGS,
     Trajectory,
     ddim_encode,
     ddim_sample,
@@ -103,7 +104,12 @@ from diffusion_lib.sampling import (
     respace,
     slerp,
 )
-from diffusion_lib.schedules import SCHEDULES, NoiseSchedule
+from diffusion_lib.schedules import (
+    SCHEDULES,
+    NoiseSchedule,
+    rescale_zero_terminal_snr,
+    shift_snr,
+)
 from diffusion_lib.smoke import smoke_mode
 from diffusion_lib.solvers import EvaluationCounter, dpm_solver_sample, heun_sample, ode_timesteps
 from diffusion_lib.toy import GaussianMixture, OptimalNoisePredictor, OptimalVelocity, SampleQuality
@@ -121,6 +127,9 @@ __all__ = [
     "CLASS_NAMES",
     "DATA_VARIABLE",
     "SCHEDULES",
+    "DDIM_SPACINGS",
+    "rescale_zero_terminal_snr",
+    "shift_snr",
     "BoundTerms",
     "DataNotFoundError",
     "NoiseSchedule",

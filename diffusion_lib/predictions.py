@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from diffusion_lib.sampling import predict_noise
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.validation import check_choice, check_number, check_timesteps
 
@@ -143,6 +144,32 @@ class NoiseFromPrediction(nn.Module):
             self.schedule = self.schedule.to(x_t.device)
         output = self.model(x_t, t, *labels)
         return eps_from_prediction(self.schedule, x_t, t, output.to(x_t.dtype), self.prediction)
+
+    def noise_and_x0(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        labels: Tensor | None = None,
+        guidance: float = 0.0,
+        null_label: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The estimates of eps and x_0, each read from the network's output directly.
+
+        For ``"v"``, ``x0 = alpha x_t - sigma v_hat`` needs no division, so it stays defined at
+        alpha = 0, the last step of a schedule with zero terminal SNR, where the eps of
+        :meth:`forward` equals x_t and carries nothing of x_0. Guidance (see
+        :func:`~diffusion_lib.sampling.predict_noise`) mixes the network's outputs, which is the
+        same as mixing either estimate. ``x_t``: (B, ...), ``t``: (B,). Returns ``(eps, x0)``.
+        """
+        if self.schedule.device != x_t.device:
+            self.schedule = self.schedule.to(x_t.device)
+        output = predict_noise(self.model, x_t, t, labels, guidance, null_label).to(x_t.dtype)
+        if self.prediction == "epsilon":
+            return output, self.schedule._predict_x0(x_t, t, output)
+        if self.prediction == "x0":
+            return self.schedule._predict_eps(x_t, t, output), output
+        x0, eps = self.schedule._x0_and_eps_from_velocity(x_t, t, output)
+        return eps, x0
 
     def extra_repr(self) -> str:
         return f"prediction={self.prediction!r}"

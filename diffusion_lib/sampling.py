@@ -21,6 +21,7 @@ from diffusion_lib.validation import check_choice, check_positive_int, check_sam
 
 NoisePredictor = Callable[..., Tensor]
 VARIANCES = ("small", "large", "learned")
+DDIM_SPACINGS = ("leading", "trailing", "linspace")
 _LEARNED_HINT = (
     "a model with 2C output channels learns its variance: pass variance='learned' to an "
     "ancestral sampler, or wrap it in NoiseOnly for the others"
@@ -85,6 +86,47 @@ def _clip(x0: Tensor, clip_x0: tuple[float, float] | None) -> Tensor:
     return x0 if clip_x0 is None else x0.clamp(*clip_x0)
 
 
+_ZERO_SNR_HINT = (
+    "the schedule has zero terminal SNR (alpha_bar_T = 0), where a noise prediction says "
+    "nothing about x_0; train the model to predict 'v' or 'x0' and wrap it in "
+    "NoiseFromPrediction (Lin et al. 2024, sec. 3.2), or use a schedule with alpha_bar_T > 0"
+)
+
+
+def _check_terminal_estimate(model: NoisePredictor, schedule: NoiseSchedule, t: Tensor) -> None:
+    """Refuse a noise-only model at t = T of a zero-terminal-SNR schedule, where x_0 = 0 / 0.
+
+    Looks at ``t`` (a device sync) only for such schedules.
+    """
+    if not schedule.zero_terminal_snr or getattr(model, "prediction", "epsilon") != "epsilon":
+        return
+    if bool((t == schedule.timesteps - 1).any()):
+        raise ValueError(_ZERO_SNR_HINT)
+
+
+def _estimates_of_noise_and_x0(
+    model: NoisePredictor,
+    schedule: NoiseSchedule,
+    x: Tensor,
+    t: Tensor,
+    extra: dict[str, object],
+) -> tuple[Tensor, Tensor]:
+    """The model's estimates of eps and x_0 at (x, t), unclipped.
+
+    A model with a ``noise_and_x0`` method (:class:`~diffusion_lib.predictions.NoiseFromPrediction`)
+    gives x_0 from its own output, which stays defined where alpha_bar_t = 0; for any other
+    model x_0 comes from eps through eq. 4. ``x``: (B, ...), ``t``: (B,).
+    """
+    _check_terminal_estimate(model, schedule, t)
+    both = getattr(model, "noise_and_x0", None)
+    if both is not None:
+        eps, x0 = both(x, t, **extra)
+        return eps.to(x.dtype), x0.to(x.dtype)
+    eps = predict_noise(model, x, t, **extra).to(x.dtype)
+    check_same_shape("the model's output", eps, "x_t", x, hint=_LEARNED_HINT)
+    return eps, schedule._predict_x0(x, t, eps)
+
+
 def _noise_and_x0(
     model: NoisePredictor,
     schedule: NoiseSchedule,
@@ -98,9 +140,7 @@ def _noise_and_x0(
     When x_0 is clipped, the noise is recomputed from the clipped x_0 so that the two stay
     consistent, as deterministic samplers need. ``x``: (B, ...), ``t``: (B,).
     """
-    eps = predict_noise(model, x, t, **extra).to(x.dtype)
-    check_same_shape("the model's output", eps, "x_t", x, hint=_LEARNED_HINT)
-    x0 = schedule._predict_x0(x, t, eps)
+    eps, x0 = _estimates_of_noise_and_x0(model, schedule, x, t, extra)
     if clip_x0 is not None:
         x0 = _clip(x0, clip_x0)
         eps = schedule._predict_eps(x, t, x0)
@@ -128,12 +168,13 @@ def p_mean_variance(
     variance and log-variance broadcast against it.
     """
     check_choice("variance", variance, VARIANCES)
-    eps = predict_noise(model, x_t, t, **model_kwargs)
     if variance == "learned":
-        eps, v_raw = split_eps_and_v(eps, x_t.shape[1])
+        _check_terminal_estimate(model, schedule, t)
+        eps, v_raw = split_eps_and_v(predict_noise(model, x_t, t, **model_kwargs), x_t.shape[1])
+        x0 = schedule._predict_x0(x_t, t, eps.to(x_t.dtype))
     else:
-        check_same_shape("the model's output", eps, "x_t", x_t, hint=_LEARNED_HINT)
-    x0 = _clip(schedule._predict_x0(x_t, t, eps.to(x_t.dtype)), clip_x0)
+        x0 = _estimates_of_noise_and_x0(model, schedule, x_t, t, model_kwargs)[1]
+    x0 = _clip(x0, clip_x0)
     mean, posterior_variance, posterior_log_variance = schedule._q_posterior(x0, x_t, t)
     if variance == "small":
         return mean, posterior_variance, posterior_log_variance, x0
@@ -153,9 +194,17 @@ class _RespacedModel(nn.Module):
         super().__init__()
         self.model = model
         self.original_timesteps = original_timesteps
+        self.prediction = getattr(model, "prediction", "epsilon")
+        if hasattr(model, "noise_and_x0"):
+            self.noise_and_x0 = self._noise_and_x0
 
     def forward(self, x_t: Tensor, index: Tensor, *args: Tensor) -> Tensor:
         return self.model(x_t, self.original_timesteps.to(index.device)[index], *args)
+
+    def _noise_and_x0(self, x_t: Tensor, index: Tensor, **extra: object) -> tuple[Tensor, Tensor]:
+        return self.model.noise_and_x0(
+            x_t, self.original_timesteps.to(index.device)[index], **extra
+        )
 
 
 def respace(schedule: NoiseSchedule, steps: int) -> tuple[NoiseSchedule, Tensor]:
@@ -342,10 +391,24 @@ def ddpm_sample(
     return x, Trajectory(torch.stack(states), torch.tensor([*visited, -1]))
 
 
-def ddim_timesteps(timesteps: int, steps: int) -> Tensor:
-    """The DDIM paper's uniform skip: 0, T/steps, 2T/steps, ... (rounded down), shape (steps,)."""
+def ddim_timesteps(timesteps: int, steps: int, spacing: str = "leading") -> Tensor:
+    """The 0-based timesteps DDIM visits, ascending, shape (steps,).
+
+    ``"leading"``: the DDIM paper's uniform skip 0, T/steps, 2T/steps, ... (rounded down),
+    which never reaches t = T - 1: with 10 of 1000 steps it starts at t = 900, from noise
+    that is purer than x_900 ever is. ``"trailing"``: the same skip counted down from the last
+    step, T - 1, T - 1 - T/steps, ... (rounded), which starts where the forward process ends;
+    ``"linspace"``: evenly from 0 to T - 1 (Lin et al. 2024, sec. 3.3 and Table 2). All three
+    give 0..T-1 when ``steps = T``.
+    """
     check_positive_int("steps", steps, maximum=timesteps)
-    return torch.arange(steps, dtype=torch.long) * timesteps // steps
+    check_choice("spacing", spacing, DDIM_SPACINGS)
+    if spacing == "leading":
+        return torch.arange(steps, dtype=torch.long) * timesteps // steps
+    if spacing == "trailing":
+        ends = torch.arange(1, steps + 1, dtype=torch.float64) * (timesteps / steps)
+        return ends.round().long() - 1
+    return torch.linspace(0, timesteps - 1, steps, dtype=torch.float64).round().long()
 
 
 def ddim_sample(
@@ -354,6 +417,7 @@ def ddim_sample(
     shape: tuple[int, ...],
     *,
     steps: int = 50,
+    spacing: str = "leading",
     eta: float = 0.0,
     x_T: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -371,13 +435,15 @@ def ddim_sample(
     ``sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)`` (eq. 16).
     ``eta = 0`` is deterministic DDIM; ``eta = 1`` matches DDPM's posterior variance.
     When x0_hat is clipped, eps_hat is recomputed from it so that both stay consistent.
+    ``spacing`` picks the visited timesteps (:func:`ddim_timesteps`); ``"trailing"`` starts
+    at t = T - 1, as a schedule with zero terminal SNR needs.
 
     Returns the samples (B, C, H, W), or ``(samples, trajectory)`` when asked.
     """
     if not eta >= 0.0:
         raise ValueError(f"eta must be >= 0 (0 is deterministic DDIM, 1 is DDPM-like), got {eta}")
     steps = cap_sampling_steps(steps)
-    visited = ddim_timesteps(schedule.timesteps, steps)
+    visited = ddim_timesteps(schedule.timesteps, steps, spacing)
     x = _start(model, shape, x_T, generator, device)
     schedule = schedule.to(x.device)
     extra = _conditioning(labels, guidance, null_label, x.shape[0], x.device)
@@ -415,6 +481,7 @@ def ddim_encode(
     x0: Tensor,
     *,
     steps: int = 50,
+    spacing: str = "leading",
     labels: Tensor | None = None,
     return_trajectory: bool = False,
 ) -> Tensor | tuple[Tensor, Trajectory]:
@@ -427,7 +494,7 @@ def ddim_encode(
     ``x0``: (B, C, H, W). Returns x_T of the same shape, or ``(x_T, trajectory)``.
     """
     steps = cap_sampling_steps(steps)
-    visited = ddim_timesteps(schedule.timesteps, steps)
+    visited = ddim_timesteps(schedule.timesteps, steps, spacing)
     schedule = schedule.to(x0.device)
     labels = _check_labels(labels, x0.shape[0], x0.device)
     x, states = x0, [x0.cpu()]

@@ -51,6 +51,55 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> T
     return betas.clamp(max=max_beta)
 
 
+def _betas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
+    """``beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}`` with ``alpha_bar_0 = 1``, shape (T,)."""
+    previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    return 1.0 - alphas_cumprod / previous
+
+
+def _checked_betas(betas: Tensor) -> Tensor:
+    return NoiseSchedule(betas).betas  # the constructor's checks, with their messages
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Betas whose last step destroys the signal completely: ``alpha_bar_T = 0``, SNR(T) = 0.
+
+    Lin et al. 2024, Algorithm 1: the square roots ``sqrt(alpha_bar_t)`` are shifted so that
+    the last one is 0 and scaled so that the first one keeps its value,
+    ``sqrt(alpha_bar'_t) = (sqrt(alpha_bar_t) - sqrt(alpha_bar_T)) * sqrt(alpha_bar_1) /
+    (sqrt(alpha_bar_1) - sqrt(alpha_bar_T))``; the betas follow from the ratios of neighbours,
+    and the last one is exactly 1. ``betas``: (T,) with T >= 2. Returns float64 (T,).
+
+    With SNR(T) = 0 a noise prediction at t = T says nothing about x_0, so train the model to
+    predict ``"v"`` or ``"x0"`` (:mod:`diffusion_lib.predictions`).
+    """
+    betas = _checked_betas(betas)
+    if betas.numel() < 2:
+        raise ValueError("rescaling to zero terminal SNR needs at least 2 timesteps")
+    roots = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = roots[0], roots[-1]
+    rescaled = (roots - last) * first / (first - last)
+    rescaled[-1] = 0.0  # exactly, not up to rounding
+    return _betas_from_alphas_cumprod(rescaled**2)
+
+
+def shift_snr(betas: Tensor, scale: float) -> Tensor:
+    """Betas with the signal-to-noise ratio of every step divided by ``scale**2``.
+
+    ``SNR'(t) = SNR(t) / scale^2``, i.e. log-SNR shifted down by ``2 log(scale)``: the schedule
+    Hoogeboom et al. (2023, sec. 3.1) recommend for images ``scale`` times wider than the one a
+    schedule was tuned for, where averaging ``scale x scale`` blocks of pixels would otherwise
+    leave the coarse image ``scale^2`` times less noisy. ``alpha_bar'_t = SNR' / (1 + SNR')``.
+    ``betas``: (T,); ``scale > 0`` (above 1 adds noise). Returns float64 (T,).
+    """
+    betas = _checked_betas(betas)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    log_snr = torch.log(alphas_cumprod) - torch.log1p(-alphas_cumprod) - 2 * math.log(scale)
+    return _betas_from_alphas_cumprod(torch.sigmoid(log_snr))
+
+
 SCHEDULES: dict[str, Callable[..., Tensor]] = {
     "linear": linear_betas,
     "quadratic": quadratic_betas,
@@ -83,13 +132,19 @@ class NoiseSchedule:
             raise ValueError(
                 f"betas must be a 1-D tensor with at least one entry, got shape {tuple(betas.shape)}"
             )
-        if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas >= 1).any():
+        if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas[:-1] >= 1).any():
             raise ValueError(
-                f"every beta must lie in the open interval (0, 1); got min {betas.min().item():.3g}, "
-                f"max {betas.max().item():.3g}"
+                f"every beta must lie in the open interval (0, 1), the last one in (0, 1]; got "
+                f"min {betas.min().item():.3g}, max {betas.max().item():.3g}"
+            )
+        if betas[-1] > 1:
+            raise ValueError(
+                f"the last beta may be 1 (zero terminal SNR) but not more, got {betas[-1].item():.3g}"
             )
         self.betas = betas
         self.alphas = 1.0 - betas
+        # A Python bool, so that samplers can check it without waiting on a device.
+        self.zero_terminal_snr = bool(betas[-1] == 1)
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.alphas_cumprod_prev = torch.cat([betas.new_ones(1), self.alphas_cumprod[:-1]])
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
@@ -113,11 +168,23 @@ class NoiseSchedule:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_name(cls, name: str, timesteps: int = 1000, **kwargs: float) -> NoiseSchedule:
+    def from_name(
+        cls,
+        name: str,
+        timesteps: int = 1000,
+        *,
+        snr_scale: float = 1.0,
+        zero_terminal_snr: bool = False,
+        **kwargs: float,
+    ) -> NoiseSchedule:
         """Build a named schedule: ``"linear"``, ``"quadratic"`` or ``"cosine"``.
 
         ``kwargs`` go to the schedule's function (``beta_start``/``beta_end`` for linear and
-        quadratic, ``s``/``max_beta`` for cosine).
+        quadratic, ``s``/``max_beta`` for cosine; Stable Diffusion's "scaled linear" schedule
+        is ``"quadratic"`` with ``beta_start=0.00085, beta_end=0.012``). Then, in this order,
+        ``snr_scale`` divides every SNR by its square (:func:`shift_snr`) and
+        ``zero_terminal_snr`` rescales the last step to pure noise
+        (:func:`rescale_zero_terminal_snr`).
         """
         if name not in SCHEDULES:
             raise ValueError(
@@ -129,6 +196,12 @@ class NoiseSchedule:
             betas = SCHEDULES[name](timesteps, **kwargs)
         except TypeError as error:
             raise ValueError(f"bad keyword arguments for the {name!r} schedule: {error}") from None
+        if isinstance(snr_scale, bool) or snr_scale != 1.0:
+            betas = shift_snr(betas, snr_scale)
+        if not isinstance(zero_terminal_snr, bool):
+            raise ValueError(f"zero_terminal_snr must be True or False, got {zero_terminal_snr!r}")
+        if zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
         return cls(betas)
 
     @property
@@ -153,7 +226,9 @@ class NoiseSchedule:
         dtype = torch.float32 if device.type == "mps" else torch.float64
         moved = object.__new__(NoiseSchedule)
         for key, value in vars(self).items():
-            setattr(moved, key, value.to(device=device, dtype=dtype))
+            if isinstance(value, Tensor):
+                value = value.to(device=device, dtype=dtype)
+            setattr(moved, key, value)
         return moved
 
     def __repr__(self) -> str:

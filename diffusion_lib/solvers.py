@@ -53,6 +53,10 @@ def ode_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "logsnr") 
     0, T/steps, 2T/steps, ... starts lower when there are few steps; Lin et al. 2024, sec. 3.3.)
     """
     check_choice("spacing", spacing, SPACINGS)
+    if spacing == "logsnr" and schedule.zero_terminal_snr:
+        raise ValueError(
+            "log-SNR spacing needs a finite log-SNR at t = T; this schedule ends at SNR 0"
+        )
     timesteps = schedule.timesteps
     check_positive_int("steps", steps, maximum=timesteps)
     if steps == 1:
@@ -99,6 +103,11 @@ class EvaluationCounter(nn.Module):
 
 def _grid(schedule: NoiseSchedule, steps: int, spacing: str, timesteps: Tensor | None) -> Tensor:
     """The visited timesteps, noisiest first, checked: shape (S,) int64 on the CPU."""
+    if schedule.zero_terminal_snr:
+        raise ValueError(
+            "these solvers step in log-SNR, which is -inf at the last step of a schedule with "
+            "zero terminal SNR; sample it with ddim_sample(..., spacing='trailing') or ddpm_sample"
+        )
     if timesteps is None:
         return ode_timesteps(schedule, cap_sampling_steps(steps), spacing).flip(0)
     grid = torch.as_tensor(timesteps).cpu()

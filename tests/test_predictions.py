@@ -430,3 +430,38 @@ def test_a_network_trained_on_another_target_samples_the_mixture(prediction: str
     torch.manual_seed(1)
     untrained = NoiseFromPrediction(ToyMLP(hidden=32, blocks=1), schedule, prediction)
     assert not close_to_the_mixture(quality(untrained, schedule))
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_noise_and_x0_agree_with_the_conversions_and_with_guidance(prediction: str) -> None:
+    """Both estimates, read from the output directly, equal those of eq. 4 from the wrapper's eps
+    (away from alpha = 0, where the two routes are the same algebra); guided estimates equal
+    the guided output converted, for eps and for x_0 alike."""
+    schedule = schedule_named("cosine")
+    network = RecordingConditional()
+    wrapped = NoiseFromPrediction(network, schedule, prediction)
+    x_t = torch.randn(4, 2, dtype=torch.float64)
+    t, labels = torch.tensor([0, 300, 600, 990]), torch.tensor([1, 2, 3, 1])
+    alpha, sigma = alpha_and_sigma(schedule, t, x_t)
+    with torch.no_grad():
+        eps, x0 = wrapped.noise_and_x0(x_t, t, labels)
+        torch.testing.assert_close(eps, wrapped(x_t, t, labels))
+        torch.testing.assert_close(x0, (x_t - sigma * eps) / alpha)
+        eps_g, x0_g = wrapped.noise_and_x0(x_t, t, labels, guidance=1.5, null_label=7)
+        eps_u, x0_u = wrapped.noise_and_x0(x_t, t, torch.full_like(t, 7))
+    torch.testing.assert_close(eps_g, 2.5 * eps - 1.5 * eps_u)
+    torch.testing.assert_close(x0_g, 2.5 * x0 - 1.5 * x0_u)
+
+
+def test_a_velocity_gives_x0_where_alpha_is_zero() -> None:
+    """At SNR 0: x_t is the noise, v = -x_0, and the wrapper reads x_0 = -v (no 0 / 0)."""
+    schedule = NoiseSchedule.from_name("cosine", 100, zero_terminal_snr=True)
+    x0, noise = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    t = torch.full((3,), 99)
+    x_t = schedule.q_sample(x0, t, noise)
+    target = prediction_target(schedule, x0, t, noise, "v")
+    torch.testing.assert_close(target, -x0)
+    wrapped = NoiseFromPrediction(lambda x, s: target, schedule, "v")
+    eps, estimate = wrapped.noise_and_x0(x_t, t)
+    torch.testing.assert_close(estimate, x0)
+    torch.testing.assert_close(eps, noise)

@@ -9,11 +9,14 @@ import pytest
 import torch
 
 from diffusion_lib import (
+    DDIM_SPACINGS,
+    NoiseFromPrediction,
     NoiseSchedule,
     ddim_encode,
     ddim_sample,
     ddim_timesteps,
     ddpm_sample,
+    p_mean_variance,
     respace,
     slerp,
 )
@@ -273,3 +276,111 @@ def test_slerp_stays_on_the_sphere_and_hits_the_ends() -> None:
     cos_b = (middle.flatten(1) * unit_b.flatten(1)).sum(1)
     torch.testing.assert_close(cos_a, cos_b)
     torch.testing.assert_close(slerp(a, a, 0.3), a)
+
+
+# ---------------------------------------------------------------------- spacing, zero terminal SNR
+def test_trailing_and_linspace_spacings_match_their_definitions() -> None:
+    """Against the formulas of Lin et al. (2024, Table 2), written with numpy."""
+    assert ddim_timesteps(1000, 10, "trailing").tolist() == list(range(99, 1000, 100))
+    assert ddim_timesteps(1000, 10, "linspace").tolist() == [
+        0, 111, 222, 333, 444, 555, 666, 777, 888, 999
+    ]  # fmt: skip
+    for timesteps, steps in [(1000, 7), (1000, 50), (1000, 333), (37, 5), (10, 3), (10, 10)]:
+        trailing = np.round(np.arange(timesteps, 0, -timesteps / steps)).astype(int) - 1
+        linspace = np.linspace(0, timesteps - 1, steps).round().astype(int)
+        assert ddim_timesteps(timesteps, steps, "trailing").tolist() == sorted(trailing.tolist())
+        assert ddim_timesteps(timesteps, steps, "linspace").tolist() == linspace.tolist()
+        for spacing in DDIM_SPACINGS:
+            grid = ddim_timesteps(timesteps, steps, spacing)
+            assert len(grid) == steps and bool((grid[1:] > grid[:-1]).all())
+            assert grid[0] >= 0 and grid[-1] <= timesteps - 1
+    for spacing in DDIM_SPACINGS:
+        assert ddim_timesteps(20, 20, spacing).tolist() == list(range(20))
+    with pytest.raises(ValueError, match="spacing.*leading, trailing, linspace"):
+        ddim_timesteps(1000, 10, "uniform")
+
+
+def test_ddim_visits_the_timesteps_of_its_spacing(linear: NoiseSchedule) -> None:
+    model = GaussianOptimalPredictor(linear, 0.0, 1.0)
+    for spacing in DDIM_SPACINGS:
+        _, trajectory = ddim_sample(
+            model, linear, (2, 1, 1, 1), steps=10, spacing=spacing, return_trajectory=True
+        )
+        expected = ddim_timesteps(1000, 10, spacing).flip(0).tolist() + [-1]
+        assert trajectory.timesteps.tolist() == expected
+
+
+class GaussianVelocity:
+    """The exact E[v | x_t] for N(mean, std^2) pixels: v = alpha eps - sigma x_0 with
+    E[x_0 | x_t] = mean + alpha std^2 (x_t - alpha mean) / (alpha^2 std^2 + sigma^2), written
+    out here rather than converted from the noise predictor."""
+
+    def __init__(self, schedule: NoiseSchedule, mean: float, std: float) -> None:
+        self.alphas_cumprod = schedule.alphas_cumprod
+        self.mean, self.std = mean, std
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        abar = self.alphas_cumprod[t].to(x_t.dtype).reshape(-1, 1, 1, 1)
+        alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+        x0 = self.mean + alpha * self.std**2 * (x_t - alpha * self.mean) / (
+            abar * self.std**2 + 1 - abar
+        )
+        eps = (x_t - alpha * x0) / sigma
+        return alpha * eps - sigma * x0
+
+
+@pytest.fixture
+def zero_snr() -> NoiseSchedule:
+    return NoiseSchedule.from_name("linear", 1000, zero_terminal_snr=True)
+
+
+def test_one_trailing_step_at_zero_snr_returns_the_data_mean(zero_snr: NoiseSchedule) -> None:
+    """At SNR 0, x_T is independent of x_0, so E[x_0 | x_T] = E[x_0] for every x_T."""
+    model = NoiseFromPrediction(GaussianVelocity(zero_snr, 0.3, 0.5), zero_snr, "v")
+    x_T = torch.randn(100, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    x = ddim_sample(model, zero_snr, x_T.shape, steps=1, spacing="trailing", x_T=x_T, clip_x0=None)
+    torch.testing.assert_close(x, torch.full_like(x, 0.3))
+
+
+@pytest.mark.parametrize(
+    ("sampler", "kwargs"),
+    [
+        (ddim_sample, {"steps": 1000, "spacing": "trailing"}),
+        (ddim_sample, {"steps": 1000, "spacing": "trailing", "eta": 1.0}),
+        (ddpm_sample, {}),
+        (ddpm_sample, {"steps": 100, "variance": "large"}),
+    ],
+)
+def test_a_velocity_model_samples_gaussian_data_at_zero_terminal_snr(
+    zero_snr: NoiseSchedule, sampler, kwargs: dict
+) -> None:
+    mean, std = 0.3, 0.5
+    model = NoiseFromPrediction(GaussianVelocity(zero_snr, mean, std), zero_snr, "v")
+    generator = torch.Generator().manual_seed(1)
+    samples = sampler(
+        model, zero_snr, (10_000, 1, 1, 1), generator=generator, clip_x0=None, **kwargs
+    )
+    assert torch.isfinite(samples).all()
+    assert samples.mean().item() == pytest.approx(mean, abs=0.02)
+    assert samples.std().item() == pytest.approx(std, rel=0.03)
+
+
+def test_a_noise_predictor_is_refused_where_it_cannot_give_x0(zero_snr: NoiseSchedule) -> None:
+    model = GaussianOptimalPredictor(zero_snr, 0.3, 0.5)
+    for call in [
+        lambda: ddim_sample(model, zero_snr, (2, 1, 1, 1), steps=10, spacing="trailing"),
+        lambda: ddpm_sample(model, zero_snr, (2, 1, 1, 1), steps=10),
+        lambda: p_mean_variance(model, zero_snr, torch.zeros(2, 1, 1, 1), torch.tensor([5, 999])),
+        lambda: ddim_sample(
+            NoiseFromPrediction(model, zero_snr, "epsilon"),
+            zero_snr,
+            (2, 1, 1, 1),
+            steps=1,
+            spacing="trailing",
+        ),  # fmt: skip
+    ]:
+        with pytest.raises(ValueError, match="zero terminal SNR.*predict 'v' or 'x0'"):
+            call()
+    # Away from t = T it still works: the leading grid never reaches it.
+    x = ddim_sample(model, zero_snr, (2, 1, 1, 1), steps=10, spacing="leading")
+    assert torch.isfinite(x).all()

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffusion_lib import SCHEDULES, NoiseSchedule
+from diffusion_lib import SCHEDULES, NoiseSchedule, rescale_zero_terminal_snr, shift_snr
+from diffusion_lib.schedules import linear_betas
 
 NAMES = sorted(SCHEDULES)
 
@@ -84,8 +85,9 @@ def test_to_moves_every_table() -> None:
     schedule = NoiseSchedule.from_name("linear", timesteps=10)
     assert schedule.to("cpu") is schedule
     moved = schedule.to(torch.device("meta"))
-    assert all(v.device.type == "meta" for v in vars(moved).values())
-    assert moved.timesteps == 10
+    tables = [v for v in vars(moved).values() if isinstance(v, torch.Tensor)]
+    assert len(tables) >= 10 and all(v.device.type == "meta" for v in tables)
+    assert moved.timesteps == 10 and moved.zero_terminal_snr is False
 
 
 def test_q_sample_statistics_match_the_closed_form(schedule: NoiseSchedule) -> None:
@@ -191,7 +193,7 @@ def test_bad_keyword_is_named() -> None:
         NoiseSchedule.from_name("cosine", beta_start=0.1)
 
 
-@pytest.mark.parametrize("betas", [[0.1, 1.0], [0.0, 0.1], [float("nan")], [[0.1]]])
+@pytest.mark.parametrize("betas", [[1.0, 0.1], [0.1, 1.5], [0.0, 0.1], [float("nan")], [[0.1]]])
 def test_bad_betas(betas: list) -> None:
     with pytest.raises(ValueError, match="beta"):
         NoiseSchedule(torch.tensor(betas))
@@ -309,3 +311,109 @@ def test_parameterisations_check_their_input() -> None:
         schedule.velocity(torch.zeros(2, 3), torch.tensor([0, 1]), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="one timestep per sample"):
         schedule.x0_and_eps_from_velocity(torch.zeros(2, 3), torch.tensor([0]), torch.zeros(2, 3))
+
+
+# ---------------------------------------------------------------------- zero terminal SNR, shifts
+STABLE_DIFFUSION = {"beta_start": 0.00085, "beta_end": 0.012}
+
+
+def _rescaled_by_hand(betas: list[float]) -> list[float]:
+    """Lin et al. 2024, Algorithm 1, written with Python floats, step by step."""
+    alphas_bar, product = [], 1.0
+    for beta in betas:
+        product *= 1.0 - beta
+        alphas_bar.append(product)
+    roots = [math.sqrt(a) for a in alphas_bar]
+    first, last = roots[0], roots[-1]
+    roots = [(r - last) * first / (first - last) for r in roots]
+    alphas_bar = [r * r for r in roots]
+    alphas = [alphas_bar[0]] + [b / a for a, b in zip(alphas_bar[:-1], alphas_bar[1:], strict=True)]
+    return [1.0 - a for a in alphas]
+
+
+def test_stable_diffusions_schedule_leaks_the_signal_lin_et_al_report() -> None:
+    """Lin et al. (2024, sec. 3.1): sqrt(alpha_bar_T) = 0.068265 for Stable Diffusion."""
+    schedule = NoiseSchedule.from_name("quadratic", **STABLE_DIFFUSION)
+    assert schedule.sqrt_alphas_cumprod[-1].item() == pytest.approx(0.068265, abs=5e-7)
+    assert schedule.zero_terminal_snr is False
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "quadratic"])
+def test_rescaling_matches_algorithm_1_and_ends_in_pure_noise(name: str) -> None:
+    original = NoiseSchedule.from_name(name, 1000)
+    betas = rescale_zero_terminal_snr(original.betas)
+    expected = torch.tensor(_rescaled_by_hand(original.betas.tolist()), dtype=torch.float64)
+    torch.testing.assert_close(betas, expected, rtol=1e-9, atol=1e-12)
+    schedule = NoiseSchedule(betas)
+    assert schedule.zero_terminal_snr is True
+    assert betas[-1].item() == 1.0 and schedule.alphas_cumprod[-1].item() == 0.0
+    assert schedule.signal_to_noise_ratio[-1].item() == 0.0
+    # The first step keeps its alpha-bar, and sqrt(alpha_bar) stays an affine map of the old one.
+    assert schedule.alphas_cumprod[0].item() == pytest.approx(original.alphas_cumprod[0].item())
+    old, new = original.sqrt_alphas_cumprod, schedule.sqrt_alphas_cumprod
+    slope = (new[0] - new[-1]) / (old[0] - old[-1])
+    torch.testing.assert_close(new, slope * (old - old[-1]), rtol=1e-9, atol=1e-12)
+    assert bool((schedule.betas[:-1] < 1).all()) and bool((schedule.betas > 0).all())
+
+
+def test_at_zero_terminal_snr_x_T_is_the_noise_alone() -> None:
+    schedule = NoiseSchedule.from_name("linear", 100, zero_terminal_snr=True)
+    x0, noise = (
+        torch.randn(3, 1, 4, 4, dtype=torch.float64),
+        torch.randn(3, 1, 4, 4, dtype=torch.float64),
+    )
+    x_T = schedule.q_sample(x0, torch.full((3,), 99), noise)
+    assert torch.equal(x_T, noise)
+    # The posterior at t = T is the prior of x_{T-1} given x_0: mean sqrt(abar_{T-1}) x0.
+    mean, variance, _ = schedule.q_posterior(x0, x_T, torch.full((3,), 99))
+    torch.testing.assert_close(mean, schedule.sqrt_alphas_cumprod[-2] * x0)
+    torch.testing.assert_close(variance.flatten(), (1 - schedule.alphas_cumprod[-2]).expand(3))
+
+
+def test_rescaling_is_idempotent_and_needs_two_steps() -> None:
+    once = rescale_zero_terminal_snr(linear_betas(50))
+    torch.testing.assert_close(rescale_zero_terminal_snr(once), once)
+    with pytest.raises(ValueError, match="at least 2 timesteps"):
+        rescale_zero_terminal_snr(torch.tensor([0.1]))
+    with pytest.raises(ValueError, match="the last beta may be 1 .* but not more"):
+        rescale_zero_terminal_snr(torch.tensor([0.1, 1.2]))
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0, 8.0])
+def test_shift_divides_every_snr_by_the_square_of_the_scale(scale: float) -> None:
+    original = NoiseSchedule.from_name("cosine", 200)
+    shifted = NoiseSchedule(shift_snr(original.betas, scale))
+    ratio = shifted.signal_to_noise_ratio / original.signal_to_noise_ratio
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 1 / scale**2), rtol=1e-9, atol=0)
+    same = NoiseSchedule.from_name("cosine", 200, snr_scale=scale)
+    torch.testing.assert_close(same.betas, shifted.betas)
+
+
+def test_averaging_blocks_raises_the_snr_by_their_size_and_the_shift_undoes_it() -> None:
+    """Monte Carlo: a 4x-upsampled image, noised and then average-pooled over 4x4 blocks, has
+    4^2 times the SNR of the image noised at 28x28; shifting the schedule by 4 restores it."""
+    generator = torch.Generator().manual_seed(0)
+    small = torch.rand(64, 1, 7, 7, generator=generator, dtype=torch.float64) * 2 - 1
+    large = small.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)
+    t = torch.full((64,), 300)
+    for schedule, factor in [
+        (NoiseSchedule.from_name("linear", 1000), 16.0),
+        (NoiseSchedule.from_name("linear", 1000, snr_scale=4.0), 1.0),
+    ]:
+        base = NoiseSchedule.from_name("linear", 1000)
+        noisy = schedule.q_sample(large, t, generator=generator)
+        pooled = torch.nn.functional.avg_pool2d(noisy, 4)
+        alpha = schedule.sqrt_alphas_cumprod[300]
+        noise_variance = (pooled - alpha * small).var().item()
+        pooled_snr = alpha.item() ** 2 / noise_variance
+        # 3,136 residuals: the variance is within 10% with overwhelming probability.
+        assert pooled_snr == pytest.approx(factor * base.signal_to_noise_ratio[300].item(), rel=0.1)
+
+
+def test_bad_shift_and_zero_snr_options() -> None:
+    with pytest.raises(ValueError, match="scale must be a positive number"):
+        shift_snr(linear_betas(10), 0.0)
+    with pytest.raises(ValueError, match="scale must be a positive number"):
+        NoiseSchedule.from_name("linear", 10, snr_scale=True)
+    with pytest.raises(ValueError, match="zero_terminal_snr must be True or False"):
+        NoiseSchedule.from_name("linear", 10, zero_terminal_snr="yes")

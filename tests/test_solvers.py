@@ -243,3 +243,17 @@ def test_golden_values(linear: NoiseSchedule) -> None:
 
 GOLDEN_DPM_SOLVER = [0.122852, 0.380362, -1.0, 0.727999]
 GOLDEN_HEUN = [0.331758, 0.340236, -1.0, 0.804471]
+
+
+def test_the_ode_solvers_refuse_zero_terminal_snr() -> None:
+    schedule = NoiseSchedule.from_name("linear", 1000, zero_terminal_snr=True)
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+    for solver in (heun_sample, dpm_solver_sample):
+        with pytest.raises(ValueError, match="zero terminal SNR.*spacing='trailing'"):
+            solver(model, schedule, (2, 1, 1, 1), steps=10)
+    with pytest.raises(ValueError, match="log-SNR spacing needs a finite log-SNR"):
+        ode_timesteps(schedule, 10)
+    assert ode_timesteps(schedule, 3, "time").tolist() == [0, 500, 999]
