@@ -154,6 +154,19 @@ def _check_sampling_args(args: argparse.Namespace, config: dict[str, Any], sampl
         raise CommandError(f"--eta must be >= 0, got {args.eta}")
     if args.eta > 0 and sampler != "ddim":
         raise CommandError("--eta applies to --sampler ddim only")
+    if args.spacing is not None and sampler != "ddim":
+        raise CommandError("--spacing applies to --sampler ddim only")
+    zero_terminal_snr = config.get("schedule", {}).get("zero_terminal_snr", False)
+    if zero_terminal_snr and sampler not in ("ddim", "ddpm"):
+        raise CommandError(
+            f"--sampler {sampler} steps in log-SNR, which is -inf at the last step of this "
+            "checkpoint's schedule (trained with --zero-terminal-snr); use ddim or ddpm"
+        )
+    if zero_terminal_snr and args.spacing == "leading":
+        raise CommandError(
+            "--spacing leading never visits T - 1, the one step where this checkpoint's schedule "
+            "(trained with --zero-terminal-snr) matches pure noise; use trailing or linspace"
+        )
     if args.guidance < 0:
         raise CommandError(f"--guidance must be >= 0 (0 means no guidance), got {args.guidance}")
     num_classes = config["model"]["kwargs"].get("num_classes")
@@ -188,8 +201,19 @@ def rebuild(
     model.load_state_dict(state["ema"])
     if config.get("objective") == "masked":
         return model.to(device).eval(), MaskedDiffusion(config["classes"])
-    schedule = NoiseSchedule.from_name(config["schedule"]["name"], config["schedule"]["timesteps"])
-    return model.to(device).eval(), schedule
+    return model.to(device).eval(), schedule_of(config)
+
+
+def schedule_of(config: dict[str, Any]) -> NoiseSchedule:
+    """The noise schedule a checkpoint's config describes, with its shift and its rescaling to
+    zero terminal SNR when it was trained with them."""
+    described = config["schedule"]
+    return NoiseSchedule.from_name(
+        described["name"],
+        described["timesteps"],
+        snr_scale=described.get("snr_scale", 1.0),
+        zero_terminal_snr=described.get("zero_terminal_snr", False),
+    )
 
 
 def as_noise_sampler_reads_it(
@@ -285,6 +309,9 @@ def draw_samples(plan: SamplingPlan, args: argparse.Namespace) -> tuple[torch.Te
         options.update(guidance=args.guidance, null_label=plan.network.null_label)
     if plan.sampler == "ddim":
         options["eta"] = args.eta
+        options["spacing"] = args.spacing or (
+            "trailing" if plan.schedule.zero_terminal_snr else "leading"
+        )
     if variance is not None:
         options["variance"] = variance
     if config.get("objective", "noise") == "flow":

@@ -157,8 +157,41 @@ def _objective(
         return denoiser, EDMNoiseLevels(sigma_data=args.sigma_data), edm_loss
     if args.objective == "flow":
         return network, RectifiedFlow(args.timesteps), loss
-    schedule = NoiseSchedule.from_name(args.schedule, args.timesteps)
+    schedule = NoiseSchedule.from_name(
+        args.schedule,
+        args.timesteps,
+        snr_scale=1.0 if args.snr_scale is None else args.snr_scale,
+        zero_terminal_snr=args.zero_terminal_snr,
+    )
     return network, schedule, _hybrid_loss(args) if args.objective == "hybrid" else loss
+
+
+def _check_schedule_options(args: argparse.Namespace) -> None:
+    """--snr-scale and --zero-terminal-snr change the noise schedule of a noise or hybrid model;
+    at zero terminal SNR the noise says nothing about x0, so the target must be v or x0."""
+    given = [
+        option
+        for option, value in (
+            ("--snr-scale", args.snr_scale is not None),
+            ("--zero-terminal-snr", args.zero_terminal_snr),
+        )
+        if value
+    ]
+    if given and args.objective in ("flow", "edm"):
+        raise CommandError(
+            f"{given[0]} changes the noise schedule of --objective noise or hybrid; "
+            f"--objective {args.objective} has its own noise levels"
+        )
+    if args.snr_scale is not None and not 0 < args.snr_scale < math.inf:
+        raise CommandError(
+            f"--snr-scale must be a number > 0 (2 for images twice as wide), got {args.snr_scale}"
+        )
+    if args.zero_terminal_snr and (args.objective != "noise" or args.prediction == "epsilon"):
+        raise CommandError(
+            "--zero-terminal-snr needs --objective noise with --prediction v or x0: at the last "
+            "step x_T is the noise itself, so a noise (or learned-variance) network cannot tell "
+            "anything of x0 there (Lin et al. 2024)"
+        )
 
 
 def _hybrid_loss(args: argparse.Namespace) -> Callable[..., torch.Tensor]:
@@ -199,6 +232,8 @@ def _check_masked_options(args: argparse.Namespace) -> None:
             "its network predicts the levels of the hidden pixels",
         ),
         "--snr-gamma": (args.snr_gamma is not None, "its loss is the bound, with its own weights"),
+        "--snr-scale": (args.snr_scale is not None, "it adds no Gaussian noise"),
+        "--zero-terminal-snr": (args.zero_terminal_snr, "it adds no Gaussian noise"),
         "--vlb-weight": (args.vlb_weight is not None, "its loss is the bound itself"),
         "--sigma-data": (args.sigma_data is not None, "it adds no Gaussian noise"),
         "--conditional": (args.conditional, "a masked model is unconditional"),
@@ -241,6 +276,7 @@ def run_train(args: argparse.Namespace) -> None:
     _fill_in_defaults(args)
     if args.vlb_weight is not None and args.objective != "hybrid":
         raise CommandError("--vlb-weight applies to --objective hybrid only")
+    _check_schedule_options(args)
     loss = _noise_loss(args)
     kwargs = _model_kwargs(args)
     try:
@@ -263,7 +299,13 @@ def run_train(args: argparse.Namespace) -> None:
         # No noise schedule: the masking schedule is sample's choice.
         del config["schedule"]
         config["classes"] = args.classes
-    elif args.objective == "edm":
+    else:
+        # Recorded only when set, so that a default run writes the config it always did.
+        if args.snr_scale is not None:
+            config["schedule"]["snr_scale"] = args.snr_scale
+        if args.zero_terminal_snr:
+            config["schedule"]["zero_terminal_snr"] = True
+    if args.objective == "edm":
         config["sigma_data"] = args.sigma_data
     elif args.objective == "hybrid":
         config["vlb_weight"] = 0.001 if args.vlb_weight is None else args.vlb_weight

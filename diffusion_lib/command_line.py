@@ -19,6 +19,7 @@ from diffusion_lib.data import DATASETS
 from diffusion_lib.masked_diffusion import MASKING_SCHEDULES, REVEAL_ORDERS
 from diffusion_lib.models import MODELS
 from diffusion_lib.predictions import PREDICTIONS
+from diffusion_lib.sampling import DDIM_SPACINGS
 from diffusion_lib.schedules import SCHEDULES
 
 # L_simple with a noise schedule, flow matching, EDM's preconditioned denoiser, L_hybrid (the
@@ -78,6 +79,8 @@ examples:
   python -m diffusion_lib train --model fc_unet --dataset mnist --objective flow --steps 5000 \\
       --output runs/flow
   python -m diffusion_lib sample --checkpoint runs/flow/checkpoint.pt --sampler euler --steps 20
+  python -m diffusion_lib train --model fc_unet --dataset fashion_mnist --prediction v \\
+      --zero-terminal-snr --steps 5000 --output runs/zero_snr
   python -m diffusion_lib train --model attention_unet --dataset mnist --objective edm \\
       --steps 20000 --output runs/edm
   python -m diffusion_lib sample --checkpoint runs/edm/checkpoint.pt --steps 18 --output edm.png
@@ -176,6 +179,19 @@ def _add_model_options(group: argparse._ArgumentGroup) -> None:
         help="with --objective noise, the network's target: epsilon, the noise (Ho et al. 2020); "
         "x0, the clean image; v, the velocity alpha eps - sigma x0 (Salimans & Ho 2022) "
         "(default: epsilon)",
+    )
+    group.add_argument(
+        "--snr-scale",
+        type=float,
+        metavar="S",
+        help="divide every step's signal-to-noise ratio by S^2: the shift Hoogeboom et al. (2023) "
+        "recommend for images S times wider than the schedule was made for (default: 1)",
+    )
+    group.add_argument(
+        "--zero-terminal-snr",
+        action="store_true",
+        help="rescale the schedule so that its last step leaves pure noise (Lin et al. 2024); "
+        "needs --prediction v or x0, and sample then starts ddim at T - 1",
     )
     group.add_argument(
         "--snr-gamma",
@@ -307,6 +323,14 @@ def _add_sampling_options(parser: argparse.ArgumentParser, default_num: int) -> 
         "surest of (MaskGIT's decoding, without its noise), which is no longer the process the "
         "bound describes and on black-and-white digits collapses to strokes and blank images "
         f"(default: {DEFAULT_REVEAL_ORDER})",
+    )
+    parser.add_argument(
+        "--spacing",
+        choices=DDIM_SPACINGS,
+        help="which timesteps ddim visits: leading, 0, T/steps, 2T/steps, ... as in the DDIM "
+        "paper; trailing, the same stride counted down from T - 1; linspace, evenly from 0 to "
+        "T - 1 (Lin et al. 2024) (default: trailing for a checkpoint trained with "
+        "--zero-terminal-snr, which must start at T - 1, else leading)",
     )
     parser.add_argument(
         "--eta", type=float, default=0.0, help="ddim noise: 0 deterministic, 1 DDPM-like"

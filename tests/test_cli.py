@@ -18,7 +18,15 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from diffusion_lib import learned_variance, losses, masked_diffusion, metrics, predictions, sampling
+from diffusion_lib import (
+    cli_sample,
+    learned_variance,
+    losses,
+    masked_diffusion,
+    metrics,
+    predictions,
+    sampling,
+)
 from diffusion_lib.__main__ import CommandError, main
 from diffusion_lib.checkpoints import load_checkpoint, save_checkpoint
 from diffusion_lib.data import DATA_VARIABLE, data_root, load_images, to_unit_interval
@@ -460,7 +468,14 @@ def test_an_x0_or_v_checkpoint_trains_and_samples_through_the_noise_it_implies(
     config = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]
     assert (config["prediction"], config["snr_gamma"]) == recorded
 
-    conversions = record_calls(monkeypatch, predictions, "eps_from_prediction")
+    conversions: list[str] = []
+    convert = predictions.NoiseFromPrediction.noise_and_x0
+
+    def spying(self, *args, **kwargs):
+        conversions.append(self.prediction)
+        return convert(self, *args, **kwargs)
+
+    monkeypatch.setattr(predictions.NoiseFromPrediction, "noise_and_x0", spying)
     output = tmp_path / "grid.png"
     status = main([
         "sample", "--checkpoint", str(tmp_path / "run"), "--steps", "3", "--num", "4",
@@ -470,7 +485,7 @@ def test_an_x0_or_v_checkpoint_trains_and_samples_through_the_noise_it_implies(
     with Image.open(output) as image:
         assert image.size == (2 * 30 + 2, 2 * 30 + 2)
     # Guidance evaluates the labelled and the unlabelled halves in one call per step.
-    assert [call[-1] for call in conversions] == [prediction] * 3
+    assert conversions == [prediction] * 3
 
 
 def test_an_old_config_without_prediction_samples_the_noise_directly(
@@ -482,7 +497,14 @@ def test_an_old_config_without_prediction_samples_the_noise_directly(
     state["config"].pop("snr_gamma", None)
     old = save_checkpoint(tmp_path / "old" / "checkpoint.pt", state)
     monkeypatch.setenv(SMOKE_VARIABLE, "1")
-    conversions = record_calls(monkeypatch, predictions, "eps_from_prediction")
+    conversions: list[str] = []
+    convert = predictions.NoiseFromPrediction.noise_and_x0
+
+    def spying(self, *args, **kwargs):
+        conversions.append(self.prediction)
+        return convert(self, *args, **kwargs)
+
+    monkeypatch.setattr(predictions.NoiseFromPrediction, "noise_and_x0", spying)
     output = tmp_path / "old.png"
     status = main([
         "sample", "--checkpoint", str(old), "--steps", "3", "--num", "4", "--output", str(output),
@@ -1024,3 +1046,92 @@ def test_the_help_explains_the_masked_options(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     assert "--masking-schedule {linear,cosine}" in text and "--order {random,confidence}" in text
     assert "(default: cosine)" in text and "(default: random)" in text
+
+
+@needs_mnist
+def test_a_zero_terminal_snr_checkpoint_records_its_schedule_and_samples_from_t_T(
+    tmp_path, monkeypatch
+) -> None:
+    """train rescales (and shifts) the schedule and records both; sample rebuilds the same
+    schedule and starts ddim at T - 1 unless told otherwise; ddpm works too."""
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+    options = ["--prediction", "v", "--zero-terminal-snr", "--snr-scale", "2"]
+    assert main(train_arguments(tmp_path / "run", TINY_FC_UNET, *options)) == 0
+    config = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]
+    assert config["schedule"] == {
+        "name": "linear", "timesteps": TIMESTEPS, "snr_scale": 2.0, "zero_terminal_snr": True,
+    }  # fmt: skip
+    expected = NoiseSchedule.from_name("linear", TIMESTEPS, snr_scale=2.0, zero_terminal_snr=True)
+    calls = []
+    real_ddim = cli_sample.NOISE_SAMPLERS["ddim"]
+
+    def spying(model, schedule, shape, **kwargs):
+        calls.append((schedule, kwargs.get("spacing")))
+        return real_ddim(model, schedule, shape, **kwargs)
+
+    monkeypatch.setitem(cli_sample.NOISE_SAMPLERS, "ddim", spying)
+    for spacing in ([], ["--spacing", "linspace"]):
+        status = main([
+            "sample", "--checkpoint", str(tmp_path / "run"), "--steps", "4", "--num", "4",
+            "--output", str(tmp_path / "grid.png"), *spacing,
+        ])  # fmt: skip
+        assert status == 0
+    assert [spacing for _, spacing in calls] == ["trailing", "linspace"]
+    torch.testing.assert_close(calls[0][0].betas, expected.betas, rtol=0, atol=0)
+    status = main([
+        "sample", "--checkpoint", str(tmp_path / "run"), "--sampler", "ddpm", "--steps", "4",
+        "--num", "4", "--output", str(tmp_path / "ddpm.png"),
+    ])  # fmt: skip
+    assert status == 0
+
+
+@needs_mnist
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--sampler", "dpm-solver"], "dpm-solver steps in log-SNR.*use ddim or ddpm"),
+        (["--sampler", "heun"], "heun steps in log-SNR"),
+        (["--spacing", "leading"], "never visits T - 1"),
+        (["--sampler", "ddpm", "--spacing", "trailing"], "--spacing applies to --sampler ddim"),
+    ],
+)
+def test_zero_terminal_snr_sampling_errors_are_clear(
+    arguments, message, tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+    options = ["--prediction", "x0", "--zero-terminal-snr"]
+    assert main(train_arguments(tmp_path / "run", TINY_FC_UNET, *options)) == 0
+    capsys.readouterr()
+    output = tmp_path / "never.png"
+    status = main(["sample", "--checkpoint", str(tmp_path / "run"), "--output", str(output),
+                   *arguments])  # fmt: skip
+    assert status == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--zero-terminal-snr"], "needs --objective noise with --prediction v or x0"),
+        (["--objective", "hybrid", "--zero-terminal-snr"], "needs --objective noise"),
+        (["--objective", "flow", "--snr-scale", "2"], "--objective flow has its own noise levels"),
+        (["--objective", "edm", "--zero-terminal-snr"], "--objective edm has its own"),
+        (["--snr-scale", "0"], "--snr-scale must be a number > 0"),
+        (["--snr-scale", "inf"], "--snr-scale must be a number > 0"),
+        (["--objective", "masked", "--zero-terminal-snr"], "--zero-terminal-snr does not apply"),
+    ],
+)
+def test_schedule_option_errors_are_clear(arguments, message, tmp_path, capsys) -> None:
+    base = masked_train_arguments if "masked" in arguments else train_arguments
+    extra = (
+        [a for a in arguments if a not in ("--objective", "masked")]
+        if "masked" in arguments
+        else arguments
+    )
+    status = main(base(tmp_path / "run", TINY_FC_UNET, *extra))
+    assert status == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
