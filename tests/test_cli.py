@@ -149,11 +149,14 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         assert main(train_arguments(folder / "flow", TINY_FC_UNET, "--objective", "flow")) == 0
         hybrid = ["--objective", "hybrid", "--conditional"]
         assert main(train_arguments(folder / "hybrid", TINY_ATTENTION_UNET, *hybrid)) == 0
+        zero_snr = ["--prediction", "x0", "--zero-terminal-snr"]
+        assert main(train_arguments(folder / "zero_snr", TINY_FC_UNET, *zero_snr)) == 0
     return {
         "plain": folder / "plain" / "checkpoint.pt",
         "labels": folder / "labels" / "checkpoint.pt",
         "flow": folder / "flow" / "checkpoint.pt",
         "hybrid": folder / "hybrid" / "checkpoint.pt",
+        "zero_snr": folder / "zero_snr" / "checkpoint.pt",
     }
 
 
@@ -181,6 +184,14 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
             "trained with --objective hybrid; choose ddpm, ddim, dpm-solver or heun",
         ),
         ("hybrid", ["--steps", str(TIMESTEPS + 1)], f"1..{TIMESTEPS}"),
+        ("zero_snr", ["--sampler", "dpm-solver"], "dpm-solver steps in log-SNR.*use ddim or ddpm"),
+        ("zero_snr", ["--sampler", "heun"], "heun steps in log-SNR"),
+        ("zero_snr", ["--spacing", "leading"], "never visits T - 1"),
+        (
+            "plain",
+            ["--sampler", "ddpm", "--spacing", "trailing"],
+            "--spacing applies to --sampler ddim",
+        ),
     ],
 )
 def test_sampling_errors_are_clear(
@@ -439,6 +450,20 @@ def record_calls(monkeypatch: pytest.MonkeyPatch, module, name: str) -> list[tup
     return calls
 
 
+def record_conversions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The list that will hold the target of every NoiseFromPrediction that a sampler asks for
+    its noise and x0 estimates from now on."""
+    conversions: list[str] = []
+    convert = predictions.NoiseFromPrediction.noise_and_x0
+
+    def spying(self, *args, **kwargs):
+        conversions.append(self.prediction)
+        return convert(self, *args, **kwargs)
+
+    monkeypatch.setattr(predictions.NoiseFromPrediction, "noise_and_x0", spying)
+    return conversions
+
+
 @needs_mnist
 @pytest.mark.parametrize(
     ("model", "training", "sampling", "recorded"),
@@ -468,14 +493,7 @@ def test_an_x0_or_v_checkpoint_trains_and_samples_through_the_noise_it_implies(
     config = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]
     assert (config["prediction"], config["snr_gamma"]) == recorded
 
-    conversions: list[str] = []
-    convert = predictions.NoiseFromPrediction.noise_and_x0
-
-    def spying(self, *args, **kwargs):
-        conversions.append(self.prediction)
-        return convert(self, *args, **kwargs)
-
-    monkeypatch.setattr(predictions.NoiseFromPrediction, "noise_and_x0", spying)
+    conversions = record_conversions(monkeypatch)
     output = tmp_path / "grid.png"
     status = main([
         "sample", "--checkpoint", str(tmp_path / "run"), "--steps", "3", "--num", "4",
@@ -497,14 +515,7 @@ def test_an_old_config_without_prediction_samples_the_noise_directly(
     state["config"].pop("snr_gamma", None)
     old = save_checkpoint(tmp_path / "old" / "checkpoint.pt", state)
     monkeypatch.setenv(SMOKE_VARIABLE, "1")
-    conversions: list[str] = []
-    convert = predictions.NoiseFromPrediction.noise_and_x0
-
-    def spying(self, *args, **kwargs):
-        conversions.append(self.prediction)
-        return convert(self, *args, **kwargs)
-
-    monkeypatch.setattr(predictions.NoiseFromPrediction, "noise_and_x0", spying)
+    conversions = record_conversions(monkeypatch)
     output = tmp_path / "old.png"
     status = main([
         "sample", "--checkpoint", str(old), "--steps", "3", "--num", "4", "--output", str(output),
@@ -970,6 +981,7 @@ def test_evaluate_scores_a_masked_checkpoint_beside_quantised_test_images_and_it
         (["--vlb-weight", "0.01"], "--vlb-weight does not apply to --objective masked"),
         (["--sigma-data", "0.6"], "--sigma-data does not apply to --objective masked"),
         (["--conditional"], "--conditional does not apply to --objective masked"),
+        (["--zero-terminal-snr"], "--zero-terminal-snr does not apply to --objective masked"),
         (["--value-range", "0", "1"], "leave --value-range at -1 1"),
         (["--classes", "1"], "--classes must lie in 2..256"),
         (["--classes", "257"], "--classes must lie in 2..256"),
@@ -1086,32 +1098,6 @@ def test_a_zero_terminal_snr_checkpoint_records_its_schedule_and_samples_from_t_
     assert status == 0
 
 
-@needs_mnist
-@pytest.mark.parametrize(
-    ("arguments", "message"),
-    [
-        (["--sampler", "dpm-solver"], "dpm-solver steps in log-SNR.*use ddim or ddpm"),
-        (["--sampler", "heun"], "heun steps in log-SNR"),
-        (["--spacing", "leading"], "never visits T - 1"),
-        (["--sampler", "ddpm", "--spacing", "trailing"], "--spacing applies to --sampler ddim"),
-    ],
-)
-def test_zero_terminal_snr_sampling_errors_are_clear(
-    arguments, message, tmp_path, monkeypatch, capsys
-) -> None:
-    monkeypatch.setenv(SMOKE_VARIABLE, "1")
-    monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
-    options = ["--prediction", "x0", "--zero-terminal-snr"]
-    assert main(train_arguments(tmp_path / "run", TINY_FC_UNET, *options)) == 0
-    capsys.readouterr()
-    output = tmp_path / "never.png"
-    status = main(["sample", "--checkpoint", str(tmp_path / "run"), "--output", str(output),
-                   *arguments])  # fmt: skip
-    assert status == 1
-    assert re.search(message, capsys.readouterr().err)
-    assert not output.exists()
-
-
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
@@ -1121,17 +1107,10 @@ def test_zero_terminal_snr_sampling_errors_are_clear(
         (["--objective", "edm", "--zero-terminal-snr"], "--objective edm has its own"),
         (["--snr-scale", "0"], "--snr-scale must be a number > 0"),
         (["--snr-scale", "inf"], "--snr-scale must be a number > 0"),
-        (["--objective", "masked", "--zero-terminal-snr"], "--zero-terminal-snr does not apply"),
     ],
 )
 def test_schedule_option_errors_are_clear(arguments, message, tmp_path, capsys) -> None:
-    base = masked_train_arguments if "masked" in arguments else train_arguments
-    extra = (
-        [a for a in arguments if a not in ("--objective", "masked")]
-        if "masked" in arguments
-        else arguments
-    )
-    status = main(base(tmp_path / "run", TINY_FC_UNET, *extra))
+    status = main(train_arguments(tmp_path / "run", TINY_FC_UNET, *arguments))
     assert status == 1
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
