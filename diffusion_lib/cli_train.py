@@ -169,17 +169,10 @@ def _objective(
 def _check_schedule_options(args: argparse.Namespace) -> None:
     """--snr-scale and --zero-terminal-snr change the noise schedule of a noise or hybrid model;
     at zero terminal SNR the noise says nothing about x0, so the target must be v or x0."""
-    given = [
-        option
-        for option, value in (
-            ("--snr-scale", args.snr_scale is not None),
-            ("--zero-terminal-snr", args.zero_terminal_snr),
-        )
-        if value
-    ]
-    if given and args.objective in ("flow", "edm"):
+    given = "--snr-scale" if args.snr_scale is not None else "--zero-terminal-snr"
+    if (args.snr_scale is not None or args.zero_terminal_snr) and args.objective in ("flow", "edm"):
         raise CommandError(
-            f"{given[0]} changes the noise schedule of --objective noise or hybrid; "
+            f"{given} changes the noise schedule of --objective noise or hybrid; "
             f"--objective {args.objective} has its own noise levels"
         )
     if args.snr_scale is not None and not 0 < args.snr_scale < math.inf:

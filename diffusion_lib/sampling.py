@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_lib.learned_variance import learned_log_variance, split_eps_and_v
-from diffusion_lib.schedules import NoiseSchedule, _gather
+from diffusion_lib.schedules import NoiseSchedule, _betas_from_alphas_cumprod, _gather
 from diffusion_lib.smoke import cap_sampling_steps
 from diffusion_lib.validation import check_choice, check_positive_int, check_same_shape
 
@@ -219,9 +219,7 @@ def respace(schedule: NoiseSchedule, steps: int) -> tuple[NoiseSchedule, Tensor]
     if steps == schedule.timesteps:
         return schedule, torch.arange(schedule.timesteps)
     kept = torch.linspace(0, schedule.timesteps - 1, steps, dtype=torch.float64).round().long()
-    alphas_cumprod = schedule.alphas_cumprod.cpu()[kept]
-    previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
-    return NoiseSchedule(1.0 - alphas_cumprod / previous), kept
+    return NoiseSchedule(_betas_from_alphas_cumprod(schedule.alphas_cumprod.cpu()[kept])), kept
 
 
 def _respaced_chain(

@@ -58,7 +58,23 @@ def _betas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
 
 
 def _checked_betas(betas: Tensor) -> Tensor:
-    return NoiseSchedule(betas).betas  # the constructor's checks, with their messages
+    """``betas`` as float64 (T,), each in (0, 1) except the last, which may be 1 (zero
+    terminal SNR); anything else is refused with a message saying what was wrong."""
+    betas = torch.as_tensor(betas, dtype=torch.float64)
+    if betas.dim() != 1 or betas.numel() < 1:
+        raise ValueError(
+            f"betas must be a 1-D tensor with at least one entry, got shape {tuple(betas.shape)}"
+        )
+    if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas[:-1] >= 1).any():
+        raise ValueError(
+            f"every beta must lie in the open interval (0, 1), the last one in (0, 1]; got "
+            f"min {betas.min().item():.3g}, max {betas.max().item():.3g}"
+        )
+    if betas[-1] > 1:
+        raise ValueError(
+            f"the last beta may be 1 (zero terminal SNR) but not more, got {betas[-1].item():.3g}"
+        )
+    return betas
 
 
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
@@ -127,20 +143,7 @@ class NoiseSchedule:
     """
 
     def __init__(self, betas: Tensor) -> None:
-        betas = torch.as_tensor(betas, dtype=torch.float64)
-        if betas.dim() != 1 or betas.numel() < 1:
-            raise ValueError(
-                f"betas must be a 1-D tensor with at least one entry, got shape {tuple(betas.shape)}"
-            )
-        if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas[:-1] >= 1).any():
-            raise ValueError(
-                f"every beta must lie in the open interval (0, 1), the last one in (0, 1]; got "
-                f"min {betas.min().item():.3g}, max {betas.max().item():.3g}"
-            )
-        if betas[-1] > 1:
-            raise ValueError(
-                f"the last beta may be 1 (zero terminal SNR) but not more, got {betas[-1].item():.3g}"
-            )
+        betas = _checked_betas(betas)
         self.betas = betas
         self.alphas = 1.0 - betas
         # A Python bool, so that samplers can check it without waiting on a device.
@@ -192,14 +195,14 @@ class NoiseSchedule:
             )
         if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps < 1:
             raise ValueError(f"timesteps must be an integer >= 1, got {timesteps!r}")
+        if not isinstance(zero_terminal_snr, bool):
+            raise ValueError(f"zero_terminal_snr must be True or False, got {zero_terminal_snr!r}")
         try:
             betas = SCHEDULES[name](timesteps, **kwargs)
         except TypeError as error:
             raise ValueError(f"bad keyword arguments for the {name!r} schedule: {error}") from None
         if isinstance(snr_scale, bool) or snr_scale != 1.0:
             betas = shift_snr(betas, snr_scale)
-        if not isinstance(zero_terminal_snr, bool):
-            raise ValueError(f"zero_terminal_snr must be True or False, got {zero_terminal_snr!r}")
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
         return cls(betas)
