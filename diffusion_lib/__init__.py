@@ -19,6 +19,14 @@ from diffusion_lib.edm import (
     preconditioning,
 )
 from diffusion_lib.flow_matching import RectifiedFlow, flow_matching_loss, flow_sample, flow_times
+from diffusion_lib.inverse import (
+    Downsampling,
+    Inpainting,
+    LinearMeasurement,
+    dps_sample,
+    pigdm_sample,
+    posterior_variance_of_x0,
+)
 from diffusion_lib.langevin import annealed_langevin_sample, langevin_sample, langevin_timesteps
 from diffusion_lib.latent import (
     AutoencoderHistory,
@@ -209,6 +217,12 @@ __all__ = [
     "RectifiedFlow",
     "flow_matching_loss",
     "flow_sample",
+    "Downsampling",
+    "Inpainting",
+    "LinearMeasurement",
+    "dps_sample",
+    "pigdm_sample",
+    "posterior_variance_of_x0",
     "flow_times",
     "repaint",
     "repaint_schedule",

@@ -328,9 +328,16 @@ def _ancestral_step(
     mean, _, log_variance, _ = p_mean_variance(
         model, schedule, x, t, variance=variance, clip_x0=clip_x0, **extra
     )
+    return _draw_step(mean, log_variance, index, generator)
+
+
+def _draw_step(
+    mean: Tensor, log_variance: Tensor, index: int, generator: torch.Generator | None
+) -> Tensor:
+    """``mean + sigma z`` with z ~ N(0, I), or the mean itself at index 0 (the last step)."""
     if index == 0:
         return mean
-    return mean + (0.5 * log_variance).exp() * _randn(tuple(x.shape), generator, x.device)
+    return mean + (0.5 * log_variance).exp() * _randn(tuple(mean.shape), generator, mean.device)
 
 
 def ddpm_sample(
