@@ -45,23 +45,28 @@ from diffusion_lib.validation import check_finite, check_number, check_positive_
 
 
 class LinearMeasurement:
-    """A linear operator ``A`` whose Gram matrix ``A A^T`` is diagonal.
+    """A linear operator ``A``, called on a batch of images: ``A(x)``.
 
-    Subclasses define :meth:`__call__` (``x`` (B, ...) -> ``A x``), :meth:`gram_diagonal`
-    and :meth:`pseudo_inverse`. A diagonal ``A A^T`` is what makes PiGDM's covariance
-    ``sigma_y^2 I + r_t^2 A A^T`` cheap to invert.
+    Subclasses define :meth:`__call__` (``x`` (B, ...) -> ``A x``), which is all that
+    :func:`dps_sample` needs. :func:`pigdm_sample` also needs :meth:`gram_diagonal`, which
+    exists when the Gram matrix ``A A^T`` is diagonal: that is what makes PiGDM's covariance
+    ``sigma_y^2 I + r_t^2 A A^T`` cheap to invert. :meth:`pseudo_inverse` is a reference
+    answer to compare restorations with.
     """
 
     def __call__(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define __call__(x) -> A x")
 
     def gram_diagonal(self, y: Tensor) -> Tensor:
         """The diagonal of ``A A^T``, broadcastable against a measurement ``y``."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} defines no gram_diagonal: pigdm_sample needs A A^T to be "
+            "diagonal and known; dps_sample works with any differentiable A"
+        )
 
     def pseudo_inverse(self, y: Tensor) -> Tensor:
         """``A^+ y = A^T (A A^T)^-1 y``: the smallest image whose measurement is ``y``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} defines no pseudo_inverse")
 
     def measure(
         self, x: Tensor, noise_std: float = 0.0, generator: torch.Generator | None = None
@@ -244,9 +249,9 @@ def dps_sample(
         zeta_t   = step_size / ||y - A x0_hat(x_t)||.
 
     Dividing by the error's norm makes every correction ``2 step_size`` times the gradient of
-    ``||y - A x0_hat||``, whatever the noise level: a fixed step the paper tuned by hand (1.0
-    for noisy super-resolution and inpainting of faces with 1000 steps) and that needs tuning
-    again when ``steps`` changes. The noise level sigma_y of ``y`` is not used.
+    ``||y - A x0_hat||``, whatever the noise level: a fixed step, tuned by hand for each task
+    and dataset, that needs tuning again when ``steps`` changes. The noise level sigma_y of
+    ``y`` is not used.
 
     Args:
         model: noise predictor ``model(x_t, t)`` trained with ``schedule`` (or a
@@ -282,7 +287,7 @@ def posterior_variance_of_x0(schedule: NoiseSchedule, t: Tensor, data_std: float
 
     From ``x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps``, Gaussian conditioning gives
     ``r_t^2 = s^2 (1 - abar) / (abar s^2 + 1 - abar)`` with s = ``data_std``; for s = 1 this is
-    1 - abar, the variance Song et al. (2023, sec. 3.2) use for images of unit variance.
+    1 - abar, the variance Song et al. (2023) use for images of unit variance.
     """
     alpha_bar = schedule.alphas_cumprod.to(t.device)[t]
     variance = data_std**2
@@ -316,7 +321,7 @@ def pigdm_sample(
     clip_x0: tuple[float, float] | None = (-1.0, 1.0),
 ) -> Tensor:
     """Ancestral sampling with the likelihood score of pseudoinverse-guided diffusion
-    (PiGDM, Song et al. 2023, eqs. 5 and 7).
+    (PiGDM, Song et al. 2023).
 
     With ``p(x_0 | x_t) ~ N(x0_hat(x_t), r_t^2 I)`` (:func:`posterior_variance_of_x0`), the
     measurement ``y = A x_0 + sigma_y n`` is Gaussian given x_t:

@@ -11,6 +11,7 @@ from diffusion_lib import (
     Downsampling,
     GaussianMixture,
     Inpainting,
+    LinearMeasurement,
     NoiseSchedule,
     ddpm_sample,
     dps_sample,
@@ -267,6 +268,22 @@ def test_samplers_leave_the_network_as_they_found_it(method: str) -> None:
     assert out.shape == (2, 1, 4, 4) and not out.requires_grad
     assert net.training
     assert all(p.grad is None for p in net.parameters())
+
+
+class Blur(LinearMeasurement):
+    """A measurement with only a forward map, as a reader would write one."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1)
+
+
+def test_dps_needs_only_the_forward_map_and_pigdm_says_what_it_lacks() -> None:
+    schedule = NoiseSchedule.from_name("linear")
+    y = torch.zeros(2, 1, 4, 4)
+    out = dps_sample(TinyNet(), schedule, Blur(), y, (2, 1, 4, 4), steps=3)
+    assert out.shape == (2, 1, 4, 4) and bool(torch.isfinite(out).all())
+    with pytest.raises(NotImplementedError, match="gram_diagonal.*dps_sample"):
+        pigdm_sample(TinyNet(), schedule, Blur(), y, (2, 1, 4, 4), noise_std=0.1, steps=3)
 
 
 @pytest.mark.parametrize(
