@@ -286,6 +286,15 @@ def test_dps_needs_only_the_forward_map_and_pigdm_says_what_it_lacks() -> None:
         pigdm_sample(TinyNet(), schedule, Blur(), y, (2, 1, 4, 4), noise_std=0.1, steps=3)
 
 
+def restore(method: str = "dps", operator=None, y: Tensor | None = None, **options) -> Tensor:
+    """One small restoration of (2, 1, 4, 4) images, with defaults that are all valid."""
+    operator = Downsampling(2) if operator is None else operator
+    y = torch.ones(2, 1, 2, 2) if y is None else y
+    sampler = dps_sample if method == "dps" else pigdm_sample
+    schedule = NoiseSchedule.from_name("linear")
+    return sampler(TinyNet(), schedule, operator, y, (2, 1, 4, 4), **{"steps": 2, **options})
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
@@ -294,61 +303,17 @@ def test_dps_needs_only_the_forward_map_and_pigdm_says_what_it_lacks() -> None:
         (lambda: Downsampling(0), "factor"),
         (lambda: Downsampling(3)(torch.ones(1, 1, 4, 4)), "divisible by 3"),
         (lambda: Downsampling(2).measure(torch.ones(1, 1, 4, 4), -0.1), "noise_std"),
+        (lambda: restore(y=torch.ones(2, 1, 4, 4)), r"shape \(2, 1, 2, 2\)"),
+        (lambda: restore(operator="blur"), "LinearMeasurement"),
+        (lambda: restore(step_size=-1), "step_size"),
+        (lambda: restore(steps=0), "steps"),
+        (lambda: restore("pigdm", noise_std=0.1, data_std=0), "data_std"),
+        (lambda: restore("pigdm", noise_std=-0.1), "noise_std"),
         (
-            lambda: dps_sample(
-                TinyNet(),
-                NoiseSchedule.from_name("linear"),
-                Downsampling(2),
-                torch.ones(2, 1, 4, 4),
-                (2, 1, 4, 4),
-            ),
-            r"shape \(2, 1, 2, 2\)",
-        ),
-        (
-            lambda: dps_sample(
-                TinyNet(),
-                NoiseSchedule.from_name("linear"),
-                "blur",
-                torch.ones(2, 1, 2, 2),
-                (2, 1, 4, 4),
-            ),
-            "LinearMeasurement",
-        ),
-        (
-            lambda: dps_sample(
-                TinyNet(),
-                NoiseSchedule.from_name("linear"),
-                Downsampling(2),
-                torch.ones(2, 1, 2, 2),
-                (2, 1, 4, 4),
-                step_size=-1,
-            ),
-            "step_size",
-        ),
-        (
-            lambda: pigdm_sample(
-                TinyNet(),
-                NoiseSchedule.from_name("linear"),
-                Downsampling(2),
-                torch.ones(2, 1, 2, 2),
-                (2, 1, 4, 4),
-                noise_std=0.1,
-                data_std=0,
-            ),
-            "data_std",
-        ),
-        (
-            lambda: pigdm_sample(
-                TinyNet(),
-                NoiseSchedule.from_name("linear"),
-                Downsampling(2),
-                torch.full((2, 1, 2, 2), float("nan")),
-                (2, 1, 4, 4),
-                noise_std=0.1,
-            ),
+            lambda: restore("pigdm", y=torch.full((2, 1, 2, 2), float("nan")), noise_std=0.1),
             "finite",
         ),
-    ],  # fmt: skip
+    ],
 )
 def test_bad_input_gets_a_clear_error(call, message: str) -> None:
     with pytest.raises(ValueError, match=message):
