@@ -359,7 +359,9 @@ def pigdm_sample(
 
         x0, gradient, _ = _x0_and_gradient(model, schedule, x, t, log_likelihood)
         alpha_bar = _gather(schedule.alphas_cumprod, t, x)
-        x0_guided = x0 + (1 - alpha_bar) / alpha_bar.sqrt() * gradient
+        # At alpha_bar = 0 (zero terminal SNR) x_t says nothing of x_0: p(y | x_t) = p(y).
+        gain = torch.where(alpha_bar > 0, (1 - alpha_bar) / alpha_bar.clamp(min=1e-30).sqrt(), 0.0)
+        x0_guided = x0 + gain * gradient
         return _ancestral_step_from(schedule, x, t, x0_guided, index, generator, clip_x0)
 
     return _posterior_chain(model, schedule, operator, y, shape, steps, x_T, generator, step)

@@ -12,6 +12,7 @@ from diffusion_lib import (
     GaussianMixture,
     Inpainting,
     LinearMeasurement,
+    NoiseFromPrediction,
     NoiseSchedule,
     ddpm_sample,
     dps_sample,
@@ -193,6 +194,40 @@ def test_pigdm_draws_from_the_exact_gaussian_posterior(operator, noise_std: floa
         x_T=x_T, generator=generator, clip_x0=None,
     ).flatten(1)  # fmt: skip
     mean, covariance = gaussian_posterior(a, y_seen, noise_std)
+    torch.testing.assert_close(x0.mean(0), mean, atol=0.015, rtol=0)
+    torch.testing.assert_close(torch.cov(x0.T), covariance, atol=0.01, rtol=0)
+
+
+class GaussianDataPredictor(nn.Module):
+    """E[x_0 | x_t] for N(MU, S^2) pixels, written out: a data-predicting model."""
+
+    def __init__(self, schedule: NoiseSchedule) -> None:
+        super().__init__()
+        self.alphas_cumprod = schedule.alphas_cumprod
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        abar = self.alphas_cumprod[t].to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))
+        return MU + abar.sqrt() * S**2 * (x_t - abar.sqrt() * MU) / (abar * S**2 + 1 - abar)
+
+
+def test_pigdm_is_exact_at_zero_terminal_snr_with_a_data_predicting_model() -> None:
+    # At t = T the schedule has alpha_bar = 0, where the correction must vanish rather than
+    # divide by zero; the posterior is the same as on any other schedule.
+    schedule = NoiseSchedule.from_name("linear", zero_terminal_snr=True)
+    model = NoiseFromPrediction(GaussianDataPredictor(schedule), schedule, "x0")
+    operator, noise_std = PROBLEMS["inpainting, noisy"]
+    shape = (20_000, 1, 2, 2)
+    a, _ = seen_rows(operator, shape[1:])
+    y_seen = torch.tensor([0.9, -0.4], dtype=torch.float64)
+    y = measurement(operator, shape, y_seen.expand(shape[0], 2))
+    generator = torch.Generator().manual_seed(7)
+    x_T = torch.randn(shape, generator=generator, dtype=torch.float64)
+    x0 = pigdm_sample(
+        model, schedule, operator, y, shape, noise_std=noise_std, data_std=S, x_T=x_T,
+        generator=generator, clip_x0=None,
+    ).flatten(1)  # fmt: skip
+    mean, covariance = gaussian_posterior(a, y_seen, noise_std)
+    assert bool(torch.isfinite(x0).all())
     torch.testing.assert_close(x0.mean(0), mean, atol=0.015, rtol=0)
     torch.testing.assert_close(torch.cov(x0.T), covariance, atol=0.01, rtol=0)
 
