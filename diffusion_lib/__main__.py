@@ -1,6 +1,7 @@
 """Command line: ``python -m diffusion_lib train ...`` trains a model, ``... sample ...`` draws from
-it, ``... evaluate ...`` scores its samples (and its variational bound), and ``... distill ...``
-halves the sampling steps of a flow model (progressive distillation).
+it, ``... evaluate ...`` scores its samples (and its variational bound), ``... distill ...``
+halves the sampling steps of a flow model (progressive distillation), and ``... restore ...``
+restores damaged test images with a model as the prior.
 
 A checkpoint written by ``train`` records the model's name and arguments, the schedule, the
 dataset and its value range, so ``sample``, ``evaluate`` and ``distill`` rebuild everything from
@@ -23,6 +24,7 @@ import sys
 from diffusion_lib.checkpoints import CheckpointError
 from diffusion_lib.cli_distill import run_distill
 from diffusion_lib.cli_evaluate import run_evaluate
+from diffusion_lib.cli_restore import run_restore
 from diffusion_lib.cli_sample import run_sample
 from diffusion_lib.cli_train import run_train
 from diffusion_lib.command_line import CommandError, build_parser
@@ -33,6 +35,7 @@ COMMANDS = {
     "sample": run_sample,
     "evaluate": run_evaluate,
     "distill": run_distill,
+    "restore": run_restore,
 }
 
 

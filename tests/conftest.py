@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
+from diffusion_lib import metrics
 from diffusion_lib.smoke import SMOKE_VARIABLE
 
 
@@ -30,3 +33,17 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def classifier_cache(tmp_path_factory) -> Iterator[Path]:
+    """A cache folder for the MNIST reference classifier of the command line's scores, seeded
+    with the current one from the default cache where there is one; otherwise it is trained
+    there once per module (about a minute)."""
+    folder = tmp_path_factory.mktemp("classifier_cache")
+    cached = metrics.classifier_path("mnist")
+    if cached.is_file():
+        shutil.copy(cached, metrics.classifier_path("mnist", folder))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(metrics.CACHE_VARIABLE, str(folder))
+        yield folder

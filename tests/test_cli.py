@@ -7,10 +7,8 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -82,7 +80,9 @@ def masked_train_arguments(output: Path, model: list[str], *extra: str) -> list[
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["sample"], ["evaluate"], ["distill"]])
+@pytest.mark.parametrize(
+    "command", [[], ["train"], ["sample"], ["evaluate"], ["distill"], ["restore"]]
+)
 def test_help_exits_cleanly_and_shows_examples(command: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
@@ -666,19 +666,6 @@ def test_hybrid_training_errors_are_clear(
     assert main(train_arguments(tmp_path / "never", TINY_FC_UNET, *arguments)) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
-
-
-@pytest.fixture(scope="module")
-def classifier_cache(tmp_path_factory) -> Iterator[Path]:
-    """A cache folder for evaluate's MNIST classifier, seeded with the current one from the
-    default cache where there is one; otherwise it is trained there once (about a minute)."""
-    folder = tmp_path_factory.mktemp("classifier_cache")
-    cached = metrics.classifier_path("mnist")
-    if cached.is_file():
-        shutil.copy(cached, metrics.classifier_path("mnist", folder))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(metrics.CACHE_VARIABLE, str(folder))
-        yield folder
 
 
 def evaluate(checkpoint: Path, *arguments: str) -> int:
