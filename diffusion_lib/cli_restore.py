@@ -229,10 +229,12 @@ def run_restore(args: argparse.Namespace) -> None:
     steps = _check_restore_args(args, config)
     device = select_device(args.device)
     network, schedule = rebuild(path, state, device)
+    # The posterior samplers read the noise only, as ddim does (a hybrid model's variance is unused).
     model, _ = as_noise_sampler_reads_it(network, schedule, config, "ddim")
-    low, high = value_range = tuple(config["value_range"])
-    images, labels = load_images(config["dataset"], train=False, limit=cap_samples(args.num))
-    originals = low + (images + 1) / 2 * (high - low)  # [-1, 1] -> the checkpoint's range
+    value_range = tuple(config["value_range"])
+    originals, labels = load_images(
+        config["dataset"], train=False, value_range=value_range, limit=cap_samples(args.num)
+    )
     operator, task = _measurement(args)
     generator = torch.Generator().manual_seed(args.seed)
     y = operator.measure(originals, args.noise, generator=generator)

@@ -289,7 +289,10 @@ def posterior_variance_of_x0(schedule: NoiseSchedule, t: Tensor, data_std: float
     ``r_t^2 = s^2 (1 - abar) / (abar s^2 + 1 - abar)`` with s = ``data_std``; for s = 1 this is
     1 - abar, the variance Song et al. (2023) use for images of unit variance.
     """
-    alpha_bar = schedule.alphas_cumprod.to(t.device)[t]
+    return _variance_of_x0(schedule.alphas_cumprod.to(t.device)[t], data_std)
+
+
+def _variance_of_x0(alpha_bar: Tensor, data_std: float) -> Tensor:
     variance = data_std**2
     return variance * (1 - alpha_bar) / (alpha_bar * variance + 1 - alpha_bar)
 
@@ -352,13 +355,13 @@ def pigdm_sample(
     def step(
         model: NoisePredictor, schedule: NoiseSchedule, x: Tensor, t: Tensor, index: int
     ) -> Tensor:
-        r2 = _per_sample(posterior_variance_of_x0(schedule, t, data_std), x).to(x.dtype)
+        alpha_bar = _gather(schedule.alphas_cumprod, t, x)
+        r2 = _variance_of_x0(alpha_bar, data_std)
 
         def log_likelihood(x0: Tensor) -> Tensor:
             return _gaussian_log_likelihood(operator, y, x0, r2, noise_std)
 
         x0, gradient, _ = _x0_and_gradient(model, schedule, x, t, log_likelihood)
-        alpha_bar = _gather(schedule.alphas_cumprod, t, x)
         # At alpha_bar = 0 (zero terminal SNR) x_t says nothing of x_0: p(y | x_t) = p(y).
         gain = torch.where(alpha_bar > 0, (1 - alpha_bar) / alpha_bar.clamp(min=1e-30).sqrt(), 0.0)
         x0_guided = x0 + gain * gradient
