@@ -18,6 +18,15 @@ from diffusion_lib.edm import (
     karras_sigmas,
     preconditioning,
 )
+from diffusion_lib.feature_metrics import (
+    KernelDistance,
+    ManifoldScores,
+    PolynomialKernel,
+    frechet_distance_at_infinity,
+    kernel_distance,
+    manifold_scores,
+    nearest_neighbours,
+)
 from diffusion_lib.flow_matching import RectifiedFlow, flow_matching_loss, flow_sample, flow_times
 from diffusion_lib.inverse import (
     Downsampling,
@@ -200,6 +209,13 @@ __all__ = [
     "QualityScore",
     "ReferenceClassifier",
     "frechet_distance",
+    "frechet_distance_at_infinity",
+    "kernel_distance",
+    "KernelDistance",
+    "manifold_scores",
+    "ManifoldScores",
+    "nearest_neighbours",
+    "PolynomialKernel",
     "get_classifier",
     "score_samples",
     "AutoencoderHistory",
