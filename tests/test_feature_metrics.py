@@ -182,7 +182,8 @@ def _brute_force_scores(real: torch.Tensor, fake: torch.Tensor, k: int) -> tuple
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_manifold_scores_match_the_definitions_written_as_loops(k: int) -> None:
+def test_manifold_scores_match_the_definitions_written_as_loops(k: int, monkeypatch) -> None:
+    monkeypatch.setattr(feature_metrics, "MAX_BLOCK_ENTRIES", 100)  # blocks of 3 or 4 rows
     real, fake = _gaussian(30, 3, 14), _gaussian(25, 3, 15, mean=0.4) * 1.3
     scores = manifold_scores(real, fake, k=k)
     expected = _brute_force_scores(real, fake, k)
@@ -193,7 +194,8 @@ def test_manifold_scores_match_the_definitions_written_as_loops(k: int) -> None:
 
 
 def test_radii_and_nearest_neighbours_match_sorting_every_distance(monkeypatch) -> None:
-    monkeypatch.setattr(feature_metrics, "BLOCK_SIZE", 3)  # several blocks, a ragged last one
+    # blocks of 30 // 11 = 2 rows: several blocks, and a ragged last one
+    monkeypatch.setattr(feature_metrics, "MAX_BLOCK_ENTRIES", 30)
     points, queries = _gaussian(11, 2, 16), _gaussian(8, 2, 17)
     everything = torch.cdist(points, points)
     torch.testing.assert_close(
