@@ -1,6 +1,7 @@
 """The ``evaluate`` command: score a checkpoint's samples with the reference classifier beside as
-many real test images and, with --bound-images, its variational bound in bits/dim; --json writes
-the numbers atomically. The checkpoint is rebuilt and sampled as ``sample`` does it, through
+many real test images, compare both sets with as many training images (kernel distance,
+precision, recall, density, coverage) and, with --bound-images, report the variational bound in
+bits/dim; --json writes the numbers atomically. The checkpoint is rebuilt and sampled as ``sample`` does it, through
 :mod:`diffusion_lib.cli_sample`.
 
 A masked checkpoint draws images of K grey levels, so the test images beside them are quantised
@@ -27,6 +28,7 @@ from diffusion_lib.cli_sample import (
 )
 from diffusion_lib.command_line import MASKED_BOUND_DRAWS, SCHEDULE_OBJECTIVES, CommandError
 from diffusion_lib.data import load_images
+from diffusion_lib.feature_metrics import kernel_distance, manifold_scores
 from diffusion_lib.losses import elbo_bits_per_dim
 from diffusion_lib.masked_diffusion import (
     MaskedDiffusion,
@@ -41,6 +43,7 @@ from diffusion_lib.metrics import (
     ReferenceClassifier,
     get_classifier,
     score_samples,
+    to_classifier_range,
 )
 from diffusion_lib.smoke import cap_samples
 
@@ -51,6 +54,10 @@ SCORE_ROWS = {
     "real_test_images": "real test images",
     "quantised_test_images": "quantised test images",
 }
+# The set scores: balls to the k-th nearest neighbour, and disjoint subsets for the kernel
+# distance's standard error (10 subsets of 1000 for 10,000 samples, as Bińkowski et al. used).
+SET_SCORE_K = 5
+KERNEL_SUBSETS = 10
 # The objectives that --bound-images applies to
 BOUND_OBJECTIVES = (*SCHEDULE_OBJECTIVES, "masked")
 # Test images per batch of the bound: T network calls each, without gradients.
@@ -95,27 +102,80 @@ def _check_bound_fits(config: dict[str, Any], bound_images: int) -> None:
         )
 
 
+def _real_images(plan: SamplingPlan, count: int, train: bool) -> torch.Tensor:
+    """The first ``count`` images of a split in [-1, 1]; for a masked checkpoint, rounded to the
+    K grey levels that its samples have."""
+    images, _ = load_images(plan.config["dataset"], train=train, limit=count)
+    if isinstance(plan.schedule, MaskedDiffusion):
+        classes = plan.schedule.num_classes
+        images = images_from_tokens(tokens_from_images(images, classes), classes)
+    return images
+
+
+def _rows(samples: torch.Tensor, plan: SamplingPlan) -> dict[str, torch.Tensor]:
+    """The images of each row, by SCORE_ROWS key, in [-1, 1]: the samples, and the first N real
+    test images (quantised for a masked checkpoint)."""
+    masked = isinstance(plan.schedule, MaskedDiffusion)
+    reference = "quantised_test_images" if masked else "real_test_images"
+    value_range = tuple(plan.config["value_range"])
+    return {
+        "samples": to_classifier_range(samples, value_range),
+        reference: _real_images(plan, len(samples), train=False),
+    }
+
+
 def _quality_scores(
-    samples: torch.Tensor, plan: SamplingPlan, classifier: ReferenceClassifier
+    rows: dict[str, torch.Tensor], dataset: str, classifier: ReferenceClassifier
 ) -> dict[str, QualityScore]:
-    """Scores of ``samples`` (N, 1, 28, 28) and of the first N real test images, by SCORE_ROWS key.
+    """score_samples of each row.
 
     The Fréchet distance of N images is biased upwards, the more so the smaller N, so the
     samples' distance compares with the real images' distance at the same N, not with 0.
     """
-    dataset = plan.config["dataset"]
-    real_images, _ = load_images(dataset, train=False, limit=len(samples))
-    value_range = tuple(plan.config["value_range"])
-    reference = "real_test_images"
-    if isinstance(plan.schedule, MaskedDiffusion):
-        # The samples have K grey levels; test images of as many levels are their reference.
-        classes = plan.schedule.num_classes
-        real_images = images_from_tokens(tokens_from_images(real_images, classes), classes)
-        reference = "quantised_test_images"
     return {
-        "samples": score_samples(samples, dataset, value_range=value_range, classifier=classifier),
-        reference: score_samples(real_images, dataset, classifier=classifier),
+        key: score_samples(images, dataset, classifier=classifier) for key, images in rows.items()
     }
+
+
+def _set_scores(
+    rows: dict[str, torch.Tensor],
+    reference: torch.Tensor,
+    classifier: ReferenceClassifier,
+    seed: int,
+) -> dict[str, dict[str, Any]]:
+    """The kernel distance (Bińkowski et al. 2018) and precision, recall, density and coverage
+    (Kynkäänniemi et al. 2019; Naeem et al. 2020) of each row against ``reference`` images, in
+    the classifier's feature space.
+
+    The reference is as many training images as there are samples, so that the real test row
+    shows what a perfect model scores at this N. Balls reach the SET_SCORE_K-th neighbour (fewer
+    for tiny N); the kernel distance's standard error comes from up to KERNEL_SUBSETS disjoint
+    subsets (none for N < 4), drawn with ``seed``.
+    """
+    reference_features, _ = classifier.embed(reference)
+    k = min(SET_SCORE_K, len(reference) - 1)
+    subsets = max(1, min(KERNEL_SUBSETS, len(reference) // 2))
+    scores = {}
+    for key, images in rows.items():
+        features, _ = classifier.embed(images)
+        kernel = kernel_distance(
+            features,
+            reference_features,
+            num_subsets=subsets,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        manifold = manifold_scores(reference_features, features, k=k)
+        error = kernel.standard_error
+        scores[key] = {
+            "kernel_distance": kernel.mean,
+            "kernel_distance_standard_error": None if math.isnan(error) else error,
+            "precision": manifold.precision,
+            "recall": manifold.recall,
+            "density": manifold.density,
+            "coverage": manifold.coverage,
+            "k": k,
+        }
+    return scores
 
 
 def _variational_bound(plan: SamplingPlan, num_images: int, seed: int) -> dict[str, Any]:
@@ -184,11 +244,34 @@ def _score_table(scores: dict[str, QualityScore]) -> str:
     return "\n".join(lines)
 
 
+def _set_score_table(scores: dict[str, dict[str, Any]], reference_count: int) -> str:
+    """The set scores as a table of aligned columns, one row per SCORE_ROWS entry."""
+    width = max(18, *(len(SCORE_ROWS[key]) + 2 for key in scores))
+    lines = [
+        f"{'':<{width}}{'kernel distance':>22}{'precision':>11}{'recall':>8}{'density':>9}"
+        f"{'coverage':>10}"
+    ]
+    for key, row in scores.items():
+        error = row["kernel_distance_standard_error"]
+        kernel = f"{row['kernel_distance']:.3f}" + (f" ± {error:.3f}" if error is not None else "")
+        lines.append(
+            f"{SCORE_ROWS[key]:<{width}}{kernel:>22}{row['precision']:>11.3f}"
+            f"{row['recall']:>8.3f}{row['density']:>9.3f}{row['coverage']:>10.3f}"
+        )
+    k = next(iter(scores.values()))["k"]
+    lines.append(
+        f"(each row against the first {reference_count} training images; ball radii to the "
+        f"k-th nearest neighbour, k = {k})"
+    )
+    return "\n".join(lines)
+
+
 def _evaluation_record(
     args: argparse.Namespace,
     plan: SamplingPlan,
     variance: str | None,
     scores: dict[str, QualityScore],
+    set_scores: dict[str, dict[str, Any]],
     bound: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Everything evaluate measured, and how, as a JSON-ready dict."""
@@ -211,9 +294,10 @@ def _evaluation_record(
         "guidance": args.guidance,
         "classifier_version": CLASSIFIER_VERSION,
         **{
-            key: {**score.as_row(), "class_counts": list(score.class_counts)}
+            key: {**score.as_row(), "class_counts": list(score.class_counts), **set_scores[key]}
             for key, score in scores.items()
         },
+        "set_score_reference": f"the first {scores['samples'].n} training images",
         "bound": bound,
     }
 
@@ -226,7 +310,11 @@ def run_evaluate(args: argparse.Namespace) -> None:
     _check_bound_fits(plan.config, args.bound_images)
     classifier = get_classifier(plan.config["dataset"], device=plan.device)
     samples, variance = draw_samples(plan, args)
-    scores = _quality_scores(samples, plan, classifier)
+    rows = _rows(samples, plan)
+    scores = _quality_scores(rows, plan.config["dataset"], classifier)
+    set_scores = _set_scores(
+        rows, _real_images(plan, len(samples), train=True), classifier, args.seed
+    )
     masked = isinstance(plan.schedule, MaskedDiffusion)
     bound = None
     if args.bound_images:
@@ -238,6 +326,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         f"({sampling_method(plan, variance)}{guided}, seed {args.seed})"
     )
     print(_score_table(scores))
+    print(_set_score_table(set_scores, len(samples)))
     if masked:
         print(
             f"(quantised test images: the first {len(samples)} test images rounded to the "
@@ -255,7 +344,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
             f"test images ({bound['variance']} variance)"
         )
     if args.json is not None:
-        record = _evaluation_record(args, plan, variance, scores, bound)
+        record = _evaluation_record(args, plan, variance, scores, set_scores, bound)
         text = json.dumps(record, indent=2) + "\n"
         write_atomically(args.json, lambda file: file.write(text.encode("utf-8")))
         print(f"scores written to {args.json}")

@@ -26,7 +26,9 @@ are not comparable with FID values published in papers. For a sense of scale, wi
 classifier version and 2,000 images: real MNIST test digits score about 8, uniform noise and
 constant images more than 1,000; with only 16 images even real digits score about 250.
 
-The cache folder is ``$DIFFUSION_LIB_CACHE`` or ``~/.cache/diffusion_lib``.
+The cache folder is ``$DIFFUSION_LIB_CACHE`` or ``~/.cache/diffusion_lib``. The scores that
+compare the two sets of features point by point (the unbiased kernel distance, precision,
+recall, density and coverage, nearest neighbours) are in :mod:`diffusion_lib.feature_metrics`.
 """
 
 from __future__ import annotations
@@ -362,6 +364,13 @@ def _check_images(images: Tensor, value_range: tuple[float, float]) -> None:
         raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
 
 
+def to_classifier_range(images: Tensor, value_range: tuple[float, float]) -> Tensor:
+    """``images`` with pixels in ``value_range`` mapped to the classifier's [-1, 1] and clamped,
+    as they would be when saved as pictures."""
+    low, high = value_range
+    return (2 * (images.detach() - low) / (high - low) - 1).clamp(-1.0, 1.0)
+
+
 def score_samples(
     images: Tensor,
     dataset: str = "mnist",
@@ -396,9 +405,7 @@ def score_samples(
         classifier = get_classifier(dataset, device=device or images.device)
     elif classifier.dataset != dataset:
         raise ValueError(f"classifier was trained on {classifier.dataset!r}, not {dataset!r}")
-    low, high = value_range
-    images = (2 * (images.detach() - low) / (high - low) - 1).clamp(-1.0, 1.0)
-    features, probabilities = classifier.embed(images)
+    features, probabilities = classifier.embed(to_classifier_range(images, value_range))
     mean, covariance = feature_statistics(features)
     entropy, counts = class_coverage(probabilities.argmax(dim=1), len(CLASS_NAMES[dataset]))
     return QualityScore(

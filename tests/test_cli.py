@@ -29,6 +29,7 @@ from diffusion_lib.__main__ import CommandError, main
 from diffusion_lib.checkpoints import load_checkpoint, save_checkpoint
 from diffusion_lib.data import DATA_VARIABLE, data_root, load_images, to_unit_interval
 from diffusion_lib.edm import preconditioning
+from diffusion_lib.feature_metrics import kernel_distance, manifold_scores
 from diffusion_lib.losses import diffusion_loss, elbo_bits_per_dim, hybrid_loss
 from diffusion_lib.masked_diffusion import (
     MaskedDiffusion,
@@ -703,6 +704,47 @@ def test_evaluate_scores_samples_beside_as_many_real_test_images(
         reference.frechet_distance
     )
     assert record["real_test_images"]["class_counts"] == list(reference.class_counts)
+
+
+def test_evaluate_compares_both_rows_with_as_many_training_images(
+    checkpoints, classifier_cache, tmp_path, capsys
+) -> None:
+    """The set scores of the real test row are kernel_distance and manifold_scores of the first
+    N test images' features against the first N training images'; the samples get the same."""
+    path = tmp_path / "plain.json"
+    assert evaluate(checkpoints["plain"], "--num", "8", "--seed", "2", "--json", str(path)) == 0
+    output = capsys.readouterr().out
+    assert (
+        "each row against the first 8 training images; ball radii to the k-th nearest neighbour, k = 5"
+        in output
+    )
+    assert re.search(r"^samples +-?\d+\.\d+ ± \d+\.\d+ +[01]\.\d{3} ", output, re.MULTILINE)
+    record = json.loads(path.read_text())
+    assert record["set_score_reference"] == "the first 8 training images"
+    classifier = metrics.get_classifier("mnist")
+    train_features, _ = classifier.embed(load_images("mnist", limit=8)[0])
+    test_features, _ = classifier.embed(load_images("mnist", train=False, limit=8)[0])
+    kernel = kernel_distance(
+        test_features, train_features, num_subsets=4, generator=torch.Generator().manual_seed(2)
+    )
+    manifold = manifold_scores(train_features, test_features, k=5)
+    real = record["real_test_images"]
+    assert real["kernel_distance"] == pytest.approx(kernel.mean)
+    assert real["kernel_distance_standard_error"] == pytest.approx(kernel.standard_error)
+    for key in ("precision", "recall", "density", "coverage"):
+        assert real[key] == pytest.approx(getattr(manifold, key))
+        assert 0 <= record["samples"][key] <= (5 if key == "density" else 1)
+    assert math.isfinite(record["samples"]["kernel_distance"]) and record["samples"]["k"] == 5
+
+
+def test_evaluate_set_scores_work_down_to_two_samples(
+    checkpoints, classifier_cache, capsys
+) -> None:
+    """With N = 2 the balls reach the only other point and one subset has no standard error."""
+    assert evaluate(checkpoints["plain"], "--num", "2") == 0
+    output = capsys.readouterr().out
+    assert "k-th nearest neighbour, k = 1)" in output
+    assert re.search(r"^real test images +-?\d+\.\d{3} +[01]\.\d{3} ", output, re.MULTILINE)
 
 
 @pytest.mark.parametrize(("which", "variance"), [("hybrid", "learned"), ("plain", "small")])
