@@ -157,10 +157,11 @@ def _check_sampling_args(args: argparse.Namespace, config: dict[str, Any], sampl
     if args.spacing is not None and sampler != "ddim":
         raise CommandError("--spacing applies to --sampler ddim only")
     zero_terminal_snr = config.get("schedule", {}).get("zero_terminal_snr", False)
-    if zero_terminal_snr and sampler not in ("ddim", "ddpm"):
+    if zero_terminal_snr and sampler == "heun":
         raise CommandError(
-            f"--sampler {sampler} steps in log-SNR, which is -inf at the last step of this "
-            "checkpoint's schedule (trained with --zero-terminal-snr); use ddim or ddpm"
+            "--sampler heun takes trapezoid steps in sigma / alpha, which is infinite at the last "
+            "step of this checkpoint's schedule (trained with --zero-terminal-snr); use "
+            "dpm-solver, ddim or ddpm"
         )
     if zero_terminal_snr and args.spacing == "leading":
         raise CommandError(

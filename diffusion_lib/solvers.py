@@ -18,6 +18,12 @@ solvers here spend the same network calls more cleverly and their error shrinks 
 
 All of them visit timesteps of the schedule the model was trained with and finish with a jump
 to ``sigma = 0``, where the state is the model's last estimate of x_0 (as DDIM's last step).
+
+A schedule with zero terminal SNR (Lin et al. 2024) has ``alpha = 0`` and ``lambda = -inf`` at
+t = T. DPM-Solver++ takes that limit exactly: its first step from pure noise, of infinite length
+in ``lambda``, is DDIM's step ``x = alpha x0 + sigma x_T`` (with ``e^{-h} = 0``), and the
+extrapolation of the step after it vanishes (``r = inf``). Heun's trapezoid in ``rho = sigma /
+alpha`` has no such limit, since ``rho = inf`` there, so it refuses these schedules.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ ORDERS = (1, 2)
 SPACINGS = ("logsnr", "time")
 
 
-def ode_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "logsnr") -> Tensor:
+def ode_timesteps(schedule: NoiseSchedule, steps: int, spacing: str | None = None) -> Tensor:
     """``steps`` distinct timesteps from 0 to T - 1 for an ODE solver, ascending, shape (steps,).
 
     ``spacing="logsnr"`` spreads them evenly in ``lambda_t = log(alpha_t / sigma_t)``, the
@@ -51,11 +57,16 @@ def ode_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "logsnr") 
     ``"time"`` spreads them evenly in t. Both always include T - 1, where x_T is almost pure
     noise, and 0, so that runs with different step counts solve the same problem. (DDIM's grid
     0, T/steps, 2T/steps, ... starts lower when there are few steps; Lin et al. 2024, sec. 3.3.)
+    ``None`` means ``"logsnr"``, or ``"time"`` for a schedule with zero terminal SNR, whose
+    log-SNR ends at -inf and cannot be divided evenly.
     """
+    if spacing is None:
+        spacing = "time" if schedule.zero_terminal_snr else "logsnr"
     check_choice("spacing", spacing, SPACINGS)
     if spacing == "logsnr" and schedule.zero_terminal_snr:
         raise ValueError(
-            "log-SNR spacing needs a finite log-SNR at t = T; this schedule ends at SNR 0"
+            "log-SNR spacing needs a finite log-SNR at t = T; this schedule ends at SNR 0, so "
+            "use spacing='time' (or leave spacing unset)"
         )
     timesteps = schedule.timesteps
     check_positive_int("steps", steps, maximum=timesteps)
@@ -101,13 +112,10 @@ class EvaluationCounter(nn.Module):
         return self.model(x_t, *args)
 
 
-def _grid(schedule: NoiseSchedule, steps: int, spacing: str, timesteps: Tensor | None) -> Tensor:
+def _grid(
+    schedule: NoiseSchedule, steps: int, spacing: str | None, timesteps: Tensor | None
+) -> Tensor:
     """The visited timesteps, noisiest first, checked: shape (S,) int64 on the CPU."""
-    if schedule.zero_terminal_snr:
-        raise ValueError(
-            "these solvers step in log-SNR, which is -inf at the last step of a schedule with "
-            "zero terminal SNR; sample it with ddim_sample(..., spacing='trailing') or ddpm_sample"
-        )
     if timesteps is None:
         return ode_timesteps(schedule, cap_sampling_steps(steps), spacing).flip(0)
     grid = torch.as_tensor(timesteps).cpu()
@@ -147,7 +155,7 @@ def heun_sample(
     shape: tuple[int, ...],
     *,
     steps: int = 10,
-    spacing: str = "logsnr",
+    spacing: str | None = None,
     timesteps: Tensor | None = None,
     x_T: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -181,6 +189,12 @@ def heun_sample(
 
     Returns the samples (B, ...), or ``(samples, trajectory)``.
     """
+    if schedule.zero_terminal_snr:
+        raise ValueError(
+            "Heun's step is a trapezoid in rho = sigma / alpha, which is infinite at the last "
+            "step of a schedule with zero terminal SNR; sample it with dpm_solver_sample, "
+            "ddim_sample(..., spacing='trailing') or ddpm_sample"
+        )
     grid = _grid(schedule, steps, spacing, timesteps)
     alphas, sigmas = _coefficients(schedule, grid)
     x = _start(model, shape, x_T, generator, device)
@@ -209,7 +223,7 @@ def dpm_solver_sample(
     *,
     steps: int = 20,
     order: int = 2,
-    spacing: str = "logsnr",
+    spacing: str | None = None,
     timesteps: Tensor | None = None,
     x_T: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -240,6 +254,9 @@ def dpm_solver_sample(
             :func:`~diffusion_lib.sampling.ddim_sample`.
         steps, spacing: number of timesteps visited and how :func:`ode_timesteps` spreads them.
         order: 1 (DDIM) or 2 (DPM-Solver++(2M)).
+        On a schedule with zero terminal SNR the first state is pure noise, and the model must
+        give an x_0 estimate there: an x_0 or v model (wrapped by ``NoiseFromPrediction``) does,
+        a noise predictor cannot.
         timesteps: the visited 0-based timesteps instead, strictly increasing; ``steps`` is
             then ignored. With ``ddim_timesteps(T, steps)`` and ``order=1`` the result is
             :func:`~diffusion_lib.sampling.ddim_sample`'s.
@@ -254,7 +271,12 @@ def dpm_solver_sample(
         raise ValueError(f"order must be 1 (DDIM) or 2 (DPM-Solver++(2M)), got {order!r}")
     grid = _grid(schedule, steps, spacing, timesteps)
     alphas, sigmas = _coefficients(schedule, grid)
-    lambdas = [math.log(a / s) for a, s in zip(alphas[:-1], sigmas[:-1], strict=True)]
+    # lambda = log(alpha / sigma); -inf where alpha = 0 (zero terminal SNR), where the update
+    # below takes its limit: expm1(-inf) = -1, and 0.5 / r = 0 at the step after.
+    lambdas = [
+        math.log(a / s) if a > 0 else -math.inf
+        for a, s in zip(alphas[:-1], sigmas[:-1], strict=True)
+    ]
     x = _start(model, shape, x_T, generator, device)
     extra = _conditioning(labels, guidance, null_label, x.shape[0], x.device)
     states, previous = [x.cpu()], None

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor, nn
 
-from diffusion_lib import metrics
+from diffusion_lib import NoiseFromPrediction, NoiseSchedule, metrics
 from diffusion_lib.smoke import SMOKE_VARIABLE
 
 
@@ -47,3 +48,28 @@ def classifier_cache(tmp_path_factory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(metrics.CACHE_VARIABLE, str(folder))
         yield folder
+
+
+class GaussianDataPredictor(nn.Module):
+    """E[x_0 | x_t] for data N(mean, std^2) in every pixel, written out: a data-predicting model
+    that stays exact where alpha_bar = 0, as at the last step of a zero-terminal-SNR schedule."""
+
+    def __init__(self, schedule: NoiseSchedule, mean: float, std: float) -> None:
+        super().__init__()
+        self.alphas_cumprod, self.mean, self.std = schedule.alphas_cumprod, mean, std
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        abar = self.alphas_cumprod[t].to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))
+        shrink = abar.sqrt() * self.std**2 / (abar * self.std**2 + 1 - abar)
+        return self.mean + shrink * (x_t - abar.sqrt() * self.mean)
+
+
+@pytest.fixture
+def gaussian_x0_model():
+    """A factory: ``gaussian_x0_model(schedule, mean, std)`` is the exact N(mean, std^2) denoiser
+    as a noise predictor, through ``NoiseFromPrediction``."""
+
+    def build(schedule: NoiseSchedule, mean: float, std: float) -> NoiseFromPrediction:
+        return NoiseFromPrediction(GaussianDataPredictor(schedule, mean, std), schedule, "x0")
+
+    return build

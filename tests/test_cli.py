@@ -42,6 +42,7 @@ from diffusion_lib.masked_diffusion import (
 from diffusion_lib.models import build_model
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import SMOKE_VARIABLE
+from diffusion_lib.solvers import ode_timesteps
 
 DATA_FOLDER = data_root()
 needs_mnist = pytest.mark.skipif(
@@ -185,8 +186,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
             "trained with --objective hybrid; choose ddpm, ddim, dpm-solver or heun",
         ),
         ("hybrid", ["--steps", str(TIMESTEPS + 1)], f"1..{TIMESTEPS}"),
-        ("zero_snr", ["--sampler", "dpm-solver"], "dpm-solver steps in log-SNR.*use ddim or ddpm"),
-        ("zero_snr", ["--sampler", "heun"], "heun steps in log-SNR"),
+        ("zero_snr", ["--sampler", "heun"], "heun takes trapezoid steps.*use dpm-solver"),
         ("zero_snr", ["--spacing", "leading"], "never visits T - 1"),
         (
             "plain",
@@ -1094,7 +1094,8 @@ def test_a_zero_terminal_snr_checkpoint_records_its_schedule_and_samples_from_t_
     tmp_path, monkeypatch
 ) -> None:
     """train rescales (and shifts) the schedule and records both; sample rebuilds the same
-    schedule and starts ddim at T - 1 unless told otherwise; ddpm works too."""
+    schedule and starts ddim at T - 1 unless told otherwise; ddpm and dpm-solver work too, the
+    solver on a grid from T - 1 evenly spaced in time."""
     monkeypatch.setenv(SMOKE_VARIABLE, "1")
     monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
     options = ["--prediction", "v", "--zero-terminal-snr", "--snr-scale", "2"]
@@ -1125,6 +1126,13 @@ def test_a_zero_terminal_snr_checkpoint_records_its_schedule_and_samples_from_t_
         "--num", "4", "--output", str(tmp_path / "ddpm.png"),
     ])  # fmt: skip
     assert status == 0
+    seen = record_network_times(monkeypatch)
+    status = main([
+        "sample", "--checkpoint", str(tmp_path / "run"), "--sampler", "dpm-solver",
+        "--steps", "4", "--num", "4", "--output", str(tmp_path / "dpm.png"),
+    ])  # fmt: skip
+    assert status == 0 and (tmp_path / "dpm.png").is_file()
+    assert [int(t[0]) for t in seen] == ode_timesteps(expected, 4, "time").flip(0).tolist()
 
 
 @pytest.mark.parametrize(

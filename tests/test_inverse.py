@@ -12,7 +12,6 @@ from diffusion_lib import (
     GaussianMixture,
     Inpainting,
     LinearMeasurement,
-    NoiseFromPrediction,
     NoiseSchedule,
     ddpm_sample,
     dps_sample,
@@ -198,23 +197,13 @@ def test_pigdm_draws_from_the_exact_gaussian_posterior(operator, noise_std: floa
     torch.testing.assert_close(torch.cov(x0.T), covariance, atol=0.01, rtol=0)
 
 
-class GaussianDataPredictor(nn.Module):
-    """E[x_0 | x_t] for N(MU, S^2) pixels, written out: a data-predicting model."""
-
-    def __init__(self, schedule: NoiseSchedule) -> None:
-        super().__init__()
-        self.alphas_cumprod = schedule.alphas_cumprod
-
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        abar = self.alphas_cumprod[t].to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))
-        return MU + abar.sqrt() * S**2 * (x_t - abar.sqrt() * MU) / (abar * S**2 + 1 - abar)
-
-
-def test_pigdm_is_exact_at_zero_terminal_snr_with_a_data_predicting_model() -> None:
+def test_pigdm_is_exact_at_zero_terminal_snr_with_a_data_predicting_model(
+    gaussian_x0_model,
+) -> None:
     # At t = T the schedule has alpha_bar = 0, where the correction must vanish rather than
     # divide by zero; the posterior is the same as on any other schedule.
     schedule = NoiseSchedule.from_name("linear", zero_terminal_snr=True)
-    model = NoiseFromPrediction(GaussianDataPredictor(schedule), schedule, "x0")
+    model = gaussian_x0_model(schedule, MU, S)
     operator, noise_std = PROBLEMS["inpainting, noisy"]
     shape = (20_000, 1, 2, 2)
     a, _ = seen_rows(operator, shape[1:])
