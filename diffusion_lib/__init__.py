@@ -50,6 +50,7 @@ from diffusion_lib.learned_variance import (
     split_eps_and_v,
     variance_fraction,
 )
+from diffusion_lib.likelihood import ode_bits_per_dim, ode_log_likelihood
 from diffusion_lib.losses import (
     BoundTerms,
     diffusion_loss,
@@ -215,6 +216,8 @@ __all__ = [
     "manifold_scores",
     "ManifoldScores",
     "nearest_neighbours",
+    "ode_bits_per_dim",
+    "ode_log_likelihood",
     "PolynomialKernel",
     "get_classifier",
     "score_samples",
