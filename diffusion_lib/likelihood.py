@@ -94,7 +94,7 @@ def ode_log_likelihood(
         model: a noise predictor ``eps_theta(x_t, t)`` with C output channels.
         schedule: its noise schedule; it must end at alpha_bar_T > 0 (the prior is N(0, I)).
         x0: (B, ...) points at which to evaluate the density at t = 0, on the model's device.
-        steps: timesteps visited, at least 2 (capped in smoke mode).
+        steps: timesteps visited, at least 2 (at most 10 in smoke mode).
         spacing: as for :func:`~diffusion_lib.solvers.ode_timesteps`.
         divergence: ``"hutchinson"`` (unbiased, one backward pass) or ``"exact"``.
         generator: random generator of the probes (on the CPU or x0's device).
