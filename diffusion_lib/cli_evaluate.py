@@ -1,8 +1,8 @@
 """The ``evaluate`` command: score a checkpoint's samples with the reference classifier beside as
 many real test images, compare both sets with as many training images (kernel distance,
 precision, recall, density, coverage) and, with --bound-images, report the variational bound in
-bits/dim; --json writes the numbers atomically. The checkpoint is rebuilt and sampled as ``sample`` does it, through
-:mod:`diffusion_lib.cli_sample`.
+bits/dim; --json writes the numbers atomically. The checkpoint is rebuilt and sampled as
+``sample`` does it, through :mod:`diffusion_lib.cli_sample`.
 
 A masked checkpoint draws images of K grey levels, so the test images beside them are quantised
 to the same levels, and its bound is the order-agnostic bound of masked diffusion on the
