@@ -320,13 +320,19 @@ def manifold_scores(real: Tensor, fake: Tensor, k: int = 5) -> ManifoldScores:
     real_radii = nearest_neighbour_radii(real, k)
     fake_radii = nearest_neighbour_radii(fake, k)
     fake_in_real_balls = _ball_counts(fake, real, real_radii)  # (M,)
-    real_in_fake_balls = _ball_counts(real, fake, fake_radii)  # (N,)
-    nearest_fake, _ = nearest_neighbours(real, fake)
+    # one pass over the real-to-sample distances for both recall and coverage
+    reached, covered = [], []
+    for block, block_radii in zip(
+        _row_blocks(real, len(fake)), _row_blocks(real_radii, len(fake)), strict=True
+    ):
+        distances = _distances(block, fake)  # (rows, M)
+        reached.append((distances <= fake_radii).any(dim=1))  # inside some sample's ball
+        covered.append(distances.min(dim=1).values <= block_radii)  # its ball holds a sample
     return ManifoldScores(
         precision=float((fake_in_real_balls > 0).double().mean()),
-        recall=float((real_in_fake_balls > 0).double().mean()),
+        recall=float(torch.cat(reached).double().mean()),
         density=int(fake_in_real_balls.sum()) / (k * len(fake)),
-        coverage=float((nearest_fake <= real_radii).double().mean()),
+        coverage=float(torch.cat(covered).double().mean()),
         k=k,
         n_real=len(real),
         n_fake=len(fake),

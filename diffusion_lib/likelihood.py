@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffusion_lib.sampling import NoisePredictor
+from diffusion_lib.sampling import NoisePredictor, _evaluating
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import cap_sampling_steps
 from diffusion_lib.solvers import ode_timesteps
@@ -139,10 +139,8 @@ def ode_log_likelihood(
             value, div = divergence_hutchinson(eps, x, probe)
         return value, alphas[k] * div
 
-    was_training = isinstance(model, torch.nn.Module) and model.training
-    if was_training:
-        model.eval()
-    try:
+    # eval mode, restored afterwards; the divergences turn gradients back on where they need them
+    with _evaluating(model):
         x_bar = x0.detach() / alphas[0]
         integral = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
         d_now, div_now = slope(x_bar, 0)
@@ -153,9 +151,6 @@ def ode_log_likelihood(
             integral = integral + 0.5 * step * (div_now + div_next)
             if k + 2 < len(grid):
                 d_now, div_now = slope(x_bar, k + 1)
-    finally:
-        if was_training:
-            model.train()
     x_T = alphas[-1] * x_bar
     dims = x0[0].numel()
     prior = -0.5 * (x_T.flatten(1).square().sum(dim=1) + dims * math.log(2 * math.pi))
