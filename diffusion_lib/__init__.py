@@ -110,6 +110,15 @@ from diffusion_lib.predictions import (
     prediction_target,
     x0_error_weight,
 )
+from diffusion_lib.reward_finetuning import (
+    Rollout,
+    ancestral_log_prob,
+    ddpo_update,
+    draft_sample,
+    path_kl,
+    reward_advantages,
+    sample_rollout,
+)
 from diffusion_lib.sampling import (
     DDIM_SPACINGS,
     Trajectory,
@@ -218,6 +227,13 @@ __all__ = [
     "nearest_neighbours",
     "ode_bits_per_dim",
     "ode_log_likelihood",
+    "Rollout",
+    "ancestral_log_prob",
+    "ddpo_update",
+    "draft_sample",
+    "path_kl",
+    "reward_advantages",
+    "sample_rollout",
     "PolynomialKernel",
     "get_classifier",
     "score_samples",

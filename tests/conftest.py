@@ -24,6 +24,12 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def linear() -> NoiseSchedule:
+    """Ho et al.'s linear schedule, 1e-4 to 0.02 over T = 1000 steps."""
+    return NoiseSchedule.from_name("linear", timesteps=1000)
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Torch on one thread for a module of tiny networks: on a small shared CPU, more threads
