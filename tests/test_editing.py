@@ -10,11 +10,6 @@ from diffusion_lib import GaussianMixture, NoiseSchedule, repaint, repaint_sched
 from diffusion_lib.smoke import MAX_SAMPLING_STEPS, SMOKE_VARIABLE
 
 
-@pytest.fixture(scope="module")
-def linear() -> NoiseSchedule:
-    return NoiseSchedule.from_name("linear")
-
-
 class CountingModel:
     """Wraps a noise predictor and records the timesteps it was called with."""
 

@@ -24,11 +24,6 @@ from diffusion_lib import (
 MEAN, STD = 0.3, 0.5  # every pixel of the toy data is N(MEAN, STD^2)
 
 
-@pytest.fixture
-def linear() -> NoiseSchedule:
-    return NoiseSchedule.from_name("linear", timesteps=1000)
-
-
 def hand_betas_and_posterior(betas: list[float]) -> tuple[list[float], list[float]]:
     """beta_t and beta_tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t) with plain floats."""
     product, previous, tilde = 1.0, 1.0, []

@@ -23,11 +23,6 @@ MEAN, STD = 0.3, 0.5
 
 
 @pytest.fixture(scope="module")
-def linear() -> NoiseSchedule:
-    return NoiseSchedule.from_name("linear", timesteps=1000)
-
-
-@pytest.fixture(scope="module")
 def gaussian(linear: NoiseSchedule):
     """The exact noise predictor of N(MEAN, STD^2) data, in every dimension."""
     return GaussianMixture(torch.full((1, 3), MEAN), STD).optimal_noise_predictor(linear)

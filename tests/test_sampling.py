@@ -49,11 +49,6 @@ class SinglePointPredictor:
         return self.schedule.predict_eps(x_t, t, self.point.expand_as(x_t))
 
 
-@pytest.fixture
-def linear() -> NoiseSchedule:
-    return NoiseSchedule.from_name("linear", timesteps=1000)
-
-
 @pytest.mark.parametrize(
     ("sampler", "kwargs"),
     [

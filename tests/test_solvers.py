@@ -24,11 +24,6 @@ MEAN, STD = 0.3, 0.5
 
 
 @pytest.fixture(scope="module")
-def linear() -> NoiseSchedule:
-    return NoiseSchedule.from_name("linear", timesteps=1000)
-
-
-@pytest.fixture(scope="module")
 def gaussian(linear: NoiseSchedule) -> OptimalNoisePredictor:
     """The exact noise predictor of N(MEAN, STD^2) data in four dimensions."""
     return OptimalNoisePredictor(GaussianMixture(torch.full((1, 4), MEAN), STD), linear)
