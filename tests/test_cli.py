@@ -30,6 +30,7 @@ from diffusion_lib.checkpoints import load_checkpoint, save_checkpoint
 from diffusion_lib.data import DATA_VARIABLE, data_root, load_images, to_unit_interval
 from diffusion_lib.edm import preconditioning
 from diffusion_lib.feature_metrics import kernel_distance, manifold_scores
+from diffusion_lib.likelihood import ode_bits_per_dim
 from diffusion_lib.losses import diffusion_loss, elbo_bits_per_dim, hybrid_loss
 from diffusion_lib.masked_diffusion import (
     MaskedDiffusion,
@@ -785,6 +786,35 @@ def test_evaluate_bound_is_the_elbo_of_the_first_test_images(
         assert abs(expected - bound("small")) > 1e-2
 
 
+@pytest.mark.parametrize("which", ["plain", "hybrid"])
+def test_evaluate_ode_bound_is_ode_bits_per_dim_of_the_same_test_images(
+    checkpoints, classifier_cache, which, tmp_path, capsys
+) -> None:
+    """--ode-steps N adds ode_bits_per_dim of the --bound-images test images, computed here from
+    the EMA weights with the same seed: a hybrid model through its noise channels."""
+    path = tmp_path / "ode.json"
+    arguments = ["--num", "2", "--bound-images", "2", "--ode-steps", "4", "--seed", "6"]
+    assert evaluate(checkpoints[which], *arguments, "--json", str(path)) == 0
+    state = load_checkpoint(checkpoints[which])
+    config = state["config"]
+    network = build_model(config["model"]["name"], **config["model"]["kwargs"])
+    network.load_state_dict(state["ema"])
+    network.eval()
+    model = learned_variance.NoiseOnly(network) if which == "hybrid" else network
+    schedule = NoiseSchedule.from_name(config["schedule"]["name"], TIMESTEPS)
+    x0, _ = load_images("mnist", train=False, limit=2)
+    expected = ode_bits_per_dim(model, schedule, x0, steps=4,
+                                generator=torch.Generator().manual_seed(6)).mean().item()  # fmt: skip
+    printed = re.search(
+        r"probability-flow ODE bound: ([0-9.]+) bits/dim on 2 test images \(4 Heun steps",
+        capsys.readouterr().out,
+    )
+    assert printed and float(printed.group(1)) == pytest.approx(expected, abs=1e-4)
+    record = json.loads(path.read_text())["bound"]["ode"]
+    assert record == {"bits_per_dim": pytest.approx(expected, rel=1e-4), "images": 2, "steps": 4,
+                      "divergence": "hutchinson"}  # fmt: skip
+
+
 def checkpoint_on_zero_one(checkpoints, folder: Path) -> Path:
     """The plain checkpoint, its config saying it was trained on images in [0, 1]."""
     state = load_checkpoint(checkpoints["plain"])
@@ -802,6 +832,11 @@ def checkpoint_on_zero_one(checkpoints, folder: Path) -> Path:
         ("plain", ["--num", "0"], "--num must lie in 2..10000"),
         ("plain", ["--num", "1"], "the Fréchet distance fits a covariance"),
         ("plain", ["--bound-images", "-1"], "--bound-images must lie in 0..10000"),
+        ("plain", ["--ode-steps", "10"], "it needs --bound-images M > 0"),
+        ("plain", ["--bound-images", "2", "--ode-steps", "1"], "--ode-steps must be 0"),
+        ("plain", ["--bound-images", "2", "--ode-steps", "41"], "at most the schedule's T = 40"),
+        ("zero_snr", ["--bound-images", "2", "--ode-steps", "10"],
+         "cannot bound a zero-terminal-SNR checkpoint"),
         ("plain", ["--sampler", "euler"], "choose ddpm, ddim, dpm-solver or heun"),
         ("plain", ["--guidance", "2"], "--guidance needs --label"),
         ("missing", [], "no checkpoint at"),
@@ -949,6 +984,12 @@ def test_a_masked_checkpoint_of_four_levels_samples_and_bounds_them(
     assert record["classes"] == 4 and record["bound"]["classes"] == 4
     bound = record["bound"]
     assert bound["bits_per_dim"] == pytest.approx(bound["nats_per_image"] / (784 * math.log(2)))
+
+
+def test_evaluate_refuses_an_ode_bound_for_a_masked_checkpoint(masked_checkpoints, capsys) -> None:
+    arguments = ["--num", "2", "--bound-images", "2", "--ode-steps", "10"]
+    assert evaluate(masked_checkpoints[2], *arguments) == 1
+    assert "a masked checkpoint has no probability-flow ODE" in capsys.readouterr().err
 
 
 def test_evaluate_scores_a_masked_checkpoint_beside_quantised_test_images_and_its_bound(
