@@ -197,6 +197,35 @@ def ppo_clipped_loss(
     return torch.maximum(unclipped, clipped).mean()
 
 
+def _check_kl_weight(kl_weight: float, reference: NoisePredictor | None, variance: str) -> float:
+    kl_weight = check_number("kl_weight", kl_weight, 0.0, low_open=False)
+    if kl_weight > 0 and reference is None:
+        raise ValueError("kl_weight > 0 needs the reference model whose steps the KL compares with")
+    if kl_weight > 0:
+        check_choice("variance", variance, ("small", "large"))
+    return kl_weight
+
+
+def _step_kl(
+    reference: NoisePredictor,
+    reference_wrapped: NoisePredictor,
+    schedule: NoiseSchedule,
+    x: Tensor,
+    t: Tensor,
+    mean: Tensor,
+    log_variance: Tensor,
+    variance: str,
+    clip_x0: Clip,
+) -> Tensor:
+    """KL(N(mean, var) || N(mu_ref(x, t), var)) summed per sample, (B,); the reference runs in
+    eval mode without a graph (``reference_wrapped`` is it on the respaced chain)."""
+    with _evaluating(reference):
+        reference_mean = p_mean_variance(
+            reference_wrapped, schedule, x, t, variance=variance, clip_x0=clip_x0
+        )[0]
+    return normal_kl(mean, log_variance, reference_mean, log_variance).flatten(1).sum(1)
+
+
 def ddpo_update(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -207,6 +236,8 @@ def ddpo_update(
     minibatch_size: int | None = None,
     clip_range: float = 1e-4,
     max_grad_norm: float = 1.0,
+    reference: NoisePredictor | None = None,
+    kl_weight: float = 0.0,
     variance: str = "small",
     clip_x0: Clip = (-1.0, 1.0),
 ) -> float:
@@ -214,9 +245,12 @@ def ddpo_update(
 
     For each minibatch the clipped surrogate of :func:`ppo_clipped_loss` is averaged over the
     rollout's S - 1 stochastic steps; each step is backpropagated on its own, so memory does not
-    grow with S. Gradients are clipped to ``max_grad_norm`` before the step. ``advantages``:
-    (B,), from :func:`reward_advantages`. Returns the share of (step, sample) pairs whose ratio
-    was clipped. The model's mode is left as it is; :func:`sample_rollout` samples in eval
+    grow with S. With ``kl_weight`` = beta > 0, each step also pays beta times its KL divergence
+    from ``reference``'s step (the terms of :func:`path_kl`), so that the update raises
+    E[r] - beta KL, the objective of DPOK (Fan et al. 2023, eq. 6), with the penalty's gradient
+    taken through the means. Gradients are clipped to ``max_grad_norm`` before the step.
+    ``advantages``: (B,), from :func:`reward_advantages`. Returns the share of (step, sample)
+    pairs whose ratio was clipped. The model's mode is left as it is; :func:`sample_rollout` samples in eval
     mode, and a model whose training mode differs (dropout) would add its noise to the ratios.
     """
     _check_rollout(rollout, advantages)
@@ -226,27 +260,30 @@ def ddpo_update(
             "TrainingResult.ema_model?); call model.requires_grad_() before fine-tuning it"
         )
     clip_range = check_number("clip_range", clip_range, 0.0, low_open=True)
+    kl_weight = _check_kl_weight(kl_weight, reference, variance)
     batch = rollout.states.shape[1]
     minibatch_size = check_positive_int("minibatch_size", minibatch_size or batch, maximum=batch)
-    sampling_schedule, _, wrapped = _respaced_chain(
-        model, schedule, rollout.steps, rollout.states.device
-    )
+    device = rollout.states.device
+    sampling_schedule, _, wrapped = _respaced_chain(model, schedule, rollout.steps, device)
+    if kl_weight > 0:
+        reference_wrapped = _respaced_chain(reference, schedule, rollout.steps, device)[2]
     clipped, counted = 0, 0
-    for rows in torch.arange(batch, device=rollout.states.device).split(minibatch_size):
+    for rows in torch.arange(batch, device=device).split(minibatch_size):
         optimizer.zero_grad(set_to_none=True)
         for j in range(rollout.steps - 1):
-            index = rollout.steps - 1 - j
-            log_probs = ancestral_log_prob(
-                wrapped,
-                sampling_schedule,
-                rollout.states[j, rows],
-                _index(len(rows), index, rows.device),
-                rollout.states[j + 1, rows],
-                variance=variance,
-                clip_x0=clip_x0,
+            x, t = rollout.states[j, rows], _index(len(rows), rollout.steps - 1 - j, device)
+            mean, _, log_variance, _ = p_mean_variance(
+                wrapped, sampling_schedule, x, t, variance=variance, clip_x0=clip_x0
             )
+            log_probs = _gaussian_log_prob(rollout.states[j + 1, rows], mean, log_variance)
             old = rollout.log_probs[j, rows].to(log_probs.dtype)
             loss = ppo_clipped_loss(log_probs, old, advantages[rows], clip_range)
+            if kl_weight > 0:
+                step_kl = _step_kl(
+                    reference, reference_wrapped, sampling_schedule, x, t, mean, log_variance,
+                    variance, clip_x0,
+                )  # fmt: skip
+                loss = loss + kl_weight * step_kl.mean()
             (loss / (rollout.steps - 1)).backward()
             ratio = torch.exp(log_probs.detach() - old)
             clipped += int(((ratio - 1).abs() > clip_range).sum())
@@ -331,10 +368,8 @@ def path_kl(
         mean, _, log_variance, _ = p_mean_variance(
             wrapped, sampling_schedule, x, t, variance=variance, clip_x0=clip_x0
         )
-        with _evaluating(reference):
-            reference_mean = p_mean_variance(
-                reference_wrapped, sampling_schedule, x, t, variance=variance, clip_x0=clip_x0
-            )[0]
-        kl = normal_kl(mean, log_variance, reference_mean, log_variance)
-        total = total + kl.flatten(1).sum(1)
+        total = total + _step_kl(
+            reference, reference_wrapped, sampling_schedule, x, t, mean, log_variance, variance,
+            clip_x0,
+        )  # fmt: skip
     return total

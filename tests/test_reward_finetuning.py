@@ -257,6 +257,25 @@ def test_path_kl_is_the_sum_of_gaussian_kls(linear: NoiseSchedule):
     )
 
 
+def test_ddpo_kl_penalty_is_the_gradient_of_the_path_kl(linear: NoiseSchedule):
+    # With zero advantages the clipped surrogate has no gradient, and what is left of the update
+    # is beta times the gradient of the path KL, averaged over the S - 1 steps.
+    model, reference, steps = TinyNoisePredictor(), TinyNoisePredictor(), 6
+    with torch.no_grad():
+        reference.scale.fill_(0.4)
+    rollout = sample_rollout(model, linear, SHAPE, steps=steps, x_T=_x_T(SHAPE, 14),
+                             generator=torch.Generator().manual_seed(15))  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    ddpo_update(model, optimizer, linear, rollout, torch.zeros(SHAPE[0]), reference=reference,
+                kl_weight=0.3, max_grad_norm=1e9)  # fmt: skip
+    ours = [parameter.grad.clone() for parameter in model.parameters()]
+    model.zero_grad()
+    (0.3 * path_kl(model, reference, linear, rollout.states).mean() / (steps - 1)).backward()
+    for got, parameter in zip(ours, model.parameters(), strict=True):
+        torch.testing.assert_close(got, parameter.grad)
+    assert reference.scale.grad is None and ours[0].abs() > 0
+
+
 def test_reward_advantages_are_standardised_and_clipped():
     rewards = torch.tensor([0.0, 1.0, 2.0, 3.0, 100.0])
     advantages = reward_advantages(rewards, clip=1.5)
@@ -284,6 +303,10 @@ def test_bad_inputs_are_refused(linear: NoiseSchedule):
         ddpo_update(model, optimizer, linear, rollout, torch.zeros(6), clip_range=0.0)
     with pytest.raises(ValueError, match="minibatch_size must be at most 6"):
         ddpo_update(model, optimizer, linear, rollout, torch.zeros(6), minibatch_size=7)
+    with pytest.raises(ValueError, match="kl_weight > 0 needs the reference model"):
+        ddpo_update(model, optimizer, linear, rollout, torch.zeros(6), kl_weight=0.1)
+    with pytest.raises(ValueError, match=r"kl_weight must lie in \[0.0, inf\)"):
+        ddpo_update(model, optimizer, linear, rollout, torch.zeros(6), kl_weight=-1.0)
     frozen = TinyNoisePredictor().requires_grad_(False)
     with pytest.raises(ValueError, match="no parameters that require gradients"):
         ddpo_update(frozen, optimizer, linear, rollout, torch.zeros(6))
