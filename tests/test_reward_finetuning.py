@@ -229,12 +229,19 @@ def test_ddpo_update_raises_the_reward(linear: NoiseSchedule):
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.1
 
 
-def test_path_kl_is_the_sum_of_gaussian_kls(linear: NoiseSchedule):
-    model, reference, steps = TinyNoisePredictor(), TinyNoisePredictor(), 6
+def _model_reference_and_rollout(schedule: NoiseSchedule, steps: int, seed: int):
+    """Two toy models that differ in their scale, and a rollout of the first."""
+    model, reference = TinyNoisePredictor(), TinyNoisePredictor()
     with torch.no_grad():
         reference.scale.fill_(0.4)
-    rollout = sample_rollout(model, linear, SHAPE, steps=steps, x_T=_x_T(SHAPE, 11),
-                             generator=torch.Generator().manual_seed(12))  # fmt: skip
+    rollout = sample_rollout(model, schedule, SHAPE, steps=steps, x_T=_x_T(SHAPE, seed),
+                             generator=torch.Generator().manual_seed(seed + 1))  # fmt: skip
+    return model, reference, rollout
+
+
+def test_path_kl_is_the_sum_of_gaussian_kls(linear: NoiseSchedule):
+    steps = 6
+    model, reference, rollout = _model_reference_and_rollout(linear, steps, seed=11)
     ours = path_kl(model, reference, linear, rollout.states)
     schedule, _, wrapped = _respaced_chain(model, linear, steps, torch.device("cpu"))
     reference_wrapped = _respaced_chain(reference, linear, steps, torch.device("cpu"))[2]
@@ -260,11 +267,8 @@ def test_path_kl_is_the_sum_of_gaussian_kls(linear: NoiseSchedule):
 def test_ddpo_kl_penalty_is_the_gradient_of_the_path_kl(linear: NoiseSchedule):
     # With zero advantages the clipped surrogate has no gradient, and what is left of the update
     # is beta times the gradient of the path KL, averaged over the S - 1 steps.
-    model, reference, steps = TinyNoisePredictor(), TinyNoisePredictor(), 6
-    with torch.no_grad():
-        reference.scale.fill_(0.4)
-    rollout = sample_rollout(model, linear, SHAPE, steps=steps, x_T=_x_T(SHAPE, 14),
-                             generator=torch.Generator().manual_seed(15))  # fmt: skip
+    steps = 6
+    model, reference, rollout = _model_reference_and_rollout(linear, steps, seed=14)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     ddpo_update(model, optimizer, linear, rollout, torch.zeros(SHAPE[0]), reference=reference,
                 kl_weight=0.3, max_grad_norm=1e9)  # fmt: skip
