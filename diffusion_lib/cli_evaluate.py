@@ -90,7 +90,8 @@ def _check_evaluation_args(args: argparse.Namespace) -> None:
 
 
 def _check_ode_bound_fits(config: dict[str, Any], ode_steps: int) -> None:
-    """--ode-steps needs a Gaussian schedule whose last step keeps some signal, and at most T steps."""
+    """--ode-steps needs a Gaussian schedule whose last step keeps some signal, and at most T
+    steps."""
     if ode_steps == 0:
         return
     schedule = config.get("schedule", {})
@@ -111,7 +112,7 @@ def _check_ode_bound_fits(config: dict[str, Any], ode_steps: int) -> None:
         )
 
 
-def _check_bound_fits(config: dict[str, Any], bound_images: int, ode_steps: int = 0) -> None:
+def _check_bound_fits(config: dict[str, Any], bound_images: int, ode_steps: int) -> None:
     """--bound-images needs a model with a noise schedule, trained on data in [-1, 1], or a
     masked model."""
     if bound_images == 0:

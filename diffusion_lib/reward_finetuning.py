@@ -58,9 +58,9 @@ class Rollout:
         states: (S + 1, B, C, H, W), detached, on the sampling device: ``states[0]`` is x_T,
             ``states[j + 1]`` was drawn from p_theta(. | states[j]) at respaced index S - 1 - j,
             and ``states[-1]`` is the finished sample.
-        log_probs: (S - 1, B) float32, log p_theta(states[j + 1] | states[j]) under the model
-            that sampled, for the S - 1 stochastic steps; the last step returns the mean and has
-            no density, so it is no decision of the policy.
+        log_probs: (S - 1, B) in the states' dtype, log p_theta(states[j + 1] | states[j])
+            under the model that sampled, for the S - 1 stochastic steps; the last step returns
+            the mean and has no density, so it is no decision of the policy.
     """
 
     states: Tensor
@@ -147,7 +147,7 @@ def sample_rollout(
                 log_probs.append(_gaussian_log_prob(x_prev, mean, log_variance))
             states.append(x_prev)
             x = x_prev
-    return Rollout(torch.stack(states), torch.stack(log_probs).float())
+    return Rollout(torch.stack(states), torch.stack(log_probs))
 
 
 def reward_advantages(rewards: Tensor, clip: float = 5.0) -> Tensor:
@@ -208,7 +208,6 @@ def _check_kl_weight(kl_weight: float, reference: NoisePredictor | None, varianc
 
 def _step_kl(
     reference: NoisePredictor,
-    reference_wrapped: NoisePredictor,
     schedule: NoiseSchedule,
     x: Tensor,
     t: Tensor,
@@ -217,11 +216,11 @@ def _step_kl(
     variance: str,
     clip_x0: Clip,
 ) -> Tensor:
-    """KL(N(mean, var) || N(mu_ref(x, t), var)) summed per sample, (B,); the reference runs in
-    eval mode without a graph (``reference_wrapped`` is it on the respaced chain)."""
+    """KL(N(mean, var) || N(mu_ref(x, t), var)) summed per sample, (B,); ``reference`` (on the
+    respaced chain of ``schedule``) runs in eval mode without a graph."""
     with _evaluating(reference):
         reference_mean = p_mean_variance(
-            reference_wrapped, schedule, x, t, variance=variance, clip_x0=clip_x0
+            reference, schedule, x, t, variance=variance, clip_x0=clip_x0
         )[0]
     return normal_kl(mean, log_variance, reference_mean, log_variance).flatten(1).sum(1)
 
@@ -250,8 +249,9 @@ def ddpo_update(
     E[r] - beta KL, the objective of DPOK (Fan et al. 2023, eq. 6), with the penalty's gradient
     taken through the means. Gradients are clipped to ``max_grad_norm`` before the step.
     ``advantages``: (B,), from :func:`reward_advantages`. Returns the share of (step, sample)
-    pairs whose ratio was clipped. The model's mode is left as it is; :func:`sample_rollout` samples in eval
-    mode, and a model whose training mode differs (dropout) would add its noise to the ratios.
+    pairs whose ratio was clipped. The model's mode is left as it is; :func:`sample_rollout`
+    samples in eval mode, and a model whose training mode differs (dropout) would add its noise
+    to the ratios.
     """
     _check_rollout(rollout, advantages)
     if not any(parameter.requires_grad for parameter in model.parameters()):
@@ -280,8 +280,8 @@ def ddpo_update(
             loss = ppo_clipped_loss(log_probs, old, advantages[rows], clip_range)
             if kl_weight > 0:
                 step_kl = _step_kl(
-                    reference, reference_wrapped, sampling_schedule, x, t, mean, log_variance,
-                    variance, clip_x0,
+                    reference_wrapped, sampling_schedule, x, t, mean, log_variance, variance,
+                    clip_x0,
                 )  # fmt: skip
                 loss = loss + kl_weight * step_kl.mean()
             (loss / (rollout.steps - 1)).backward()
@@ -350,9 +350,9 @@ def path_kl(
     :class:`Rollout`'s, or a :class:`~diffusion_lib.sampling.Trajectory`'s). With a shared fixed
     variance each term is ``||mu_theta - mu_ref||^2 / (2 sigma_k^2)``; averaged over chains, the
     sum is the KL between the two samplers' distributions over the chains x_S, ..., x_1, which
-    bounds the KL between their x_1 (Fan et al. 2023, lemma 4.1). Gradients flow to ``model``'s parameters
-    through its means (not through the states), as in their KL-regularised objective; the
-    reference runs without a graph.
+    bounds the KL between their x_1 (Fan et al. 2023, lemma 4.1). Gradients flow to ``model``'s
+    parameters through its means (not through the states), as in their KL-regularised
+    objective; the reference runs without a graph.
     """
     check_choice("variance", variance, ("small", "large"))
     steps = states.shape[0] - 1
@@ -369,7 +369,6 @@ def path_kl(
             wrapped, sampling_schedule, x, t, variance=variance, clip_x0=clip_x0
         )
         total = total + _step_kl(
-            reference, reference_wrapped, sampling_schedule, x, t, mean, log_variance, variance,
-            clip_x0,
-        )  # fmt: skip
+            reference_wrapped, sampling_schedule, x, t, mean, log_variance, variance, clip_x0
+        )
     return total

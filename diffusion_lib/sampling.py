@@ -194,6 +194,8 @@ class _RespacedModel(nn.Module):
         super().__init__()
         self.model = model
         self.original_timesteps = original_timesteps
+        # Mirror the wrapped model's mode, so that _evaluating(wrapper) restores it faithfully.
+        self.training = getattr(model, "training", False)
         self.prediction = getattr(model, "prediction", "epsilon")
         if hasattr(model, "noise_and_x0"):
             self.noise_and_x0 = self._noise_and_x0

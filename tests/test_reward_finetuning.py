@@ -97,7 +97,7 @@ def test_rollout_draws_ddpm_samples_and_records_their_log_probs(linear: NoiseSch
         recomputed = ancestral_log_prob(
             wrapped, schedule, rollout.states[j], index, rollout.states[j + 1]
         )
-        torch.testing.assert_close(rollout.log_probs[j], recomputed.float())
+        torch.testing.assert_close(rollout.log_probs[j], recomputed)
 
 
 def test_draft_sample_with_no_gradients_is_ddpm_sample(linear: NoiseSchedule):
@@ -257,6 +257,10 @@ def test_path_kl_is_the_sum_of_gaussian_kls(linear: NoiseSchedule):
         expected += step.flatten(1).sum(1).detach()
     torch.testing.assert_close(ours.detach(), expected)
     assert (ours > 0).all()
+    # The reference runs in eval mode and is handed back in the mode it came in.
+    assert reference.training
+    path_kl(model, reference.eval(), linear, rollout.states)
+    assert not reference.training
     ours.sum().backward()
     assert model.scale.grad is not None and reference.scale.grad is None
     torch.testing.assert_close(
