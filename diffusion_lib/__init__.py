@@ -1,5 +1,14 @@
 """diffusion_lib: the small library behind the book's chapters on diffusion models."""
 
+from diffusion_lib.adapters import (
+    LoRAConv2d,
+    LoRALinear,
+    add_lora,
+    lora_parameters,
+    lora_state_dict,
+    merge_lora,
+    set_lora_scale,
+)
 from diffusion_lib.consistency import (
     ConsistencyDistillation,
     ConsistencyTraining,
@@ -90,6 +99,7 @@ from diffusion_lib.models import (
     count_parameters,
     sinusoidal_embedding,
 )
+from diffusion_lib.personalization import TextualInversion, add_classes, learn_class_embedding
 from diffusion_lib.plotting import (
     pixel_histogram,
     plot_loss,
@@ -151,6 +161,16 @@ from diffusion_lib.training import (
 )
 
 __all__ = [
+    "LoRAConv2d",
+    "LoRALinear",
+    "add_lora",
+    "lora_parameters",
+    "lora_state_dict",
+    "merge_lora",
+    "set_lora_scale",
+    "TextualInversion",
+    "add_classes",
+    "learn_class_embedding",
     "CLASS_NAMES",
     "DATA_VARIABLE",
     "SCHEDULES",
