@@ -163,7 +163,12 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Only the adapters' weights: what a fine-tuned LoRA model adds to its base model."""
+    """Only the adapters' weights: what a fine-tuned LoRA model adds to its base model.
+
+    To restore them, adapt the base model with the same rank, alpha and targets, then
+    ``model.load_state_dict(adapters, strict=False)``: every other weight is reported missing and
+    keeps the base model's value.
+    """
     return {
         f"{name}.{part}.weight": getattr(module, part).weight.detach().clone()
         for name, module in model.named_modules()

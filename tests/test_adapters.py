@@ -102,6 +102,11 @@ def test_merge_and_scale_reproduce_the_adapted_model():
     set_lora_scale(model, 1.0)
     adapters = lora_state_dict(model)
     assert all(key.endswith(("down.weight", "up.weight")) for key in adapters)
+    rebuilt = _small_unet()  # the base model again, adapted, with only the adapters loaded
+    add_lora(rebuilt, rank=3, alpha=1.5)
+    missing, unexpected = rebuilt.load_state_dict(adapters, strict=False)
+    assert not unexpected and set(adapters).isdisjoint(missing)
+    torch.testing.assert_close(rebuilt(*_inputs()), adapted)
     merge_lora(model)
     assert not any(isinstance(m, (LoRALinear, LoRAConv2d)) for m in model.modules())
     torch.testing.assert_close(model(*_inputs()), adapted)
