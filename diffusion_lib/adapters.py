@@ -128,7 +128,7 @@ def add_lora(
     """
     rank = check_positive_int("rank", rank)
     alpha = float(rank) if alpha is None else check_number("alpha", alpha, 0.0, low_open=True)
-    if any(isinstance(m, _LowRankUpdate) for m in model.modules()):
+    if _adapted_layers(model):
         raise ValueError("this model already has LoRA adapters; merge_lora(model) folds them in")
     candidates = {
         name: module
@@ -158,8 +158,7 @@ def add_lora(
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The adapters' A and B matrices of every LoRA layer in ``model``, in module order."""
-    layers = [m for m in model.modules() if isinstance(m, _LowRankUpdate)]
-    return [p for layer in layers for p in (layer.down.weight, layer.up.weight)]
+    return [p for _, layer in _adapted_layers(model) for p in (layer.down.weight, layer.up.weight)]
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -170,9 +169,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     keeps the base model's value.
     """
     return {
-        f"{name}.{part}.weight": getattr(module, part).weight.detach().clone()
-        for name, module in model.named_modules()
-        if isinstance(module, _LowRankUpdate)
+        f"{name}.{part}.weight": getattr(layer, part).weight.detach().clone()
+        for name, layer in _adapted_layers(model)
         for part in ("down", "up")
     }
 
@@ -182,10 +180,10 @@ def set_lora_scale(model: nn.Module, scale: float) -> None:
     values between blend them and values above 1 exaggerate the change.
     """
     scale = check_number("scale", scale, -math.inf, low_open=True)
-    layers = [m for m in model.modules() if isinstance(m, _LowRankUpdate)]
+    layers = _adapted_layers(model)
     if not layers:
         raise ValueError("this model has no LoRA adapters; add_lora(model, rank) adds them")
-    for layer in layers:
+    for _, layer in layers:
         layer.multiplier = scale
 
 
@@ -196,12 +194,17 @@ def merge_lora(model: nn.Module) -> nn.Module:
     as the base model and loads into it with ``load_state_dict``. Its parameters stay frozen
     as the adapted model's base weights were. Returns ``model``.
     """
-    names = [name for name, m in model.named_modules() if isinstance(m, _LowRankUpdate)]
-    if not names:
+    layers = _adapted_layers(model)
+    if not layers:
         raise ValueError("this model has no LoRA adapters to merge")
-    for name in names:
-        _replace(model, name, model.get_submodule(name).merged())
+    for name, layer in layers:
+        _replace(model, name, layer.merged())
     return model
+
+
+def _adapted_layers(model: nn.Module) -> list[tuple[str, _LowRankUpdate]]:
+    """Every LoRA layer of ``model`` with its qualified name, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _LowRankUpdate)]
 
 
 def _ordinary_convolution(module: nn.Module) -> bool:

@@ -116,7 +116,6 @@ def learn_class_embedding(
     row = nn.Parameter(frozen[label].clone())
     optimizer = torch.optim.Adam([row], lr=lr)
     is_label = torch.arange(table.num_embeddings, device=frozen.device).unsqueeze(1) == label
-
     weights = {name: p.detach() for name, p in model.named_parameters()}
 
     def with_row(x_t: Tensor, t: Tensor, labels: Tensor) -> Tensor:
