@@ -37,6 +37,14 @@ from diffusion_lib.feature_metrics import (
     nearest_neighbours,
 )
 from diffusion_lib.flow_matching import RectifiedFlow, flow_matching_loss, flow_sample, flow_times
+from diffusion_lib.image_conditioning import (
+    ConcatConditioned,
+    ConditionBound,
+    ControlledUNet,
+    ControlNet,
+    ImageConditionedLoss,
+    with_condition,
+)
 from diffusion_lib.inverse import (
     Downsampling,
     Inpainting,
@@ -171,6 +179,12 @@ __all__ = [
     "TextualInversion",
     "add_classes",
     "learn_class_embedding",
+    "ConcatConditioned",
+    "ConditionBound",
+    "ControlNet",
+    "ControlledUNet",
+    "ImageConditionedLoss",
+    "with_condition",
     "CLASS_NAMES",
     "DATA_VARIABLE",
     "SCHEDULES",

@@ -507,3 +507,17 @@ def test_toy_mlp_points_do_not_interact() -> None:
 def test_toy_mlp_checks_its_input(x_t: torch.Tensor, t: torch.Tensor, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ToyMLP()(x_t, t)
+
+
+def test_attention_unet_is_its_expanding_path_after_its_contracting_path():
+    model = AttentionUNet(image_size=8, base_channels=8, channel_multipliers=(1, 2), norm_groups=4)
+    for parameter in model.parameters():  # no zero-initialised layer hides a term
+        torch.nn.init.normal_(parameter, std=0.2)
+    x_t, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
+    h, skips, features = model.encode(x_t, t)
+    assert [s.shape[1] for s in skips] == list(model.skip_channels)
+    torch.testing.assert_close(model.decode(h, skips, features), model(x_t, t))
+    assert len(skips) == len(model.skip_channels)  # decode works on a copy of the list
+    shifted = torch.randn(2, 8, 8, 8)
+    expected = model.decode(*model.encode(x_t, t, input_residual=shifted))
+    assert (expected - model(x_t, t)).abs().max() > 1e-4

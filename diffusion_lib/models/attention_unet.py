@@ -253,6 +253,9 @@ class AttentionUNet(nn.Module):
             ]
         )
 
+        # Channels of each contracting-path activation the expanding path reads back, in
+        # the order they are stored: what a ControlNet's residuals must match.
+        self.skip_channels = tuple(skip_channels)
         self.up = nn.ModuleList()
         for level in reversed(range(len(level_channels))):
             for _ in range(num_res_blocks + 1):
@@ -287,6 +290,24 @@ class AttentionUNet(nn.Module):
         ``t`` may also hold real times in [0, T]: a velocity model of a
         :class:`~diffusion_lib.flow_matching.RectifiedFlow` is called with ``1000 t``.
         """
+        return self.decode(*self.encode(x_t, t, labels))
+
+    def encode(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        labels: Tensor | None = None,
+        *,
+        input_residual: Tensor | None = None,
+    ) -> tuple[Tensor, list[Tensor], Tensor]:
+        """The contracting path and the middle: ``(h, skips, time_features)``.
+
+        ``h`` is the middle's output, ``skips`` the activations the expanding path
+        concatenates back, with ``self.skip_channels`` channels, and ``time_features`` the
+        activated time (and label) embedding (B, time_dim). ``input_residual``
+        (B, base_channels, H, W) is added to the first convolution's output: where a
+        ControlNet feeds its encoded condition in (Zhang et al. 2023, eq. 3).
+        """
         check_image_batch(type(self).__name__, x_t, self.channels, self.image_size)
         if not torch.compiler.is_compiling():
             # Range checks read t's values; skip them on accelerators to avoid a sync per step.
@@ -298,12 +319,20 @@ class AttentionUNet(nn.Module):
         time_features = F.silu(embedding)
 
         h = self.input_conv(x_t)
+        if input_residual is not None:
+            h = h + input_residual
         skips = [h]
         for module in self.down:
             h = module(h, time_features) if isinstance(module, _Stage) else module(h)
             skips.append(h)
         for module in self.middle:
             h = module(h, time_features)
+        return h, skips, time_features
+
+    def decode(self, h: Tensor, skips: list[Tensor], time_features: Tensor) -> Tensor:
+        """The expanding path: from :meth:`encode`'s outputs to the noise estimate
+        (B, out_channels, H, W). ``skips`` is consumed from the end, deepest first."""
+        skips = list(skips)
         for module in self.up:
             if isinstance(module, _Stage):
                 h = module(torch.cat([h, skips.pop()], dim=1), time_features)
