@@ -3,7 +3,7 @@
 A condition image ``c`` (B, C_c, H, W), such as an upsampled low-resolution copy or an
 edge map, comes with each training image x_0. A network that sees it learns the noise of
 ``p(x_t | c)``, and the samplers then draw from ``p(x_0 | c)``. The objective is the
-simplified loss with the condition as an extra input (Saharia et al. 2022, eq. 2):
+simplified loss with the condition as an extra input (Saharia et al. 2022):
 
     E_{x_0, c, t, eps} || eps - eps_theta(x_t, c, t) ||^2,   x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps.
 
@@ -58,7 +58,7 @@ def _check_condition(condition: Tensor, x_t: Tensor, channels: int | None = None
 class ConcatConditioned(nn.Module):
     """``eps_theta(x_t, c, t) = network([x_t, c], t)``: the condition as extra input channels.
 
-    The conditioning of SR3 (Saharia et al. 2022, section 2.1) and Palette: the network,
+    The conditioning of SR3 (Saharia et al. 2022) and Palette: the network,
     for instance an ``AttentionUNet(channels=C + C_c, out_channels=C)``, reads the noisy image
     and the condition stacked along the channels and is trained from scratch.
 
@@ -93,7 +93,7 @@ class ControlNet(nn.Module):
       the base's trained weights (its expanding path is dropped: it is never used).
     * ``hint``: three 3x3 convolutions that turn the condition into ``base_channels``
       features; the last starts at zero. They are added after the copy's first convolution
-      (the paper's ``x + Z(c)``, eq. 3).
+      (the paper's ``x + Z(c)``).
     * ``skip_projections`` and ``middle_projection``: the paper's zero convolutions, 1x1
       convolutions with zero weight and bias, one per skip activation and one for the middle.
 
@@ -148,7 +148,7 @@ class ControlledUNet(nn.Module):
 
     The base network runs as before, except that the control's residuals, times
     ``control_scale``, are added to its middle output and to every skip activation before
-    the expanding path reads them (Zhang, Rao & Agrawala 2023, eq. 4). The base's weights
+    the expanding path reads them (Zhang, Rao & Agrawala 2023). The base's weights
     are frozen here; only ``control`` trains. At initialisation, and at ``control_scale = 0``,
     the output is the base network's.
 
@@ -193,7 +193,7 @@ class ControlledUNet(nn.Module):
 
 
 class ImageConditionedLoss:
-    """The simplified loss with an image condition made from each batch (Saharia et al. 2022, eq. 2).
+    """The simplified loss with an image condition made from each batch (Saharia et al. 2022).
 
     ``make_condition(x0, generator) -> c`` (B, C_c, H, W) draws the condition of each
     training image, for instance ``A^+ (A x0 + sigma n)``, the upsampled noisy low-resolution

@@ -53,7 +53,7 @@ class ExactDenoiser(nn.Module):
 def _reference_controlled(
     base: AttentionUNet, control: ControlNet, x_t: Tensor, t: Tensor, c: Tensor, scale: float
 ) -> Tensor:
-    """The controlled network written out module by module (Zhang et al. 2023, eqs. 3-4),
+    """The controlled network written out module by module (Zhang, Rao & Agrawala 2023),
     without AttentionUNet.encode or decode."""
 
     def contracting(net: AttentionUNet, h: Tensor, features: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -133,7 +133,7 @@ def test_loss_matches_the_objective_written_out(linear):
     t = torch.randint(0, 1000, (16,), generator=generator)
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
     alpha_bar = linear.alphas_cumprod.to(torch.float64)[t].view(-1, 1, 1, 1)
-    x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps  # Saharia et al. 2022, eq. 2
+    x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps  # as SR3 noises x_0
     expected = (network(torch.cat([x_t, c], dim=1), t) - eps).pow(2).mean()
     torch.testing.assert_close(loss, expected.float())
 

@@ -306,7 +306,7 @@ class AttentionUNet(nn.Module):
         concatenates back, with ``self.skip_channels`` channels, and ``time_features`` the
         activated time (and label) embedding (B, time_dim). ``input_residual``
         (B, base_channels, H, W) is added to the first convolution's output: where a
-        ControlNet feeds its encoded condition in (Zhang et al. 2023, eq. 3).
+        ControlNet feeds its encoded condition in (Zhang, Rao & Agrawala 2023).
         """
         check_image_batch(type(self).__name__, x_t, self.channels, self.image_size)
         if not torch.compiler.is_compiling():
