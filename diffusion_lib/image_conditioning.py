@@ -192,6 +192,16 @@ class ControlledUNet(nn.Module):
         return self.base.decode(h + scale * middle_residual, skips, time_features)
 
 
+def _drop_conditions(
+    condition: Tensor, probability: float, generator: torch.Generator | None
+) -> Tensor:
+    """Each sample's condition replaced by the null condition (zeros) with ``probability``."""
+    source = generator.device if generator is not None else condition.device
+    dropped = torch.rand(condition.shape[0], generator=generator, device=source) < probability
+    keep = (~dropped).to(device=condition.device, dtype=condition.dtype)
+    return condition * keep.view(-1, *([1] * (condition.dim() - 1)))
+
+
 class ImageConditionedLoss:
     """The simplified loss with an image condition made from each batch (Saharia et al. 2022).
 
@@ -200,15 +210,23 @@ class ImageConditionedLoss:
     copy, for super-resolution. It should draw any randomness from ``generator``, so a seed
     fixes a run. Pass an instance as ``loss`` to :func:`~diffusion_lib.training.train`; the
     model is called as ``model(x_t, t, c)``, or ``model(x_t, t, c, labels)`` with labels.
+
+    With ``condition_dropout`` = p > 0, each sample's condition is replaced by zeros, the null
+    condition, with probability p: the same network then also learns ``eps_theta(x_t, 0, t)``,
+    which classifier-free guidance needs (Ho & Salimans 2021; :func:`with_condition`). Zeros
+    are what InstructPix2Pix (Brooks et al. 2023) drops an image condition to.
     """
 
-    def __init__(self, make_condition: MakeCondition) -> None:
+    def __init__(self, make_condition: MakeCondition, condition_dropout: float = 0.0) -> None:
         if not callable(make_condition):
             raise ValueError(
                 "make_condition must be a callable make_condition(x0, generator) -> condition, "
                 f"got {type(make_condition).__name__}"
             )
         self.make_condition = make_condition
+        self.condition_dropout = check_number(
+            "condition_dropout", condition_dropout, 0.0, 1.0, low_open=False
+        )
 
     def __call__(
         self,
@@ -224,6 +242,8 @@ class ImageConditionedLoss:
         with torch.no_grad():
             condition = self.make_condition(x0, generator)
         _check_condition(condition, x0)
+        if self.condition_dropout > 0:
+            condition = _drop_conditions(condition, self.condition_dropout, generator)
         t, noise, x_t = _noisy_batch(schedule, x0, None, noise, generator)
         output = model(x_t, t, condition) if labels is None else model(x_t, t, condition, labels)
         check_same_shape("the model's output", output, "x0", x0)
@@ -234,35 +254,52 @@ class ConditionBound(nn.Module):
     """``model(x_t, t, condition)`` with the conditions fixed: a noise predictor ``(x_t, t)``
     that the samplers can use. Made by :func:`with_condition`."""
 
-    def __init__(self, model: nn.Module, condition: Tensor) -> None:
+    def __init__(self, model: nn.Module, condition: Tensor, guidance: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.condition = condition
+        self.guidance = check_number("guidance", guidance, 0.0, low_open=False)
 
     def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         if x_t.shape[0] != self.condition.shape[0]:
             raise ValueError(
                 f"the sampler asked for {x_t.shape[0]} images but {self.condition.shape[0]} "
                 "conditions are bound: draw one sample per condition (repeat a condition for "
-                "several draws); classifier-free guidance, which doubles the batch, is not "
-                "supported here"
+                "several draws), and guide through with_condition(..., guidance=w) rather "
+                "than the sampler's own guidance"
             )
         condition = self.condition.to(device=x_t.device, dtype=x_t.dtype)
+        if self.guidance == 0:
+            return self._predict(x_t, t, condition, labels)
+        # One batch for both estimates: (1 + w) eps(x_t, c) - w eps(x_t, 0) (Ho & Salimans 2021).
+        doubled = torch.cat([condition, torch.zeros_like(condition)])
+        both = self._predict(
+            x_t.repeat(2, *([1] * (x_t.dim() - 1))),
+            t.repeat(2),
+            doubled,
+            None if labels is None else labels.repeat(2),
+        )
+        conditional, unconditional = both.chunk(2)
+        return (1 + self.guidance) * conditional - self.guidance * unconditional
+
+    def _predict(self, x_t: Tensor, t: Tensor, condition: Tensor, labels: Tensor | None) -> Tensor:
         if labels is None:
             return self.model(x_t, t, condition)
         return self.model(x_t, t, condition, labels)
 
 
-def with_condition(model: nn.Module, condition: Tensor) -> ConditionBound:
+def with_condition(model: nn.Module, condition: Tensor, guidance: float = 0.0) -> ConditionBound:
     """Fix the conditions ``condition`` (B, C_c, H, W) of an image-conditioned model.
 
     The result is called as ``(x_t, t)`` like an unconditional noise predictor, so
     ``ddpm_sample(with_condition(model, c), schedule, (B, C, H, W))`` draws one image per
-    condition from ``p(x_0 | c)``.
+    condition from ``p(x_0 | c)``. With ``guidance`` = w > 0 it returns the classifier-free
+    guided estimate ``(1 + w) eps_theta(x_t, c, t) - w eps_theta(x_t, 0, t)`` (Ho & Salimans
+    2021), for a model trained with ``ImageConditionedLoss(..., condition_dropout > 0)``.
     """
     if not isinstance(condition, Tensor) or condition.dim() < 2:
         raise ValueError(
             "condition must be a batch of condition images (B, C_c, H, W), got "
             f"{getattr(condition, 'shape', type(condition).__name__)}"
         )
-    return ConditionBound(model, condition)
+    return ConditionBound(model, condition, guidance)

@@ -212,6 +212,42 @@ def test_training_a_control_leaves_the_base_unchanged(linear):
     assert (controlled.control.middle_projection.weight - projection_before).abs().max() > 0
 
 
+def test_guided_estimate_extrapolates_from_the_null_condition():
+    network = _randomised(AttentionUNet(**{**SMALL, "channels": 2, "out_channels": 1}), 3).double()
+    model = ConcatConditioned(network)
+    x_t, t, c = _inputs()
+    guided = with_condition(model, c, guidance=1.5)(x_t, t)
+    # Ho & Salimans 2021, eq. 6, with the null condition an image of zeros
+    expected = 2.5 * model(x_t, t, c) - 1.5 * model(x_t, t, torch.zeros_like(c))
+    torch.testing.assert_close(guided, expected)
+    torch.testing.assert_close(with_condition(model, c)(x_t, t), model(x_t, t, c))
+
+
+class ConditionRecorder(nn.Module):
+    """Predicts eps = 0 and keeps the conditions it was handed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(()))
+        self.seen: list[Tensor] = []
+
+    def forward(self, x_t: Tensor, t: Tensor, condition: Tensor) -> Tensor:
+        self.seen.append(condition)
+        return self.weight * x_t
+
+
+@pytest.mark.parametrize("probability", [0.0, 0.3])
+def test_condition_dropout_nulls_the_requested_share(linear, probability):
+    recorder, count = ConditionRecorder(), 20_000
+    loss = ImageConditionedLoss(lambda x, generator: torch.ones_like(x), probability)
+    loss(recorder, linear, torch.zeros(count, 1, 2, 2), generator=torch.Generator().manual_seed(0))
+    (seen,) = recorder.seen
+    dropped = (seen.flatten(1) == 0).all(dim=1).float()
+    assert bool(((seen.flatten(1) == 0) | (seen.flatten(1) == 1)).all())  # zeros or untouched
+    # Monte Carlo: a binomial share, within 5 standard errors
+    assert abs(dropped.mean().item() - probability) <= 5 * (0.3 * 0.7 / count) ** 0.5
+
+
 def test_model_errors_say_what_is_allowed():
     with pytest.raises(ValueError, match="copies an AttentionUNet"):
         ControlNet(FCUNet())
@@ -236,6 +272,10 @@ def test_model_errors_say_what_is_allowed():
 def test_loss_and_binding_errors_say_what_is_allowed(linear):
     with pytest.raises(ValueError, match="make_condition must be a callable"):
         ImageConditionedLoss("low resolution")
+    with pytest.raises(ValueError, match="condition_dropout"):
+        ImageConditionedLoss(lambda x, generator: x, condition_dropout=1.5)
+    with pytest.raises(ValueError, match="guidance"):
+        with_condition(ExactDenoiser(linear), torch.zeros(2, 1, 8, 8), guidance=-1.0)
     with pytest.raises(ValueError, match="batch of condition images"):
         with_condition(ExactDenoiser(linear), [1, 2])
     bound = with_condition(ExactDenoiser(linear), torch.zeros(2, 1, 8, 8))
