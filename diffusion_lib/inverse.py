@@ -32,6 +32,7 @@ from torch import Tensor
 from diffusion_lib.sampling import (
     NoisePredictor,
     _clip,
+    _ddim_update,
     _draw_step,
     _estimates_of_noise_and_x0,
     _evaluating,
@@ -193,6 +194,28 @@ def _ancestral_step_from(
     return _draw_step(mean, log_variance, index, generator)
 
 
+def _ddim_step_from(
+    schedule: NoiseSchedule,
+    x: Tensor,
+    t: Tensor,
+    x0: Tensor,
+    index: int,
+    eta: float,
+    generator: torch.Generator | None,
+    clip_x0: tuple[float, float] | None,
+) -> Tensor:
+    """A DDIM step (Song et al. 2021, eq. 12) from a given estimate of x_0, with the noise it
+    implies, ``eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)``. With ``eta = 1`` it is a draw
+    from q(x_{t-1} | x_t, x0), the ancestral step."""
+    x0 = _clip(x0, clip_x0)
+    alpha_bar = _gather(schedule.alphas_cumprod, t, x)
+    alpha_bar_prev = (
+        _gather(schedule.alphas_cumprod, t - 1, x) if index > 0 else torch.ones_like(alpha_bar)
+    )
+    eps = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+    return _ddim_update(x0, eps, alpha_bar, alpha_bar_prev, eta, index == 0, generator)
+
+
 Step = Callable[[NoisePredictor, NoiseSchedule, Tensor, Tensor, int], Tensor]
 
 
@@ -319,11 +342,12 @@ def pigdm_sample(
     noise_std: float,
     data_std: float = 1.0,
     steps: int | None = None,
+    eta: float | None = None,
     x_T: Tensor | None = None,
     generator: torch.Generator | None = None,
     clip_x0: tuple[float, float] | None = (-1.0, 1.0),
 ) -> Tensor:
-    """Ancestral sampling with the likelihood score of pseudoinverse-guided diffusion
+    """Ancestral or DDIM sampling with the likelihood score of pseudoinverse-guided diffusion
     (PiGDM, Song et al. 2023).
 
     With ``p(x_0 | x_t) ~ N(x0_hat(x_t), r_t^2 I)`` (:func:`posterior_variance_of_x0`), the
@@ -334,8 +358,10 @@ def pigdm_sample(
     whose gradient g (through the network, with the covariance held fixed) turns the model's
     noise into that of the posterior, ``eps_y = eps_hat - sqrt(1 - abar_t) g``; in terms of
     x_0 (eq. 4) this is ``x0_y = x0_hat + (1 - abar_t) / sqrt(abar_t) g``, which an ancestral
-    step (Ho et al. 2020, Algorithm 2) then uses. The paper pairs the same guidance with DDIM
-    steps; the likelihood and the gradient are the same.
+    step (Ho et al. 2020, Algorithm 2) then uses, or, with ``eta`` given, a DDIM step (Song et
+    al. 2021, eq. 12) from ``x0_y`` and the noise it implies, as the paper writes its algorithm.
+    ``eta = 1`` draws the same steps as the ancestral sampler; ``eta = 0`` is deterministic
+    given x_T.
 
     For data x_0 ~ N(mu, data_std^2 I) and the exact denoiser, ``x0_y`` is exactly
     E[x_0 | x_t, y], so the chain draws from p(x_0 | y) up to the discretisation of the
@@ -346,11 +372,14 @@ def pigdm_sample(
             the clip acts on ``x0_y``.
         noise_std: sigma_y of the measurement, >= 0 (0 for exact measurements).
         data_std: the standard deviation assumed for each pixel of x_0 (1.0 in the paper).
+        eta: ``None`` for ancestral steps, or DDIM's eta >= 0 for DDIM steps.
 
     Returns the samples, of ``shape``.
     """
     noise_std = check_number("noise_std", noise_std, 0.0, low_open=False)
     data_std = check_number("data_std", data_std, 0.0, low_open=True)
+    if eta is not None:
+        eta = check_number("eta", eta, 0.0, low_open=False)
 
     def step(
         model: NoisePredictor, schedule: NoiseSchedule, x: Tensor, t: Tensor, index: int
@@ -365,6 +394,8 @@ def pigdm_sample(
         # At alpha_bar = 0 (zero terminal SNR) x_t says nothing of x_0: p(y | x_t) = p(y).
         gain = torch.where(alpha_bar > 0, (1 - alpha_bar) / alpha_bar.clamp(min=1e-30).sqrt(), 0.0)
         x0_guided = x0 + gain * gradient
-        return _ancestral_step_from(schedule, x, t, x0_guided, index, generator, clip_x0)
+        if eta is None:
+            return _ancestral_step_from(schedule, x, t, x0_guided, index, generator, clip_x0)
+        return _ddim_step_from(schedule, x, t, x0_guided, index, eta, generator, clip_x0)
 
     return _posterior_chain(model, schedule, operator, y, shape, steps, x_T, generator, step)

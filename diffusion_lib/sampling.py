@@ -418,6 +418,24 @@ def ddim_timesteps(timesteps: int, steps: int, spacing: str = "leading") -> Tens
     return torch.linspace(0, timesteps - 1, steps, dtype=torch.float64).round().long()
 
 
+def _ddim_update(
+    x0: Tensor,
+    eps: Tensor,
+    alpha_bar: Tensor,
+    alpha_bar_prev: Tensor,
+    eta: float,
+    last: bool,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """One DDIM step from the estimates x0 and eps (Song et al. 2021, eq. 12, sigma of eq. 16):
+    ``sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z``, with no noise at the last."""
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
+    x = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps
+    if eta > 0 and not last:
+        x = x + sigma * _randn(tuple(x.shape), generator, x.device)
+    return x
+
+
 def ddim_sample(
     model: NoisePredictor,
     schedule: NoiseSchedule,
@@ -465,16 +483,7 @@ def ddim_sample(
                 if i > 0
                 else torch.ones_like(alpha_bar)
             )
-            sigma = (
-                eta
-                * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
-            )
-            x = (
-                alpha_bar_prev.sqrt() * x0
-                + (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps
-            )
-            if eta > 0 and i > 0:
-                x = x + sigma * _randn(tuple(x.shape), generator, x.device)
+            x = _ddim_update(x0, eps, alpha_bar, alpha_bar_prev, eta, i == 0, generator)
             if return_trajectory:
                 states.append(x.cpu())
     if not return_trajectory:

@@ -173,14 +173,21 @@ def test_pigdm_guided_estimate_is_the_exact_posterior_mean(operator, noise_std: 
 
 
 @pytest.mark.parametrize(
-    ("operator", "noise_std"),
-    [PROBLEMS["inpainting, noisy"], PROBLEMS["downsampling, exact"]],
-    ids=["inpainting, noisy", "downsampling, exact"],
+    ("operator", "noise_std", "eta"),
+    [
+        (*PROBLEMS["inpainting, noisy"], None),
+        (*PROBLEMS["downsampling, exact"], None),
+        (*PROBLEMS["inpainting, noisy"], 0.0),
+    ],  # fmt: skip
+    ids=["inpainting, noisy", "downsampling, exact", "inpainting, noisy, deterministic DDIM"],
 )
-def test_pigdm_draws_from_the_exact_gaussian_posterior(operator, noise_std: float) -> None:
+def test_pigdm_draws_from_the_exact_gaussian_posterior(
+    operator, noise_std: float, eta: float | None
+) -> None:
     # The whole chain with the exact denoiser: 20,000 draws for one measurement against the
     # posterior mean and standard deviations from conditioning (standard error of the mean
-    # at most 0.5 / sqrt(20,000) = 0.0035).
+    # at most 0.5 / sqrt(20,000) = 0.0035). With eta = 0 the chain is the probability-flow
+    # ODE of the posterior, which carries N(0, I) onto the posterior too.
     schedule = NoiseSchedule.from_name("linear")
     shape = (20_000, 1, 2, 2)
     a, _ = seen_rows(operator, shape[1:])
@@ -190,11 +197,56 @@ def test_pigdm_draws_from_the_exact_gaussian_posterior(operator, noise_std: floa
     x_T = torch.randn(shape, generator=generator, dtype=torch.float64)
     x0 = pigdm_sample(
         gaussian_model(schedule), schedule, operator, y, shape, noise_std=noise_std, data_std=S,
-        x_T=x_T, generator=generator, clip_x0=None,
+        eta=eta, x_T=x_T, generator=generator, clip_x0=None,
     ).flatten(1)  # fmt: skip
     mean, covariance = gaussian_posterior(a, y_seen, noise_std)
     torch.testing.assert_close(x0.mean(0), mean, atol=0.015, rtol=0)
     torch.testing.assert_close(torch.cov(x0.T), covariance, atol=0.01, rtol=0)
+
+
+def test_pigdm_with_ddim_steps_at_eta_one_is_the_ancestral_sampler() -> None:
+    # DDIM's step with eta = 1 is a draw from q(x_{t-1} | x_t, x_0) (Song et al. 2021, eq. 16),
+    # so with the same noise both chains visit the same states.
+    schedule = NoiseSchedule.from_name("linear")
+    operator, noise_std = PROBLEMS["downsampling, noisy"]
+    shape = (64, 1, 2, 2)
+    y = measurement(operator, shape, torch.full((64, 1), 0.5, dtype=torch.float64))
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    runs = [
+        pigdm_sample(
+            gaussian_model(schedule),
+            schedule,
+            operator,
+            y,
+            shape,
+            noise_std=noise_std,
+            data_std=S,
+            steps=50,
+            eta=eta,
+            x_T=x_T,
+            generator=torch.Generator().manual_seed(2),
+        )  # fmt: skip
+        for eta in (None, 1.0)
+    ]
+    torch.testing.assert_close(runs[1], runs[0])
+    deterministic = [
+        pigdm_sample(
+            gaussian_model(schedule),
+            schedule,
+            operator,
+            y,
+            shape,
+            noise_std=noise_std,
+            data_std=S,
+            steps=50,
+            eta=0.0,
+            x_T=x_T,
+            generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        for seed in (3, 4)
+    ]
+    torch.testing.assert_close(deterministic[0], deterministic[1], rtol=0, atol=0)
+    assert (deterministic[0] - runs[0]).abs().max() > 1e-3
 
 
 def test_pigdm_is_exact_at_zero_terminal_snr_with_a_data_predicting_model(
@@ -333,6 +385,7 @@ def restore(method: str = "dps", operator=None, y: Tensor | None = None, **optio
         (lambda: restore(steps=0), "steps"),
         (lambda: restore("pigdm", noise_std=0.1, data_std=0), "data_std"),
         (lambda: restore("pigdm", noise_std=-0.1), "noise_std"),
+        (lambda: restore("pigdm", noise_std=0.1, eta=-1.0), "eta"),
         (
             lambda: restore("pigdm", y=torch.full((2, 1, 2, 2), float("nan")), noise_std=0.1),
             "finite",
