@@ -212,41 +212,18 @@ def test_pigdm_with_ddim_steps_at_eta_one_is_the_ancestral_sampler() -> None:
     shape = (64, 1, 2, 2)
     y = measurement(operator, shape, torch.full((64, 1), 0.5, dtype=torch.float64))
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    runs = [
-        pigdm_sample(
-            gaussian_model(schedule),
-            schedule,
-            operator,
-            y,
-            shape,
-            noise_std=noise_std,
-            data_std=S,
-            steps=50,
-            eta=eta,
-            x_T=x_T,
-            generator=torch.Generator().manual_seed(2),
+
+    def run(eta: float | None, seed: int) -> Tensor:
+        return pigdm_sample(
+            gaussian_model(schedule), schedule, operator, y, shape, noise_std=noise_std,
+            data_std=S, steps=50, eta=eta, x_T=x_T, generator=torch.Generator().manual_seed(seed),
         )  # fmt: skip
-        for eta in (None, 1.0)
-    ]
-    torch.testing.assert_close(runs[1], runs[0])
-    deterministic = [
-        pigdm_sample(
-            gaussian_model(schedule),
-            schedule,
-            operator,
-            y,
-            shape,
-            noise_std=noise_std,
-            data_std=S,
-            steps=50,
-            eta=0.0,
-            x_T=x_T,
-            generator=torch.Generator().manual_seed(seed),
-        )  # fmt: skip
-        for seed in (3, 4)
-    ]
-    torch.testing.assert_close(deterministic[0], deterministic[1], rtol=0, atol=0)
-    assert (deterministic[0] - runs[0]).abs().max() > 1e-3
+
+    ancestral = run(None, 2)
+    torch.testing.assert_close(run(1.0, 2), ancestral)
+    deterministic = run(0.0, 3)
+    torch.testing.assert_close(run(0.0, 4), deterministic, rtol=0, atol=0)  # no noise drawn
+    assert (deterministic - ancestral).abs().max() > 1e-3
 
 
 def test_pigdm_is_exact_at_zero_terminal_snr_with_a_data_predicting_model(
