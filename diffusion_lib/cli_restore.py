@@ -76,12 +76,14 @@ def _check_options_apply(args: argparse.Namespace) -> None:
         "--hide": args.hide is not None,
         "--step-size": args.step_size is not None,
         "--data-std": args.data_std is not None,
+        "--eta": args.eta is not None,
     }
     applies = {
         "--factor": (args.task == "super-resolution", "--task super-resolution"),
         "--hide": (args.task == "inpainting", "--task inpainting"),
         "--step-size": (args.method == "dps", "--method dps"),
         "--data-std": (args.method == "pigdm", "--method pigdm"),
+        "--eta": (args.method == "pigdm", "--method pigdm"),
     }
     for option, (fits, where) in applies.items():
         if given[option] and not fits:
@@ -106,7 +108,12 @@ def _check_restore_args(args: argparse.Namespace, config: dict[str, Any]) -> int
         raise CommandError(
             f"--factor must divide the image size {IMAGE_SIZE}: one of {divisors}; got {factor}"
         )
-    for option, value, low in (("--noise", args.noise, 0.0), ("--step-size", args.step_size, 0.0)):
+    lower_bounds = (
+        ("--noise", args.noise, 0.0),
+        ("--step-size", args.step_size, 0.0),
+        ("--eta", args.eta, 0.0),
+    )
+    for option, value, low in lower_bounds:
         if value is not None and not value >= low:
             raise CommandError(f"{option} must be >= {low:g}, got {value}")
     if args.data_std is not None and not args.data_std > 0:
@@ -157,9 +164,10 @@ def _restore(
         return restored, f"dps, step size {step_size:g}, {steps} steps"
     data_std = 1.0 if args.data_std is None else args.data_std
     restored = pigdm_sample(model, schedule, operator, y, shape, noise_std=args.noise,
-                            data_std=data_std, steps=steps, generator=generator,
+                            data_std=data_std, steps=steps, eta=args.eta, generator=generator,
                             clip_x0=value_range)  # fmt: skip
-    return restored, f"pigdm, data std {data_std:g}, {steps} steps"
+    ddim = "" if args.eta is None else f", DDIM eta {args.eta:g}"
+    return restored, f"pigdm, data std {data_std:g}{ddim}, {steps} steps"
 
 
 def _scores(

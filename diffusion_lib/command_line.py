@@ -510,6 +510,12 @@ def _add_restore_parser(commands: argparse._SubParsersAction) -> None:
         "the paper; about 0.6 for MNIST in [-1, 1])",
     )
     parser.add_argument(
+        "--eta",
+        type=float,
+        help="pigdm: take DDIM steps with this eta instead of ancestral steps (0: deterministic "
+        "given the starting noise; 1: the same draws as the ancestral steps)",
+    )
+    parser.add_argument(
         "--steps",
         type=int,
         help="steps of the respaced reverse chain, at most T (default: 250, or 100 for repaint, "

@@ -81,14 +81,17 @@ def test_hidden_regions_hide_what_they_say() -> None:
         hidden_region("middle")
 
 
+@pytest.mark.parametrize("eta", [None, 0.0], ids=["ancestral", "DDIM eta 0"])
 def test_super_resolution_saves_and_scores_what_pigdm_draws(
-    checkpoints, classifier_cache, tmp_path, capsys
+    eta, checkpoints, classifier_cache, tmp_path, capsys
 ) -> None:
     arguments = ["--task", "super-resolution", "--noise", "0.05", "--num", "6", "--seed", "4"]
+    arguments += [] if eta is None else ["--eta", "0"]
     assert restore(checkpoints["plain"], tmp_path, *arguments, "--data-std", "0.6") == 0
     output = capsys.readouterr().out
     assert "6 test images of mnist, super-resolution from 7x7 (factor 4)" in output
-    assert "pigdm, data std 0.6, 10 steps, seed 4" in output  # T = 40 steps, capped in smoke mode
+    steps = "DDIM eta 0, 10 steps" if eta is not None else "10 steps"
+    assert f"pigdm, data std 0.6, {steps}, seed 4" in output  # T = 40, capped in smoke mode
     record = json.loads((tmp_path / "restored.json").read_text())
     assert record["steps"] == 10 and record["images"] == 6
     # A A+ y = y, so the pseudo-inverse explains the measurement exactly; the originals leave
@@ -106,7 +109,8 @@ def test_super_resolution_saves_and_scores_what_pigdm_draws(
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(SMOKE_VARIABLE, "1")
         expected = pigdm_sample(model, schedule, Downsampling(4), y, originals.shape,
-                                noise_std=0.05, data_std=0.6, steps=TIMESTEPS, generator=generator)  # fmt: skip
+                                noise_std=0.05, data_std=0.6, steps=TIMESTEPS, eta=eta,
+                                generator=generator)  # fmt: skip
     rows = picture_rows(tmp_path / "restored.png", 6).float() / 255
     torch.testing.assert_close(rows[0], to_unit_interval(originals)[:, 0], atol=1 / 255, rtol=0)
     pseudo_inverse = to_unit_interval(Downsampling(4).pseudo_inverse(y))[:, 0]
@@ -157,6 +161,9 @@ def test_a_zero_terminal_snr_checkpoint_restores_through_its_x0_prediction(
         ("plain", ["--task", "super-resolution", "--factor", "3"], r"one of \[2, 4, 7, 14, 28\]"),
         ("plain", ["--task", "inpainting", "--noise", "-1"], "--noise must be >= 0"),
         ("plain", ["--task", "inpainting", "--data-std", "0"], "--data-std must be > 0"),
+        ("plain", ["--task", "inpainting", "--method", "dps", "--eta", "0"],
+         "--eta applies to --method pigdm"),
+        ("plain", ["--task", "inpainting", "--eta", "-1"], "--eta must be >= 0"),
         ("plain", ["--task", "inpainting", "--steps", str(TIMESTEPS + 1)], f"1..{TIMESTEPS}"),
         ("plain", ["--task", "inpainting", "--num", "0"], "--num must be >= 1"),
     ],
