@@ -157,12 +157,6 @@ def _check_sampling_args(args: argparse.Namespace, config: dict[str, Any], sampl
     if args.spacing is not None and sampler != "ddim":
         raise CommandError("--spacing applies to --sampler ddim only")
     zero_terminal_snr = config.get("schedule", {}).get("zero_terminal_snr", False)
-    if zero_terminal_snr and sampler == "heun":
-        raise CommandError(
-            "--sampler heun takes trapezoid steps in sigma / alpha, which is infinite at the last "
-            "step of this checkpoint's schedule (trained with --zero-terminal-snr); use "
-            "dpm-solver, ddim or ddpm"
-        )
     if zero_terminal_snr and args.spacing == "leading":
         raise CommandError(
             "--spacing leading never visits T - 1, the one step where this checkpoint's schedule "

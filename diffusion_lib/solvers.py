@@ -23,7 +23,8 @@ A schedule with zero terminal SNR (Lin et al. 2024) has ``alpha = 0`` and ``lamb
 t = T. DPM-Solver++ takes that limit exactly: its first step from pure noise, of infinite length
 in ``lambda``, is DDIM's step ``x = alpha x0 + sigma x_T`` (with ``e^{-h} = 0``), and the
 extrapolation of the step after it vanishes (``r = inf``). Heun's trapezoid in ``rho = sigma /
-alpha`` has no such limit, since ``rho = inf`` there, so it refuses these schedules.
+alpha`` has no such limit, since ``rho = inf`` there; its first step from ``alpha = 0`` is
+therefore DDIM's too, and the steps after it are trapezoids.
 """
 
 from __future__ import annotations
@@ -175,7 +176,10 @@ def heun_sample(
         x_bar_{i+1} = x_bar_i + (rho_{i+1} - rho_i) (d_i + d') / 2.
 
     The last step, to ``rho = 0``, is Euler's (the slope at ``rho = 0`` is undefined), so
-    ``steps`` steps cost ``2 steps - 1`` network calls.
+    ``steps`` steps cost ``2 steps - 1`` network calls. On a schedule with zero terminal SNR
+    the first state has ``alpha = 0`` and ``rho = inf``, where no trapezoid can start: the first
+    step is DDIM's, ``x = alpha_1 x0_hat + sigma_1 eps_hat``, the limit DPM-Solver++ takes
+    there as well, and costs one call fewer.
 
     Args:
         model, schedule, shape, x_T, generator, device: as for
@@ -189,12 +193,6 @@ def heun_sample(
 
     Returns the samples (B, ...), or ``(samples, trajectory)``.
     """
-    if schedule.zero_terminal_snr:
-        raise ValueError(
-            "Heun's step is a trapezoid in rho = sigma / alpha, which is infinite at the last "
-            "step of a schedule with zero terminal SNR; sample it with dpm_solver_sample, "
-            "ddim_sample(..., spacing='trailing') or ddpm_sample"
-        )
     grid = _grid(schedule, steps, spacing, timesteps)
     alphas, sigmas = _coefficients(schedule, grid)
     x = _start(model, shape, x_T, generator, device)
@@ -205,6 +203,8 @@ def heun_sample(
             eps, x0 = _estimates(model, schedule, x, t, clip_x0, extra)
             if i + 1 == len(grid):
                 x = x0  # Euler to rho = 0 lands on the x_0 estimate
+            elif alphas[i] == 0:
+                x = alphas[i + 1] * x0 + sigmas[i + 1] * eps  # from rho = inf: DDIM's step
             else:
                 rho, rho_next = sigmas[i] / alphas[i], sigmas[i + 1] / alphas[i + 1]
                 x_bar = x / alphas[i]

@@ -187,7 +187,6 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
             "trained with --objective hybrid; choose ddpm, ddim, dpm-solver or heun",
         ),
         ("hybrid", ["--steps", str(TIMESTEPS + 1)], f"1..{TIMESTEPS}"),
-        ("zero_snr", ["--sampler", "heun"], "heun takes trapezoid steps.*use dpm-solver"),
         ("zero_snr", ["--spacing", "leading"], "never visits T - 1"),
         (
             "plain",
@@ -1135,8 +1134,8 @@ def test_a_zero_terminal_snr_checkpoint_records_its_schedule_and_samples_from_t_
     tmp_path, monkeypatch
 ) -> None:
     """train rescales (and shifts) the schedule and records both; sample rebuilds the same
-    schedule and starts ddim at T - 1 unless told otherwise; ddpm and dpm-solver work too, the
-    solver on a grid from T - 1 evenly spaced in time."""
+    schedule and starts ddim at T - 1 unless told otherwise; ddpm, dpm-solver and heun work too,
+    the solvers on a grid from T - 1 evenly spaced in time, heun's first step from there DDIM's."""
     monkeypatch.setenv(SMOKE_VARIABLE, "1")
     monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
     options = ["--prediction", "v", "--zero-terminal-snr", "--snr-scale", "2"]
@@ -1173,7 +1172,17 @@ def test_a_zero_terminal_snr_checkpoint_records_its_schedule_and_samples_from_t_
         "--steps", "4", "--num", "4", "--output", str(tmp_path / "dpm.png"),
     ])  # fmt: skip
     assert status == 0 and (tmp_path / "dpm.png").is_file()
-    assert [int(t[0]) for t in seen] == ode_timesteps(expected, 4, "time").flip(0).tolist()
+    grid = ode_timesteps(expected, 4, "time").flip(0).tolist()
+    assert [int(t[0]) for t in seen] == grid
+    seen.clear()
+    status = main([
+        "sample", "--checkpoint", str(tmp_path / "run"), "--sampler", "heun",
+        "--steps", "4", "--num", "4", "--output", str(tmp_path / "heun.png"),
+    ])  # fmt: skip
+    assert status == 0 and (tmp_path / "heun.png").is_file()
+    # one call at T - 1 (DDIM's step), then a call and a predictor call per trapezoid, and one
+    # call for the last, Euler step
+    assert [int(t[0]) for t in seen] == [grid[0], grid[1], grid[2], grid[2], grid[3], grid[3]]
 
 
 @pytest.mark.parametrize(
