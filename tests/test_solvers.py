@@ -293,6 +293,31 @@ def test_heun_follows_the_exact_flow_from_pure_noise_at_zero_terminal_snr(
     assert fine < 0.02
 
 
+def test_heuns_first_step_from_pure_noise_is_ddims(
+    zero_snr: NoiseSchedule, gaussian_x0_model, x_T: torch.Tensor
+) -> None:
+    model = gaussian_x0_model(zero_snr, MEAN, STD)
+    grid = torch.tensor([0, 500, 999])
+    states = {
+        name: sampler(
+            model,
+            zero_snr,
+            x_T.shape,
+            timesteps=grid,
+            x_T=x_T,
+            clip_x0=None,
+            return_trajectory=True,
+            **options,
+        )[1].states  # fmt: skip
+        for name, sampler, options in (
+            ("heun", heun_sample, {}),
+            ("ddim", dpm_solver_sample, {"order": 1}),
+        )
+    }
+    torch.testing.assert_close(states["heun"][1], states["ddim"][1])  # 999 -> 500
+    assert (states["heun"][2] - states["ddim"][2]).abs().max() > 1e-3  # then a trapezoid
+
+
 def test_first_order_dpm_solver_is_ddim_at_zero_terminal_snr(
     zero_snr: NoiseSchedule, gaussian_x0_model, x_T: torch.Tensor
 ) -> None:
