@@ -171,6 +171,19 @@ def test_control_starts_as_the_base_and_only_its_zero_convolutions_learn_first()
         assert parameter.grad is None or parameter.grad.abs().max() == 0, name
 
 
+def test_a_class_conditional_base_keeps_its_labels_under_control():
+    base = _randomised(AttentionUNet(**SMALL, num_classes=3), 4).double()
+    controlled = ControlledUNet(base).double()
+    x_t, t, c = _inputs()
+    labels = torch.tensor([0, 2, base.null_label])
+    torch.testing.assert_close(controlled(x_t, t, c, labels), base(x_t, t, labels))
+    _randomised(controlled.control, 5)
+    other = torch.tensor([1, 1, 1])
+    _, middle = controlled.control(x_t, t, c, labels)
+    _, middle_other = controlled.control(x_t, t, c, other)
+    assert (middle - middle_other).abs().max() > 1e-3  # the control reads the labels too
+
+
 @pytest.mark.parametrize("scale", [1.0, 0.5])
 def test_controlled_output_matches_the_network_written_out(scale):
     base = _base()
