@@ -179,7 +179,7 @@ def _x0_and_gradient(
     return x0.detach(), gradient, values.detach()
 
 
-def _ancestral_step_from(
+def _step_from(
     schedule: NoiseSchedule,
     x: Tensor,
     t: Tensor,
@@ -187,27 +187,19 @@ def _ancestral_step_from(
     index: int,
     generator: torch.Generator | None,
     clip_x0: tuple[float, float] | None,
+    eta: float | None = None,
 ) -> Tensor:
-    """A draw from q(x_{t-1} | x_t, x0) with variance beta_tilde_t, and its mean at t = 0:
-    a step of Ho et al. (2020, Algorithm 2) from a given estimate of x_0."""
-    mean, _, log_variance = schedule._q_posterior(_clip(x0, clip_x0), x, t)
-    return _draw_step(mean, log_variance, index, generator)
+    """One reverse step from a given estimate of x_0.
 
-
-def _ddim_step_from(
-    schedule: NoiseSchedule,
-    x: Tensor,
-    t: Tensor,
-    x0: Tensor,
-    index: int,
-    eta: float,
-    generator: torch.Generator | None,
-    clip_x0: tuple[float, float] | None,
-) -> Tensor:
-    """A DDIM step (Song et al. 2021, eq. 12) from a given estimate of x_0, with the noise it
-    implies, ``eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)``. With ``eta = 1`` it is a draw
-    from q(x_{t-1} | x_t, x0), the ancestral step."""
+    ``eta = None``: a draw from q(x_{t-1} | x_t, x0) with variance beta_tilde_t, and its mean
+    at t = 0, a step of Ho et al. (2020, Algorithm 2). Otherwise a DDIM step (Song et al.
+    2021, eq. 12) with the noise that x0 implies, ``(x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)``;
+    ``eta = 1`` is then a draw from the same q(x_{t-1} | x_t, x0).
+    """
     x0 = _clip(x0, clip_x0)
+    if eta is None:
+        mean, _, log_variance = schedule._q_posterior(x0, x, t)
+        return _draw_step(mean, log_variance, index, generator)
     alpha_bar = _gather(schedule.alphas_cumprod, t, x)
     alpha_bar_prev = (
         _gather(schedule.alphas_cumprod, t - 1, x) if index > 0 else torch.ones_like(alpha_bar)
@@ -298,7 +290,7 @@ def dps_sample(
         model: NoisePredictor, schedule: NoiseSchedule, x: Tensor, t: Tensor, index: int
     ) -> Tensor:
         x0, gradient, error = _x0_and_gradient(model, schedule, x, t, squared_error)
-        x_prev = _ancestral_step_from(schedule, x, t, x0, index, generator, clip_x0)
+        x_prev = _step_from(schedule, x, t, x0, index, generator, clip_x0)
         zeta = step_size / error.sqrt().clamp(min=torch.finfo(error.dtype).tiny)
         return x_prev - _per_sample(zeta, x) * gradient
 
@@ -394,8 +386,6 @@ def pigdm_sample(
         # At alpha_bar = 0 (zero terminal SNR) x_t says nothing of x_0: p(y | x_t) = p(y).
         gain = torch.where(alpha_bar > 0, (1 - alpha_bar) / alpha_bar.clamp(min=1e-30).sqrt(), 0.0)
         x0_guided = x0 + gain * gradient
-        if eta is None:
-            return _ancestral_step_from(schedule, x, t, x0_guided, index, generator, clip_x0)
-        return _ddim_step_from(schedule, x, t, x0_guided, index, eta, generator, clip_x0)
+        return _step_from(schedule, x, t, x0_guided, index, generator, clip_x0, eta)
 
     return _posterior_chain(model, schedule, operator, y, shape, steps, x_T, generator, step)
