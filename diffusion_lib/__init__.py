@@ -9,6 +9,7 @@ from diffusion_lib.adapters import (
     merge_lora,
     set_lora_scale,
 )
+from diffusion_lib.classifier_guidance import ClassifierGuided, logits_log_prob
 from diffusion_lib.consistency import (
     ConsistencyDistillation,
     ConsistencyTraining,
@@ -179,6 +180,8 @@ __all__ = [
     "TextualInversion",
     "add_classes",
     "learn_class_embedding",
+    "ClassifierGuided",
+    "logits_log_prob",
     "ConcatConditioned",
     "ConditionBound",
     "ControlNet",
