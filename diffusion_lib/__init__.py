@@ -9,7 +9,12 @@ from diffusion_lib.adapters import (
     merge_lora,
     set_lora_scale,
 )
-from diffusion_lib.classifier_guidance import ClassifierGuided, logits_log_prob
+from diffusion_lib.classifier_guidance import (
+    ClassifierGuided,
+    NoisyClassifier,
+    logits_log_prob,
+    noisy_classifier_loss,
+)
 from diffusion_lib.consistency import (
     ConsistencyDistillation,
     ConsistencyTraining,
@@ -181,7 +186,9 @@ __all__ = [
     "add_classes",
     "learn_class_embedding",
     "ClassifierGuided",
+    "NoisyClassifier",
     "logits_log_prob",
+    "noisy_classifier_loss",
     "ConcatConditioned",
     "ConditionBound",
     "ControlNet",

@@ -15,8 +15,10 @@ With an exact model and classifier, s = 1 gives the exact conditional model. Lar
 the score of ``p_t(x_t) p_t(y | x_t)^s``, which favours the images the classifier is surest of:
 fidelity bought with diversity, as with classifier-free guidance (chapter 7). The classifier
 must be trained on x_t at every noise level: one trained on clean images says nothing useful
-about a noisy x_t. :class:`ClassifierGuided` wraps the pair as a plain ``(x_t, t)`` noise
-predictor, so every sampler of the library can use it.
+about a noisy x_t. :class:`NoisyClassifier` is such a classifier, trained with
+``train(classifier, schedule, images, labels=labels, loss=noisy_classifier_loss)``, and
+:class:`ClassifierGuided` wraps model and classifier as a plain ``(x_t, t)`` noise predictor,
+so every sampler of the library can use it.
 """
 
 from __future__ import annotations
@@ -27,10 +29,70 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion_lib.losses import _noisy_batch
+from diffusion_lib.models.attention_unet import AttentionUNet
 from diffusion_lib.schedules import NoiseSchedule, _gather
-from diffusion_lib.validation import check_number
+from diffusion_lib.validation import check_number, check_positive_int
 
 ClassifierLogProb = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+class NoisyClassifier(nn.Module):
+    """``p_phi(y | x_t, t)`` as logits: the contracting path and middle of an AttentionUNet,
+    averaged over the image, then a linear layer (Dhariwal & Nichol 2021, section 4.1, use the
+    U-net's downsampling half the same way, with attention pooling).
+
+    Args:
+        num_classes: K >= 2.
+        **unet_options: the :class:`~diffusion_lib.models.AttentionUNet` arguments of the
+            encoder (image size, channels, widths, timesteps); ``num_classes`` and
+            ``out_channels`` do not apply.
+
+    Shapes: ``forward(x_t, t)`` with ``x_t`` (B, C, H, W) and ``t`` (B,) -> (B, K).
+    """
+
+    def __init__(self, num_classes: int, **unet_options: object) -> None:
+        super().__init__()
+        given = sorted({"num_classes", "out_channels"} & unet_options.keys())
+        if given:
+            raise ValueError(f"{', '.join(given)} do not apply to a NoisyClassifier's encoder")
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        self.encoder = AttentionUNet(**unet_options)
+        self.encoder.up = nn.ModuleList()  # only the contracting path and middle are used
+        self.encoder.output = nn.Identity()
+        width = self.encoder.middle[-1].block.conv2.out_channels
+        groups = self.encoder.middle[-1].block.norm2.num_groups
+        self.head = nn.Sequential(
+            nn.GroupNorm(groups, width),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(width, num_classes),
+        )
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        h, _, _ = self.encoder.encode(x_t, t)
+        return self.head(h)
+
+
+def noisy_classifier_loss(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    *,
+    noise: Tensor | None = None,
+    labels: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Cross-entropy of ``model(x_t, t)`` against the labels of x_0, with x_t ~ q(x_t | x_0) at
+    a uniform random t: how a classifier for guidance is trained. ``x0`` (B, C, H, W),
+    ``labels`` (B,) int64; returns a scalar. Pass as ``loss`` to ``train`` with ``labels``."""
+    if labels is None:
+        raise ValueError("noisy_classifier_loss needs the class labels: pass labels=... to train")
+    t, _, x_t = _noisy_batch(schedule, x0, None, noise, generator)
+    return F.cross_entropy(model(x_t, t).float(), labels.long())
 
 
 def logits_log_prob(classifier: Callable[[Tensor, Tensor], Tensor]) -> ClassifierLogProb:

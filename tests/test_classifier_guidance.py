@@ -4,8 +4,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from diffusion_lib import GaussianMixture, NoiseSchedule, ddim_sample
-from diffusion_lib.classifier_guidance import ClassifierGuided, logits_log_prob
+from diffusion_lib import GaussianMixture, NoiseSchedule, ddim_sample, train
+from diffusion_lib.classifier_guidance import (
+    ClassifierGuided,
+    NoisyClassifier,
+    logits_log_prob,
+    noisy_classifier_loss,
+)
 
 MEANS = torch.tensor([[-1.0, 0.5], [1.0, -0.5], [0.0, 1.5]], dtype=torch.float64)
 STD = 0.3
@@ -75,3 +80,57 @@ def test_errors_say_what_is_allowed(schedule):
     summed = ClassifierGuided(model, schedule, lambda x, t, y: x.sum(), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match=r"one log-probability per sample, shape \(3,\)"):
         summed(x_t, t)
+
+
+SMALL = dict(image_size=8, base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1,
+             norm_groups=4)  # fmt: skip
+
+
+def test_classifier_loss_is_the_cross_entropy_on_noised_images(schedule):
+    torch.manual_seed(0)
+    classifier = NoisyClassifier(3, **SMALL).double()
+    x0 = torch.rand(16, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    labels = torch.randint(0, 3, (16,))
+    loss = noisy_classifier_loss(classifier, schedule, x0, labels=labels,
+                                 generator=torch.Generator().manual_seed(4))  # fmt: skip
+    generator = torch.Generator().manual_seed(4)  # the same draws, in the same order
+    t = torch.randint(0, 1000, (16,), generator=generator)
+    eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    alpha_bar = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+    logits = classifier(alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps, t)
+    expected = -logits.log_softmax(1)[torch.arange(16), labels].mean()
+    torch.testing.assert_close(loss, expected.float())
+
+
+def test_a_trained_noisy_classifier_reads_labels_through_light_noise_only(schedule):
+    # two classes: the bright half of the image is the top or the bottom
+    generator = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 2, (512,), generator=generator)
+    rows = torch.arange(8).view(1, 1, 8, 1)
+    top = (rows < 4).float().expand(512, 1, 8, 8)
+    images = torch.where(labels.view(-1, 1, 1, 1) == 0, top, 1 - top) * 1.6 - 0.8
+    classifier = NoisyClassifier(2, **SMALL)
+    train(classifier, schedule, images, labels=labels, loss=noisy_classifier_loss, steps=150,
+          batch_size=64, lr=2e-3, device="cpu", progress=False)  # fmt: skip
+    x0, y = images[:256], labels[:256]
+
+    def accuracy(t: int) -> float:
+        times = torch.full((256,), t)
+        x_t = schedule.q_sample(x0, times, generator=torch.Generator().manual_seed(t))
+        with torch.no_grad():
+            return (classifier(x_t, times).argmax(1) == y).float().mean().item()
+
+    assert accuracy(100) > 0.95  # the halves still show
+    assert accuracy(999) < 0.65  # pure noise holds no label: chance is 0.5
+    guided = ClassifierGuided(lambda x, t: torch.zeros_like(x), schedule,
+                              logits_log_prob(classifier), y[:4])  # fmt: skip
+    assert guided(x0[:4], torch.full((4,), 500)).abs().max() > 0  # the gradient reaches x_t
+
+
+def test_classifier_errors_say_what_is_allowed(schedule):
+    with pytest.raises(ValueError, match="at least 2"):
+        NoisyClassifier(1, **SMALL)
+    with pytest.raises(ValueError, match="out_channels do not apply"):
+        NoisyClassifier(2, out_channels=2, **SMALL)
+    with pytest.raises(ValueError, match="needs the class labels"):
+        noisy_classifier_loss(NoisyClassifier(2, **SMALL), schedule, torch.zeros(2, 1, 8, 8))
