@@ -59,10 +59,8 @@ class NoisyClassifier(nn.Module):
         self.num_classes = check_positive_int("num_classes", num_classes)
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-        self.encoder = AttentionUNet(**unet_options)
-        self.encoder.up = nn.ModuleList()  # only the contracting path and middle are used
-        self.encoder.output = nn.Identity()
-        width = self.encoder.middle[-1].block.conv2.out_channels
+        self.encoder = AttentionUNet(**unet_options).drop_expanding_path()
+        width = self.encoder.skip_channels[-1]
         groups = self.encoder.middle[-1].block.norm2.num_groups
         self.head = nn.Sequential(
             nn.GroupNorm(groups, width),

@@ -86,6 +86,15 @@ class ConcatConditioned(nn.Module):
         return self.network(inputs, t) if labels is None else self.network(inputs, t, labels)
 
 
+def _predict(
+    model: nn.Module, x_t: Tensor, t: Tensor, condition: Tensor, labels: Tensor | None
+) -> Tensor:
+    """``model(x_t, t, condition)``, with the labels as a fourth argument when there are any."""
+    if labels is None:
+        return model(x_t, t, condition)
+    return model(x_t, t, condition, labels)
+
+
 class ControlNet(nn.Module):
     """The trainable side of a ControlNet (Zhang, Rao & Agrawala 2023) for an AttentionUNet.
 
@@ -113,10 +122,7 @@ class ControlNet(nn.Module):
             )
         self.condition_channels = check_positive_int("condition_channels", condition_channels)
         check_positive_int("hint_channels", hint_channels)
-        self.encoder = copy.deepcopy(base)
-        self.encoder.up = nn.ModuleList()  # the copy only ever runs its contracting path
-        self.encoder.output = nn.Identity()
-        self.encoder.requires_grad_(True)
+        self.encoder = copy.deepcopy(base).drop_expanding_path().requires_grad_(True)
         base_channels = base.input_conv.out_channels
         self.hint = nn.Sequential(
             nn.Conv2d(condition_channels, hint_channels, 3, padding=1),
@@ -128,7 +134,7 @@ class ControlNet(nn.Module):
         self.skip_projections = nn.ModuleList(
             _zero_init(nn.Conv2d(channels, channels, 1)) for channels in base.skip_channels
         )
-        middle_channels = base.middle[-1].block.conv2.out_channels
+        middle_channels = base.skip_channels[-1]
         self.middle_projection = _zero_init(nn.Conv2d(middle_channels, middle_channels, 1))
 
     def forward(
@@ -245,7 +251,7 @@ class ImageConditionedLoss:
         if self.condition_dropout > 0:
             condition = _drop_conditions(condition, self.condition_dropout, generator)
         t, noise, x_t = _noisy_batch(schedule, x0, None, noise, generator)
-        output = model(x_t, t, condition) if labels is None else model(x_t, t, condition, labels)
+        output = _predict(model, x_t, t, condition, labels)
         check_same_shape("the model's output", output, "x0", x0)
         return F.mse_loss(output.float(), noise.float())
 
@@ -270,10 +276,11 @@ class ConditionBound(nn.Module):
             )
         condition = self.condition.to(device=x_t.device, dtype=x_t.dtype)
         if self.guidance == 0:
-            return self._predict(x_t, t, condition, labels)
+            return _predict(self.model, x_t, t, condition, labels)
         # One batch for both estimates: (1 + w) eps(x_t, c) - w eps(x_t, 0) (Ho & Salimans 2021).
         doubled = torch.cat([condition, torch.zeros_like(condition)])
-        both = self._predict(
+        both = _predict(
+            self.model,
             x_t.repeat(2, *([1] * (x_t.dim() - 1))),
             t.repeat(2),
             doubled,
@@ -281,11 +288,6 @@ class ConditionBound(nn.Module):
         )
         conditional, unconditional = both.chunk(2)
         return (1 + self.guidance) * conditional - self.guidance * unconditional
-
-    def _predict(self, x_t: Tensor, t: Tensor, condition: Tensor, labels: Tensor | None) -> Tensor:
-        if labels is None:
-            return self.model(x_t, t, condition)
-        return self.model(x_t, t, condition, labels)
 
 
 def with_condition(model: nn.Module, condition: Tensor, guidance: float = 0.0) -> ConditionBound:

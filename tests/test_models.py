@@ -521,3 +521,12 @@ def test_attention_unet_is_its_expanding_path_after_its_contracting_path():
     shifted = torch.randn(2, 8, 8, 8)
     expected = model.decode(*model.encode(x_t, t, input_residual=shifted))
     assert (expected - model(x_t, t)).abs().max() > 1e-4
+
+
+def test_a_network_without_its_expanding_path_only_encodes():
+    model = AttentionUNet(image_size=8, base_channels=8, channel_multipliers=(1, 2), norm_groups=4)
+    x_t, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
+    h, skips, features = model.drop_expanding_path().encode(x_t, t)
+    assert h.shape[1] == model.skip_channels[-1]  # the middle keeps the deepest skip's width
+    with pytest.raises(ValueError, match="expanding path was dropped"):
+        model(x_t, t)

@@ -329,9 +329,22 @@ class AttentionUNet(nn.Module):
             h = module(h, time_features)
         return h, skips, time_features
 
+    def drop_expanding_path(self) -> AttentionUNet:
+        """Remove the expanding path and the output layer in place and return the network,
+        for a module that only reads :meth:`encode`: a ControlNet's copy, a classifier's
+        encoder. The middle's output then has ``skip_channels[-1]`` channels."""
+        self.up = nn.ModuleList()
+        self.output = nn.Identity()
+        return self
+
     def decode(self, h: Tensor, skips: list[Tensor], time_features: Tensor) -> Tensor:
         """The expanding path: from :meth:`encode`'s outputs to the noise estimate
         (B, out_channels, H, W). ``skips`` is consumed from the end, deepest first."""
+        if not self.up:
+            raise ValueError(
+                "this AttentionUNet's expanding path was dropped (drop_expanding_path), so it "
+                "can only encode; call encode(x_t, t) for its features"
+            )
         skips = list(skips)
         for module in self.up:
             if isinstance(module, _Stage):
