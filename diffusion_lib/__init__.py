@@ -163,6 +163,7 @@ from diffusion_lib.schedules import (
 )
 from diffusion_lib.smoke import smoke_mode
 from diffusion_lib.solvers import EvaluationCounter, dpm_solver_sample, heun_sample, ode_timesteps
+from diffusion_lib.text_conditioning import CaptionEncoder, CaptionVocabulary, TextConditionedUNet
 from diffusion_lib.toy import GaussianMixture, OptimalNoisePredictor, OptimalVelocity, SampleQuality
 from diffusion_lib.training import (
     CheckpointError,
@@ -195,6 +196,9 @@ __all__ = [
     "ControlledUNet",
     "ImageConditionedLoss",
     "with_condition",
+    "CaptionEncoder",
+    "CaptionVocabulary",
+    "TextConditionedUNet",
     "CLASS_NAMES",
     "DATA_VARIABLE",
     "SCHEDULES",

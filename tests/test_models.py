@@ -23,7 +23,7 @@ from diffusion_lib.models import (
     count_parameters,
     sinusoidal_embedding,
 )
-from diffusion_lib.models.attention_unet import SelfAttention
+from diffusion_lib.models.attention_unet import CrossAttention, SelfAttention
 from diffusion_lib.sampling import predict_noise
 
 T = 1000
@@ -530,3 +530,65 @@ def test_a_network_without_its_expanding_path_only_encodes():
     assert h.shape[1] == model.skip_channels[-1]  # the middle keeps the deepest skip's width
     with pytest.raises(ValueError, match="expanding path was dropped"):
         model(x_t, t)
+
+
+def test_cross_attention_matches_softmax_formula_with_padding() -> None:
+    layer = perturb(CrossAttention(channels=8, context_dim=6, num_heads=2, groups=4), scale=0.3)
+    x, context = torch.randn(2, 8, 3, 5), torch.randn(2, 4, 6)
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    query = layer.query(layer.norm(x).flatten(2).transpose(1, 2))  # (B, N, C)
+    key, value = layer.key_value(context).chunk(2, dim=-1)  # (B, L, C) each
+    heads = []
+    for head in range(2):
+        part = slice(4 * head, 4 * head + 4)
+        scores = query[..., part] @ key[..., part].transpose(1, 2) / 2.0
+        weights = torch.softmax(scores.masked_fill(~mask[:, None, :], -math.inf), dim=-1)
+        heads.append(weights @ value[..., part])
+    out = layer.output(torch.cat(heads, dim=-1)).transpose(1, 2).reshape(x.shape)
+    torch.testing.assert_close(layer(x, context, mask), x + out)
+    # Padding is not read: changing the masked tokens changes nothing.
+    changed = torch.where(mask[..., None], context, torch.randn_like(context))
+    torch.testing.assert_close(layer(x, changed, mask), layer(x, context, mask))
+
+
+def test_cross_attention_to_one_token_adds_the_same_vector_to_every_pixel() -> None:
+    layer = perturb(CrossAttention(channels=8, context_dim=6, num_heads=2, groups=4), scale=0.3)
+    x, token = torch.randn(2, 8, 3, 5), torch.randn(2, 1, 6)
+    value = layer.key_value(token)[..., 8:]  # (B, 1, C): the softmax over one key is 1
+    added = layer.output(value).transpose(1, 2)[..., None]  # (B, C, 1, 1)
+    torch.testing.assert_close(layer(x, token), x + added)
+
+
+def test_context_reaches_every_cross_attention_layer_and_only_those() -> None:
+    model = perturb(tiny_attention_unet(1, 8, context_dim=6), scale=0.2)
+    layers = [m for m in model.modules() if isinstance(m, CrossAttention)]
+    # One per self-attention layer except the middle's second stage, which has none.
+    assert len(layers) == sum(isinstance(m, SelfAttention) for m in model.modules())
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
+    context = torch.randn(2, 3, 6)
+    out = model(x, t, context=context)
+    assert not torch.allclose(out, model(x, t, context=context.flip(0)))
+    for layer in layers:
+        nn.init.zeros_(layer.output.weight), nn.init.zeros_(layer.output.bias)
+    plain = tiny_attention_unet(1, 8)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all("cross_attention" in name for name in unexpected)
+    # With every cross-attention silenced, the network is the same one without them.
+    torch.testing.assert_close(model(x, t, context=context), plain(x, t))
+
+
+@pytest.mark.parametrize(
+    ("context_dim", "context", "mask", "message"),
+    [
+        (None, torch.zeros(2, 3, 6), None, "takes no context"),
+        (6, None, None, "cross-attends to a context"),
+        (6, torch.zeros(2, 3, 5), None, r"context must have shape \(2, L, 6\)"),
+        (6, torch.zeros(3, 3, 6), None, r"context must have shape \(2, L, 6\)"),
+        (6, torch.zeros(2, 3, 6), torch.ones(2, 3), "context_mask must be a bool"),
+        (6, torch.zeros(2, 3, 6), torch.tensor([[1, 0, 0], [0, 0, 0]]).bool(), "at least one"),
+    ],
+)
+def test_bad_context_raises(context_dim, context, mask, message) -> None:
+    model = tiny_attention_unet(1, 8, context_dim=context_dim)
+    with pytest.raises(ValueError, match=message):
+        model(torch.zeros(2, 1, 8, 8), torch.tensor([1, 2]), context=context, context_mask=mask)

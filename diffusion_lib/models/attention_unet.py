@@ -96,6 +96,49 @@ class SelfAttention(nn.Module):
         return x + out
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention from the H * W pixels of a feature map to a sequence of context
+    tokens, with a residual: how a text-to-image U-net reads its caption (Rombach et al. 2022,
+    sec. 3.3, eq. 3).
+
+    Queries are projections of the normalised pixels; keys and values are projections of the
+    context tokens ``tau(y)``, so ``softmax(Q K^T / sqrt(d)) V`` gives every pixel its own
+    mixture of the tokens. ``context_mask`` marks the tokens that take part (True) and those
+    that are padding (False). With a single context token the softmax is 1 and every pixel
+    receives the same vector, ``W_o (W_v c + b_v) + b_o``: the global conditioning of an
+    added embedding. The output projection starts at zero, so the block starts as the identity.
+
+    Shapes: ``x`` (B, C, H, W), ``context`` (B, L, context_dim), ``context_mask`` (B, L) bool
+    or None -> (B, C, H, W).
+    """
+
+    def __init__(self, channels: int, context_dim: int, num_heads: int, groups: int) -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(
+                f"num_heads={num_heads} must divide the {channels} channels of every attention layer"
+            )
+        self.num_heads = num_heads
+        self.context_dim = context_dim
+        self.norm = nn.GroupNorm(groups, channels)
+        self.query = nn.Linear(channels, channels)
+        self.key_value = nn.Linear(context_dim, 2 * channels)
+        self.output = _zero_init(nn.Linear(channels, channels))
+
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+        batch, channels, height, width = x.shape
+        head_dim = channels // self.num_heads
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        query = self.query(tokens).reshape(batch, height * width, self.num_heads, head_dim)
+        key_value = self.key_value(context).reshape(batch, -1, 2, self.num_heads, head_dim)
+        key, value = key_value.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, d)
+        mask = None if context_mask is None else context_mask[:, None, None, :]
+        attended = F.scaled_dot_product_attention(query.transpose(1, 2), key, value, mask)
+        attended = attended.transpose(1, 2).reshape(batch, height * width, channels)
+        out = self.output(attended).transpose(1, 2).reshape(batch, channels, height, width)
+        return x + out
+
+
 class Downsample(nn.Module):
     """Stride-2 3x3 convolution: (B, C, H, W) -> (B, C, H/2, W/2)."""
 
@@ -119,7 +162,8 @@ class Upsample(nn.Module):
 
 
 class _Stage(nn.Module):
-    """A residual block optionally followed by self-attention; the unit both paths are made of."""
+    """A residual block optionally followed by self-attention and, in a network with a
+    ``context_dim``, cross-attention to the context; the unit both paths are made of."""
 
     def __init__(
         self,
@@ -130,14 +174,30 @@ class _Stage(nn.Module):
         groups: int,
         attention: bool,
         num_heads: int,
+        context_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.block = ResidualBlock(in_channels, out_channels, time_dim, dropout, groups)
         self.attention = SelfAttention(out_channels, num_heads, groups) if attention else None
+        self.cross_attention = (
+            CrossAttention(out_channels, context_dim, num_heads, groups)
+            if attention and context_dim is not None
+            else None
+        )
 
-    def forward(self, x: Tensor, time_features: Tensor) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        time_features: Tensor,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
         h = self.block(x, time_features)
-        return self.attention(h) if self.attention is not None else h
+        if self.attention is not None:
+            h = self.attention(h)
+        if self.cross_attention is not None:
+            h = self.cross_attention(h, context, context_mask)
+        return h
 
 
 class AttentionUNet(nn.Module):
@@ -160,6 +220,12 @@ class AttentionUNet(nn.Module):
     row ``null_label = num_classes`` stands for "no label", which classifier-free guidance
     (Ho & Salimans 2021) trains by dropping labels and uses at sampling time.
 
+    With ``context_dim`` set, every stage that has self-attention (and the middle) also has
+    a :class:`CrossAttention` layer to a sequence of context tokens, such as an encoded
+    caption, given as ``forward(x_t, t, context=..., context_mask=...)``: the conditioning
+    of Stable Diffusion's U-net (Rombach et al. 2022), used by
+    :class:`~diffusion_lib.text_conditioning.TextConditionedUNet`.
+
     Args:
         image_size: H = W; must be divisible by 2 ** (len(channel_multipliers) - 1).
         channels: image channels C (1 for MNIST, 3 for colour).
@@ -177,9 +243,13 @@ class AttentionUNet(nn.Module):
         norm_groups: GroupNorm groups; must divide the channels of every level.
         out_channels: channels of the output; ``None`` means C. ``2 C`` gives the noise and a
             learned variance (see :mod:`diffusion_lib.learned_variance`).
+        context_dim: width of the context tokens the attention stages cross-attend to, or
+            ``None`` for a network without cross-attention.
 
-    Shapes: ``forward(x_t, t, labels=None)`` with ``x_t`` (B, C, H, W), ``t`` (B,) int64 and
-    ``labels`` (B,) int64 in 0..num_classes -> (B, out_channels, H, W).
+    Shapes: ``forward(x_t, t, labels=None, context=None, context_mask=None)`` with ``x_t``
+    (B, C, H, W), ``t`` (B,) int64, ``labels`` (B,) int64 in 0..num_classes, ``context``
+    (B, L, context_dim) and ``context_mask`` (B, L) bool (True for the tokens that take part)
+    -> (B, out_channels, H, W).
     """
 
     def __init__(
@@ -196,6 +266,7 @@ class AttentionUNet(nn.Module):
         num_heads: int = 4,
         norm_groups: int = 8,
         out_channels: int | None = None,
+        context_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.image_size = check_positive_int("image_size", image_size)
@@ -222,6 +293,9 @@ class AttentionUNet(nn.Module):
         self.num_classes = (
             None if num_classes is None else check_positive_int("num_classes", num_classes)
         )
+        self.context_dim = (
+            None if context_dim is None else check_positive_int("context_dim", context_dim)
+        )
 
         self.time_embedding = TimeEmbedding(base_channels, 4 * base_channels)
         time_dim = self.time_embedding.out_dim
@@ -231,7 +305,9 @@ class AttentionUNet(nn.Module):
 
         def stage(n_in: int, n_out: int, resolution: int) -> _Stage:
             attention = resolution in self.attention_resolutions
-            return _Stage(n_in, n_out, time_dim, dropout, norm_groups, attention, num_heads)
+            return _Stage(
+                n_in, n_out, time_dim, dropout, norm_groups, attention, num_heads, context_dim
+            )
 
         self.input_conv = nn.Conv2d(channels, base_channels, 3, padding=1)
         skip_channels = [base_channels]
@@ -248,7 +324,7 @@ class AttentionUNet(nn.Module):
 
         self.middle = nn.ModuleList(
             [
-                _Stage(width, width, time_dim, dropout, norm_groups, True, num_heads),
+                _Stage(width, width, time_dim, dropout, norm_groups, True, num_heads, context_dim),
                 _Stage(width, width, time_dim, dropout, norm_groups, False, num_heads),
             ]
         )
@@ -284,13 +360,25 @@ class AttentionUNet(nn.Module):
             )
         return self.num_classes
 
-    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        labels: Tensor | None = None,
+        *,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
         """Predict the noise in ``x_t`` (B, C, H, W) at 0-based timesteps ``t`` (B,).
 
         ``t`` may also hold real times in [0, T]: a velocity model of a
         :class:`~diffusion_lib.flow_matching.RectifiedFlow` is called with ``1000 t``.
+        ``context`` and ``context_mask`` are given exactly when the network has a
+        ``context_dim``.
         """
-        return self.decode(*self.encode(x_t, t, labels))
+        context_options = {"context": context, "context_mask": context_mask}
+        h, skips, time_features = self.encode(x_t, t, labels, **context_options)
+        return self.decode(h, skips, time_features, **context_options)
 
     def encode(
         self,
@@ -299,6 +387,8 @@ class AttentionUNet(nn.Module):
         labels: Tensor | None = None,
         *,
         input_residual: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor], Tensor]:
         """The contracting path and the middle: ``(h, skips, time_features)``.
 
@@ -306,9 +396,12 @@ class AttentionUNet(nn.Module):
         concatenates back, with ``self.skip_channels`` channels, and ``time_features`` the
         activated time (and label) embedding (B, time_dim). ``input_residual``
         (B, base_channels, H, W) is added to the first convolution's output: where a
-        ControlNet feeds its encoded condition in (Zhang, Rao & Agrawala 2023).
+        ControlNet feeds its encoded condition in (Zhang, Rao & Agrawala 2023). ``context``
+        and ``context_mask`` go to the cross-attention layers, as in :meth:`forward`.
         """
         check_image_batch(type(self).__name__, x_t, self.channels, self.image_size)
+        if not torch.compiler.is_compiling():
+            self._check_context(context, context_mask, x_t.shape[0])
         if not torch.compiler.is_compiling():
             # Range checks read t's values; skip them on accelerators to avoid a sync per step.
             check_model_times(t, self.timesteps, x_t.shape[0], values=t.device.type == "cpu")
@@ -323,11 +416,40 @@ class AttentionUNet(nn.Module):
             h = h + input_residual
         skips = [h]
         for module in self.down:
-            h = module(h, time_features) if isinstance(module, _Stage) else module(h)
+            is_stage = isinstance(module, _Stage)
+            h = module(h, time_features, context, context_mask) if is_stage else module(h)
             skips.append(h)
         for module in self.middle:
-            h = module(h, time_features)
+            h = module(h, time_features, context, context_mask)
         return h, skips, time_features
+
+    def _check_context(self, context: Tensor | None, mask: Tensor | None, batch: int) -> None:
+        """Raise ``ValueError`` unless the context fits this network and the batch."""
+        if self.context_dim is None:
+            if context is not None or mask is not None:
+                raise ValueError(
+                    "this AttentionUNet has no cross-attention (context_dim=None) and takes no "
+                    "context; build it with context_dim=... to condition on a token sequence"
+                )
+            return
+        if context is None:
+            raise ValueError(
+                f"this AttentionUNet cross-attends to a context (context_dim={self.context_dim}): "
+                f"pass context=(B, L, {self.context_dim}) tokens, e.g. an encoded caption"
+            )
+        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != self.context_dim:
+            raise ValueError(
+                f"context must have shape ({batch}, L, {self.context_dim}), got "
+                f"{tuple(context.shape)}"
+            )
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != context.shape[:2]):
+            raise ValueError(
+                f"context_mask must be a bool tensor of shape {tuple(context.shape[:2])} (True "
+                f"for the tokens that take part), got {mask.dtype} {tuple(mask.shape)}"
+            )
+        # Reading the mask's values would make an accelerator wait; check them on a CPU only.
+        if mask is not None and mask.device.type == "cpu" and not bool(mask.any(dim=1).all()):
+            raise ValueError("context_mask must keep at least one token of every sample")
 
     def drop_expanding_path(self) -> AttentionUNet:
         """Remove the expanding path and the output layer in place and return the network,
@@ -337,9 +459,18 @@ class AttentionUNet(nn.Module):
         self.output = nn.Identity()
         return self
 
-    def decode(self, h: Tensor, skips: list[Tensor], time_features: Tensor) -> Tensor:
+    def decode(
+        self,
+        h: Tensor,
+        skips: list[Tensor],
+        time_features: Tensor,
+        *,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
         """The expanding path: from :meth:`encode`'s outputs to the noise estimate
-        (B, out_channels, H, W). ``skips`` is consumed from the end, deepest first."""
+        (B, out_channels, H, W). ``skips`` is consumed from the end, deepest first; the
+        context is the one given to :meth:`encode`."""
         if not self.up:
             raise ValueError(
                 "this AttentionUNet's expanding path was dropped (drop_expanding_path), so it "
@@ -348,7 +479,8 @@ class AttentionUNet(nn.Module):
         skips = list(skips)
         for module in self.up:
             if isinstance(module, _Stage):
-                h = module(torch.cat([h, skips.pop()], dim=1), time_features)
+                h = torch.cat([h, skips.pop()], dim=1)
+                h = module(h, time_features, context, context_mask)
             else:
                 h = module(h)
         return self.output(h)

@@ -1,0 +1,152 @@
+"""Tests for diffusion_lib.text_conditioning: tokenizer, text encoder and the captioned U-net."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from diffusion_lib import NoiseSchedule, ddim_sample, load_checkpoint, train
+from diffusion_lib.sampling import predict_noise
+from diffusion_lib.text_conditioning import (
+    CaptionEncoder,
+    CaptionVocabulary,
+    TextConditionedUNet,
+    pool_tokens,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WORDS = ["three", "seven", "left", "right", "of"]
+CAPTIONS = ["three left of seven", "seven right of three", "seven left of three", "three"]
+UNET = dict(image_size=8, base_channels=8, num_res_blocks=1, num_heads=2)
+
+
+def vocabulary() -> CaptionVocabulary:
+    return CaptionVocabulary(WORDS, max_length=4)
+
+
+def perturbed(module: nn.Module, scale: float = 0.2) -> nn.Module:
+    """Noise on every parameter, so the zero-initialised outputs no longer hide the rest."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    return module
+
+
+def test_encode_starts_every_caption_and_pads_the_rest() -> None:
+    tokens = vocabulary().encode(["three left of seven", "seven", ""])
+    # words: 0 pad, 1 start, 2 three, 3 seven, 4 left, 5 right, 6 of
+    expected = torch.tensor([[1, 2, 4, 6, 3], [1, 3, 0, 0, 0], [1, 0, 0, 0, 0]])
+    assert torch.equal(tokens, expected)
+    assert vocabulary().decode(tokens) == ["three left of seven", "seven", ""]
+    assert len(vocabulary()) == 7
+
+
+@pytest.mark.parametrize(
+    ("words", "captions", "message"),
+    [
+        (WORDS, ["three above seven"], r"outside the vocabulary: \['above'\]"),
+        (WORDS, ["three left of seven seven"], "has 5 words; at most 4"),
+        (WORDS, "three", "list of captions"),
+        (["Three"], [], "lower case"),
+        (["of", "of"], [], "distinct"),
+        (["<start>"], [], "distinct"),
+    ],
+)
+def test_bad_vocabularies_and_captions_raise(words, captions, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        CaptionVocabulary(words, max_length=4).encode(captions)
+
+
+def test_padding_is_invisible_to_the_encoder() -> None:
+    encoder = CaptionEncoder(len(vocabulary()), length=5, dim=16, heads=2).eval()
+    padded = vocabulary().encode(["three left of"])  # (1, 5) with one padding token
+    context, mask = encoder(padded)
+    trimmed, _ = encoder(padded[:, :4])
+    assert torch.equal(mask, padded != 0)
+    torch.testing.assert_close(context[:, :4], trimmed)
+    by_hand = context[0, :4].mean(dim=0)
+    torch.testing.assert_close(pool_tokens(context, mask)[0, 0], by_hand)
+
+
+def test_a_bag_of_words_cannot_tell_the_order_and_positions_can() -> None:
+    tokens = vocabulary().encode(["three left of seven", "seven left of three"])
+    bag = CaptionEncoder(len(vocabulary()), 5, dim=16, heads=2, positional=False).eval()
+    context, mask = bag(tokens)
+    # The second caption swaps words 1 and 4, and so the encoder's outputs.
+    torch.testing.assert_close(context[1], context[0][[0, 4, 2, 3, 1]])
+    pooled = pool_tokens(context, mask)
+    torch.testing.assert_close(pooled[0], pooled[1])
+    ordered = CaptionEncoder(len(vocabulary()), 5, dim=16, heads=2).eval()
+    pooled = pool_tokens(*ordered(tokens))
+    assert (pooled[0] - pooled[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_labels_pick_rows_of_the_caption_table(pooled: bool) -> None:
+    model = perturbed(
+        TextConditionedUNet(CAPTIONS, vocabulary(), pooled=pooled, text_dim=16, **UNET)
+    )
+    assert model.num_classes == model.null_label == 4 and model.captions == CAPTIONS
+    x, t, labels = torch.randn(3, 1, 8, 8), torch.tensor([10, 500, 999]), torch.tensor([2, 0, 4])
+    # The same computation from the caption strings, through the parts.
+    context, mask = model.text_encoder(vocabulary().encode([CAPTIONS[2], CAPTIONS[0], ""]))
+    if pooled:  # the mean over the start token and the words
+        lengths = [1 + len(CAPTIONS[2].split()), 1 + len(CAPTIONS[0].split()), 1]
+        means = [context[i, :n].mean(dim=0) for i, n in enumerate(lengths)]
+        context, mask = torch.stack(means)[:, None], None
+    expected = model.unet(x, t, context=context, context_mask=mask)
+    torch.testing.assert_close(model(x, t, labels), expected)
+    torch.testing.assert_close(model(x, t), model(x, t, torch.full((3,), 4)))
+    assert not torch.allclose(model(x, t, labels), model(x, t, torch.tensor([1, 3, 0])))
+
+
+def test_guidance_combines_the_caption_and_the_empty_caption() -> None:
+    model = perturbed(TextConditionedUNet(CAPTIONS, vocabulary(), text_dim=16, **UNET))
+    x, t, labels = torch.randn(2, 1, 8, 8), torch.tensor([40, 600]), torch.tensor([0, 3])
+    guided = predict_noise(model, x, t, labels, guidance=1.5, null_label=model.null_label)
+    torch.testing.assert_close(
+        guided, 2.5 * model(x, t, labels) - 1.5 * model(x, t), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_trains_with_label_dropout_and_samples_with_guidance(tmp_path) -> None:
+    schedule = NoiseSchedule.from_name("linear", timesteps=100)
+    model = TextConditionedUNet(CAPTIONS, vocabulary(), text_dim=16, timesteps=100, **UNET)
+    images, labels = torch.randn(32, 1, 8, 8).clamp(-1, 1), torch.arange(32) % 4
+    result = train(model, schedule, images, labels=labels, steps=3, batch_size=8,
+                   label_dropout=0.2, device="cpu", progress=False, checkpoint_dir=tmp_path)  # fmt: skip
+    assert result.steps == 3
+    assert model.text_encoder.token_embedding.weight.grad is not None
+    reloaded = TextConditionedUNet(CAPTIONS, vocabulary(), text_dim=16, timesteps=100, **UNET)
+    load_checkpoint(tmp_path / "checkpoint.pt", reloaded)
+    torch.testing.assert_close(reloaded.state_dict(), result.ema_model.state_dict())
+    samples = ddim_sample(result.ema_model, schedule, (4, 1, 8, 8), steps=5, labels=labels[:4],
+                          guidance=2.0, null_label=model.null_label,
+                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert samples.shape == (4, 1, 8, 8) and torch.isfinite(samples).all()
+
+
+@pytest.mark.parametrize(
+    ("captions", "options", "message"),
+    [
+        ([], {}, "non-empty list"),
+        ("three", {}, "non-empty list"),
+        (CAPTIONS, {"num_classes": 3}, "num_classes are set by the captions"),
+        (CAPTIONS, {"context_dim": 3}, "context_dim are set by the captions"),
+        (["three below seven"], {}, "outside the vocabulary"),
+    ],
+)
+def test_bad_models_raise(captions, options, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        TextConditionedUNet(captions, vocabulary(), text_dim=16, **UNET, **options)
+
+
+def test_bad_labels_raise() -> None:
+    model = TextConditionedUNet(CAPTIONS, vocabulary(), text_dim=16, **UNET)
+    with pytest.raises(ValueError, match=r"labels must lie in 0..4"):
+        model(torch.zeros(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="vocabulary must be a CaptionVocabulary"):
+        TextConditionedUNet(CAPTIONS, WORDS, **UNET)
