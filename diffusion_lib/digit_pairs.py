@@ -1,9 +1,9 @@
 """Two MNIST digits side by side, described by a caption: a small text-to-image task.
 
 A scene is a 28x28 canvas holding two digits shrunk to 14x14, one in each half. Its caption
-names both digits and their order in one of two ways, "three left of seven" or
-"seven right of three", so that a text encoder must read the word order and the relation
-word to know which digit goes where; a bag of words cannot. :func:`read_scenes` checks a
+names both digits and their order, "three left of seven", and optionally also in the other
+phrasing, "seven right of three". A text encoder must read the word order (and the relation
+word) to know which digit goes where; a bag of words cannot. :func:`read_scenes` checks a
 generated scene by cutting it in two and classifying each half with the reference
 classifier of :mod:`diffusion_lib.metrics`.
 """
@@ -42,11 +42,11 @@ def caption(left: int, right: int, relation: str = "left") -> str:
 
 @dataclass(frozen=True)
 class SceneCaptions:
-    """The caption table: every ordered pair of distinct digits, in both phrasings.
+    """A caption table: every ordered pair of distinct digits, in each phrasing asked for.
 
     Attributes:
-        captions: 180 captions; rows 2k and 2k + 1 describe the same pair.
-        left, right: (180,) int64, the digit each caption puts on the left and on the right.
+        captions: 90 captions per phrasing; with both, rows 2k and 2k + 1 describe one pair.
+        left, right: (N,) int64, the digit each caption puts on the left and on the right.
     """
 
     captions: list[str]
@@ -54,16 +54,21 @@ class SceneCaptions:
     right: Tensor
 
     def pair_index(self, left: int, right: int) -> Tensor:
-        """The rows (2,) of the captions of the pair (left, right)."""
+        """The rows of the captions of the pair (left, right), one per phrasing."""
         return ((self.left == left) & (self.right == right)).nonzero().flatten()
 
 
-def scene_captions() -> SceneCaptions:
-    """Build the :class:`SceneCaptions` table."""
+def scene_captions(relations: tuple[str, ...] = ("left",)) -> SceneCaptions:
+    """The :class:`SceneCaptions` table of the phrasings ``relations``: ``("left",)`` for
+    "three left of seven" only, ``("left", "right")`` to add "seven right of three"."""
+    if not relations or len(set(relations)) != len(relations):
+        raise ValueError(
+            f"relations must be distinct phrasings, 'left' and/or 'right'; got {relations}"
+        )
     pairs = [(a, b) for a in range(10) for b in range(10) if a != b]
-    captions = [caption(a, b, relation) for a, b in pairs for relation in ("left", "right")]
-    left = torch.tensor([a for a, _ in pairs for _ in range(2)])
-    right = torch.tensor([b for _, b in pairs for _ in range(2)])
+    captions = [caption(a, b, relation) for a, b in pairs for relation in relations]
+    left = torch.tensor([a for a, _ in pairs for _ in relations])
+    right = torch.tensor([b for _, b in pairs for _ in relations])
     return SceneCaptions(captions, left, right)
 
 

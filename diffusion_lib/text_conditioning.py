@@ -116,9 +116,12 @@ class CaptionEncoder(nn.Module):
         check_positive_int("dim", dim)
         if dim % check_positive_int("heads", heads):
             raise ValueError(f"heads={heads} must divide the text encoder's width dim={dim}")
+        # Words and positions start at the same small scale (as GPT-2's), so that the order
+        # is as visible to the first layer as the words are.
         self.token_embedding = nn.Embedding(
             check_positive_int("vocabulary_size", vocabulary_size), dim
         )
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
         self.position_embedding = (
             nn.Parameter(0.02 * torch.randn(check_positive_int("length", length), dim))
             if positional

@@ -546,6 +546,12 @@ def test_cross_attention_matches_softmax_formula_with_padding() -> None:
         heads.append(weights @ value[..., part])
     out = layer.output(torch.cat(heads, dim=-1)).transpose(1, 2).reshape(x.shape)
     torch.testing.assert_close(layer(x, context, mask), x + out)
+    weights = layer.attention_weights(x, context, mask)  # (B, heads, N, L)
+    assert weights.shape == (2, 2, 15, 4) and (weights[1, :, :, 1:] == 0).all()
+    by_hand = torch.softmax(query[..., :4] @ key[..., :4].transpose(1, 2) / 2.0, dim=-1)
+    torch.testing.assert_close(
+        weights[0, 0, :, :3], by_hand[0, :, :3] / by_hand[0, :, :3].sum(-1, keepdim=True)
+    )
     # Padding is not read: changing the masked tokens changes nothing.
     changed = torch.where(mask[..., None], context, torch.randn_like(context))
     torch.testing.assert_close(layer(x, changed, mask), layer(x, context, mask))

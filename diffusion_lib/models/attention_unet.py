@@ -125,18 +125,35 @@ class CrossAttention(nn.Module):
         self.key_value = nn.Linear(context_dim, 2 * channels)
         self.output = _zero_init(nn.Linear(channels, channels))
 
-    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+    def _heads(self, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (B, heads, H*W, d) of the pixels; keys and values (B, heads, L, d)."""
         batch, channels, height, width = x.shape
         head_dim = channels // self.num_heads
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
         query = self.query(tokens).reshape(batch, height * width, self.num_heads, head_dim)
         key_value = self.key_value(context).reshape(batch, -1, 2, self.num_heads, head_dim)
-        key, value = key_value.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, d)
+        key, value = key_value.permute(2, 0, 3, 1, 4).unbind(0)
+        return query.transpose(1, 2), key, value
+
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+        batch, channels, height, width = x.shape
+        query, key, value = self._heads(x, context)
         mask = None if context_mask is None else context_mask[:, None, None, :]
-        attended = F.scaled_dot_product_attention(query.transpose(1, 2), key, value, mask)
+        attended = F.scaled_dot_product_attention(query, key, value, mask)
         attended = attended.transpose(1, 2).reshape(batch, height * width, channels)
         out = self.output(attended).transpose(1, 2).reshape(batch, channels, height, width)
         return x + out
+
+    def attention_weights(
+        self, x: Tensor, context: Tensor, context_mask: Tensor | None = None
+    ) -> Tensor:
+        """``softmax(Q K^T / sqrt(d))``: how much each pixel reads each token,
+        (B, heads, H*W, L), zero for padding; each row sums to 1."""
+        query, key, _ = self._heads(x, context)
+        scores = query @ key.transpose(-1, -2) / query.shape[-1] ** 0.5
+        if context_mask is not None:
+            scores = scores.masked_fill(~context_mask[:, None, None, :], float("-inf"))
+        return scores.softmax(dim=-1)
 
 
 class Downsample(nn.Module):
