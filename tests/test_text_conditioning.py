@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from test_models import perturb  # noise on every parameter, so zero-initialised layers speak
 
 from diffusion_lib import NoiseSchedule, ddim_sample, load_checkpoint, train
 from diffusion_lib.sampling import predict_noise
@@ -24,15 +24,6 @@ UNET = dict(image_size=8, base_channels=8, num_res_blocks=1, num_heads=2)
 
 def vocabulary() -> CaptionVocabulary:
     return CaptionVocabulary(WORDS, max_length=4)
-
-
-def perturbed(module: nn.Module, scale: float = 0.2) -> nn.Module:
-    """Noise on every parameter, so the zero-initialised outputs no longer hide the rest."""
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
-    return module
 
 
 def test_encode_starts_every_caption_and_pads_the_rest() -> None:
@@ -86,9 +77,7 @@ def test_a_bag_of_words_cannot_tell_the_order_and_positions_can() -> None:
 
 @pytest.mark.parametrize("pooled", [False, True])
 def test_labels_pick_rows_of_the_caption_table(pooled: bool) -> None:
-    model = perturbed(
-        TextConditionedUNet(CAPTIONS, vocabulary(), pooled=pooled, text_dim=16, **UNET)
-    )
+    model = perturb(TextConditionedUNet(CAPTIONS, vocabulary(), pooled=pooled, text_dim=16, **UNET))
     assert model.num_classes == model.null_label == 4 and model.captions == CAPTIONS
     x, t, labels = torch.randn(3, 1, 8, 8), torch.tensor([10, 500, 999]), torch.tensor([2, 0, 4])
     # The same computation from the caption strings, through the parts.
@@ -104,7 +93,7 @@ def test_labels_pick_rows_of_the_caption_table(pooled: bool) -> None:
 
 
 def test_guidance_combines_the_caption_and_the_empty_caption() -> None:
-    model = perturbed(TextConditionedUNet(CAPTIONS, vocabulary(), text_dim=16, **UNET))
+    model = perturb(TextConditionedUNet(CAPTIONS, vocabulary(), text_dim=16, **UNET))
     x, t, labels = torch.randn(2, 1, 8, 8), torch.tensor([40, 600]), torch.tensor([0, 3])
     guided = predict_noise(model, x, t, labels, guidance=1.5, null_label=model.null_label)
     torch.testing.assert_close(
