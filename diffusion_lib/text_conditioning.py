@@ -198,7 +198,8 @@ class TextConditionedUNet(nn.Module):
             )
         self.vocabulary = vocabulary
         self.pooled = bool(pooled)
-        self.register_buffer("caption_tokens", vocabulary.encode([*captions, ""]))
+        # The table is not part of the weights: nothing learned depends on a caption's row.
+        self.register_buffer("caption_tokens", vocabulary.encode([*captions, ""]), persistent=False)
         self.text_encoder = CaptionEncoder(
             len(vocabulary),
             vocabulary.max_length + 1,
@@ -225,6 +226,24 @@ class TextConditionedUNet(nn.Module):
     def captions(self) -> list[str]:
         """The table of captions, without the empty one."""
         return self.vocabulary.decode(self.caption_tokens[:-1].cpu())
+
+    def caption_rows(self, captions: Sequence[str]) -> Tensor:
+        """The labels (N,) int64 of ``captions``, adding those not in the table to its end.
+
+        The network reads words, not rows, so any caption in the vocabulary can be drawn.
+        Adding captions moves the empty caption, and so ``null_label``, to the new end.
+        """
+        if isinstance(captions, str):
+            raise ValueError("caption_rows takes a list of captions; wrap one as [caption]")
+        table, wanted = self.captions, [" ".join(c.lower().split()) for c in captions]
+        new = [c for c in dict.fromkeys(wanted) if c not in table]
+        if new:
+            tokens = self.vocabulary.encode(new).to(self.caption_tokens.device)
+            rows = [self.caption_tokens[:-1], tokens, self.caption_tokens[-1:]]
+            self.caption_tokens = torch.cat(rows)
+            table = table + new
+        index = {caption: row for row, caption in enumerate(table)}
+        return torch.tensor([index[c] for c in wanted])
 
     def encode_captions(self, labels: Tensor) -> tuple[Tensor, Tensor | None]:
         """The context the U-net reads for ``labels`` (B,): (B, L, text_dim) tokens and their

@@ -139,3 +139,20 @@ def test_bad_labels_raise() -> None:
         model(torch.zeros(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="vocabulary must be a CaptionVocabulary"):
         TextConditionedUNet(CAPTIONS, WORDS, **UNET)
+
+
+def test_any_caption_of_the_vocabulary_can_be_asked_for() -> None:
+    model = perturb(TextConditionedUNet(CAPTIONS[:2], vocabulary(), text_dim=16, **UNET))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
+    before = model(x, t, torch.tensor([1, 2]))  # caption 1 and the empty caption
+    rows = model.caption_rows(
+        ["seven right of three", "Three left of  seven", "seven left of three"]
+    )
+    assert rows.tolist() == [1, 0, 2] and model.null_label == 3
+    assert model.captions == [*CAPTIONS[:2], "seven left of three"]
+    torch.testing.assert_close(model(x, t, torch.tensor([1, 3])), before)
+    bigger = TextConditionedUNet(CAPTIONS[:3], vocabulary(), text_dim=16, **UNET)
+    bigger.load_state_dict(model.state_dict())  # the weights do not hold the table
+    torch.testing.assert_close(bigger(x, t, rows[2:].repeat(2)), model(x, t, rows[2:].repeat(2)))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.caption_rows(["three above seven"])
