@@ -32,8 +32,8 @@ from diffusion_lib.models.attention_unet import AttentionUNet
 from diffusion_lib.models.embeddings import _check_labels
 from diffusion_lib.validation import check_positive_int
 
-PAD = "<pad>"
-START = "<start>"
+PAD, PAD_INDEX = "<pad>", 0
+START, START_INDEX = "<start>", 1
 
 
 class CaptionVocabulary:
@@ -59,10 +59,6 @@ class CaptionVocabulary:
         self.index = {word: i for i, word in enumerate(self.words)}
         self.max_length = check_positive_int("max_length", max_length)
 
-    @property
-    def pad_index(self) -> int:
-        return 0
-
     def __len__(self) -> int:
         return len(self.words)
 
@@ -70,7 +66,7 @@ class CaptionVocabulary:
         """Token indices (N, max_length + 1) int64: the start token, the words, padding."""
         if isinstance(captions, str):
             raise ValueError("encode takes a list of captions; wrap a single one as [caption]")
-        tokens = torch.full((len(captions), self.max_length + 1), self.pad_index)
+        tokens = torch.full((len(captions), self.max_length + 1), PAD_INDEX)
         for row, caption in enumerate(captions):
             words = caption.lower().split()
             unknown = sorted({w for w in words if w not in self.index})
@@ -83,12 +79,14 @@ class CaptionVocabulary:
                 raise ValueError(
                     f"caption {caption!r} has {len(words)} words; at most {self.max_length}"
                 )
-            tokens[row, : len(words) + 1] = torch.tensor([1] + [self.index[w] for w in words])
+            tokens[row, : len(words) + 1] = torch.tensor(
+                [START_INDEX] + [self.index[w] for w in words]
+            )
         return tokens
 
     def decode(self, tokens: Tensor) -> list[str]:
         """The captions (N,) of token indices (N, L), without start and padding tokens."""
-        return [" ".join(self.words[i] for i in row if i > 1) for row in tokens.tolist()]
+        return [" ".join(self.words[i] for i in row if i > START_INDEX) for row in tokens.tolist()]
 
 
 class CaptionEncoder(nn.Module):
@@ -137,7 +135,7 @@ class CaptionEncoder(nn.Module):
         self.dim = dim
 
     def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        mask = tokens != 0
+        mask = tokens != PAD_INDEX
         h = self.token_embedding(tokens)
         if self.position_embedding is not None:
             h = h + self.position_embedding[: tokens.shape[1]]
@@ -209,8 +207,6 @@ class TextConditionedUNet(nn.Module):
             positional,
         )
         self.unet = AttentionUNet(context_dim=text_dim, **unet_options)
-        self.image_size, self.channels = self.unet.image_size, self.unet.channels
-        self.timesteps = self.unet.timesteps
 
     @property
     def num_classes(self) -> int:
