@@ -43,6 +43,7 @@ from diffusion_lib.feature_metrics import (
     nearest_neighbours,
 )
 from diffusion_lib.flow_matching import RectifiedFlow, flow_matching_loss, flow_sample, flow_times
+from diffusion_lib.guidance import Guided
 from diffusion_lib.image_conditioning import (
     ConcatConditioned,
     ConditionBound,
@@ -164,7 +165,14 @@ from diffusion_lib.schedules import (
 from diffusion_lib.smoke import smoke_mode
 from diffusion_lib.solvers import EvaluationCounter, dpm_solver_sample, heun_sample, ode_timesteps
 from diffusion_lib.text_conditioning import CaptionEncoder, CaptionVocabulary, TextConditionedUNet
-from diffusion_lib.toy import GaussianMixture, OptimalNoisePredictor, OptimalVelocity, SampleQuality
+from diffusion_lib.toy import (
+    ClassConditionalNoisePredictor,
+    GaussianMixture,
+    OptimalNoisePredictor,
+    OptimalVelocity,
+    SampleQuality,
+    pooled_mixture,
+)
 from diffusion_lib.training import (
     CheckpointError,
     NonFiniteLossError,
@@ -187,6 +195,7 @@ __all__ = [
     "add_classes",
     "learn_class_embedding",
     "ClassifierGuided",
+    "Guided",
     "NoisyClassifier",
     "logits_log_prob",
     "noisy_classifier_loss",
@@ -293,10 +302,12 @@ __all__ = [
     "annealed_langevin_sample",
     "langevin_sample",
     "langevin_timesteps",
+    "ClassConditionalNoisePredictor",
     "GaussianMixture",
     "OptimalNoisePredictor",
     "OptimalVelocity",
     "SampleQuality",
+    "pooled_mixture",
     "RectifiedFlow",
     "flow_matching_loss",
     "flow_sample",

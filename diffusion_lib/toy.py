@@ -172,6 +172,68 @@ class GaussianMixture:
         return OptimalVelocity(self, flow)
 
 
+def pooled_mixture(
+    classes: list[GaussianMixture], class_weights: Tensor | None = None
+) -> GaussianMixture:
+    """``sum_c pi_c q(x | c)``: the classes' mixtures pooled into one, with class weights pi_c
+    (equal when omitted), which is the data a model sees when the label is dropped."""
+    if not classes or any(not isinstance(mixture, GaussianMixture) for mixture in classes):
+        raise ValueError("classes must be a non-empty list of GaussianMixture, one per class")
+    if class_weights is None:
+        class_weights = torch.ones(len(classes), dtype=torch.float64)
+    class_weights = torch.as_tensor(class_weights, dtype=torch.float64)
+    if class_weights.shape != (len(classes),) or bool((class_weights <= 0).any()):
+        raise ValueError(
+            f"class_weights must be {len(classes)} positive numbers, got {class_weights}"
+        )
+    class_weights = class_weights / class_weights.sum()
+    return GaussianMixture(
+        torch.cat([mixture.means for mixture in classes]),
+        torch.cat([mixture.stds for mixture in classes]),
+        torch.cat(
+            [pi * mixture.weights for pi, mixture in zip(class_weights, classes, strict=True)]
+        ),
+    )
+
+
+class ClassConditionalNoisePredictor:
+    """``eps*(x_t, t, c) = E[eps | x_t, c]`` when the data of class c are the mixture ``classes[c]``.
+
+    The label ``null_label = len(classes)`` asks for ``E[eps | x_t]`` on all classes pooled
+    (:func:`pooled_mixture`): what a network trained with label dropout learns for "no label".
+    Called like a conditional network: ``x_t`` (B, D), ``t`` (B,), ``labels`` (B,) -> (B, D).
+    """
+
+    def __init__(
+        self,
+        classes: list[GaussianMixture],
+        schedule: NoiseSchedule,
+        class_weights: Tensor | None = None,
+    ) -> None:
+        self.pooled = pooled_mixture(classes, class_weights)
+        self.classes = list(classes)
+        self.null_label = len(classes)
+        self.predictors = [
+            mixture.optimal_noise_predictor(schedule) for mixture in [*classes, self.pooled]
+        ]
+
+    def __call__(self, x_t: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+        labels = torch.as_tensor(labels).reshape(-1)
+        if labels.shape[0] != x_t.shape[0] or bool(
+            ((labels < 0) | (labels > self.null_label)).any()
+        ):
+            raise ValueError(
+                f"labels must hold one class in 0..{self.null_label} per point "
+                f"({self.null_label} = no label), got {labels.tolist()}"
+            )
+        eps = torch.empty_like(x_t)
+        for label, predictor in enumerate(self.predictors):
+            rows = labels == label
+            if bool(rows.any()):
+                eps[rows] = predictor(x_t[rows], t[rows])
+        return eps
+
+
 @dataclass(frozen=True)
 class SampleQuality:
     """Three numbers that say how well N points match a :class:`GaussianMixture`.

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from diffusion_lib import GaussianMixture, NoiseSchedule, RectifiedFlow
+from diffusion_lib import (
+    ClassConditionalNoisePredictor,
+    GaussianMixture,
+    NoiseSchedule,
+    RectifiedFlow,
+    pooled_mixture,
+)
 
 
 @pytest.fixture
@@ -211,3 +217,47 @@ def test_straight_path_time_outside_the_unit_interval_raises(mixture: GaussianMi
         mixture.on_straight_path(1.2)
     with pytest.raises(ValueError, match=r"times must lie in \[0, 1\]"):
         mixture.optimal_velocity(RectifiedFlow())(torch.zeros(2, 2), torch.tensor([0.0, 2000.0]))
+
+
+def _two_classes() -> list[GaussianMixture]:
+    return [
+        GaussianMixture(torch.tensor([[-1.0, 0.0], [0.0, 1.0]]), 0.3, torch.tensor([0.2, 0.8])),
+        GaussianMixture(torch.tensor([[1.0, 0.5]]), 0.4),
+    ]
+
+
+def test_pooled_mixture_is_the_class_weighted_density() -> None:
+    classes, pi = _two_classes(), torch.tensor([0.7, 0.3], dtype=torch.float64)
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    expected = torch.logsumexp(
+        torch.stack([pi[c].log() + classes[c].log_prob(x) for c in range(2)]), dim=0
+    )
+    torch.testing.assert_close(pooled_mixture(classes, pi).log_prob(x), expected)
+
+
+def test_class_conditional_predictor_obeys_the_law_of_total_expectation(
+    schedule: NoiseSchedule,
+) -> None:
+    """E[eps | x_t] = sum_c q(c | x_t) E[eps | x_t, c], with q(c | x_t) from Bayes' rule."""
+    classes, pi = _two_classes(), torch.tensor([0.7, 0.3], dtype=torch.float64)
+    exact = ClassConditionalNoisePredictor(classes, schedule, pi)
+    x_t = torch.randn(5, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t = torch.full((5,), 250)
+    per_class = torch.stack([exact(x_t, t, torch.full((5,), c)) for c in range(2)])  # (2, 5, 2)
+    joint = torch.stack(
+        [pi[c].log() + classes[c].noised(schedule, 250).log_prob(x_t) for c in range(2)]
+    )
+    posterior = torch.softmax(joint, dim=0)  # (2, 5)
+    expected = (posterior[..., None] * per_class).sum(0)
+    torch.testing.assert_close(exact(x_t, t, torch.full((5,), exact.null_label)), expected)
+    mixed = exact(x_t, t, torch.tensor([0, 1, 2, 1, 0]))
+    torch.testing.assert_close(mixed[1], per_class[1, 1])
+    torch.testing.assert_close(mixed[4], per_class[0, 4])
+
+
+def test_class_conditional_predictor_rejects_unknown_labels(schedule: NoiseSchedule) -> None:
+    exact = ClassConditionalNoisePredictor(_two_classes(), schedule)
+    with pytest.raises(ValueError, match=r"one class in 0\.\.2 per point"):
+        exact(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="class_weights must be 2 positive numbers"):
+        pooled_mixture(_two_classes(), torch.tensor([1.0, 0.0]))
