@@ -22,6 +22,7 @@ like the network, so every sampler of the library draws with it unchanged.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -69,7 +70,7 @@ class Guided(nn.Module):
         rescale: float = 0.0,
     ) -> None:
         super().__init__()
-        if not isinstance(weight, int | float) or not math.isfinite(weight):
+        if not isinstance(weight, numbers.Real) or not math.isfinite(weight):
             raise ValueError(
                 f"weight must be a finite number (0 means no guidance), got {weight!r}"
             )
@@ -91,44 +92,46 @@ class Guided(nn.Module):
                 "label to compare with a reference label"
             )
         inside = self._inside(t)
-        if not bool(inside.any()):
+        if inside is not None and not bool(inside.any()):
             return _call(self.model, x_t, t, labels)
         estimate, reference = self._estimate_and_reference(x_t, t, labels, inside)
         channels = x_t.shape[1]
         guided = estimate.clone()
-        guided[inside, :channels] = self._combine(
-            estimate[inside, :channels], reference[:, :channels]
-        )
+        rows = slice(None) if inside is None else inside
+        guided[rows, :channels] = self._combine(estimate[rows, :channels], reference[:, :channels])
         return guided
 
-    def _inside(self, t: Tensor) -> Tensor:
-        """(B,) bool: the samples whose timestep lies in the guidance interval."""
+    def _inside(self, t: Tensor) -> Tensor | None:
+        """(B,) bool: the samples whose timestep lies in the guidance interval; ``None`` when
+        there is no interval, so that guiding every step costs no mask and no device sync."""
         if self.interval is None:
-            return torch.ones_like(t, dtype=torch.bool)
+            return None
         first, last = self.interval
         return (t >= first) & (t <= last)
 
-    def _reference_labels(self, labels: Tensor | None) -> Tensor | None:
-        if self.reference_label is None or labels is None:
-            return labels
-        return torch.full_like(labels, self.reference_label)
+    def _reference_labels(self, labels: Tensor | None, inside: Tensor | None) -> Tensor | None:
+        """The labels eps_ref is computed for, for the samples inside the interval."""
+        if labels is None:
+            return None
+        if self.reference_label is not None:
+            labels = torch.full_like(labels, self.reference_label)
+        return _rows(labels, inside)
 
     def _estimate_and_reference(
-        self, x_t: Tensor, t: Tensor, labels: Tensor | None, inside: Tensor
+        self, x_t: Tensor, t: Tensor, labels: Tensor | None, inside: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """The model's estimate for every sample, (B, ...), and eps_ref for those inside the
-        interval, (B_inside, ...); one batched call when both come from the same network."""
-        reference_labels = self._reference_labels(labels)
-        if reference_labels is not None:
-            reference_labels = reference_labels[inside]
+        interval (all when ``inside`` is None); one batched call when both come from the same
+        network."""
+        guided_x, guided_t = _rows(x_t, inside), _rows(t, inside)
+        reference_labels = self._reference_labels(labels, inside)
         if self.reference_model is not None:
             estimate = _call(self.model, x_t, t, labels)
-            reference = _call(self.reference_model, x_t[inside], t[inside], reference_labels)
-            return estimate, reference
-        assert labels is not None and reference_labels is not None
+            return estimate, _call(self.reference_model, guided_x, guided_t, reference_labels)
+        # forward() has checked that a model without a reference model is given labels.
         both = self.model(
-            torch.cat([x_t, x_t[inside]]),
-            torch.cat([t, t[inside]]),
+            torch.cat([x_t, guided_x]),
+            torch.cat([t, guided_t]),
             torch.cat([labels, reference_labels]),
         )
         return both[: x_t.shape[0]], both[x_t.shape[0] :]
@@ -141,6 +144,10 @@ class Guided(nn.Module):
         dims = tuple(range(1, guided.dim()))
         ratio = estimate.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
         return self.rescale * guided * ratio + (1.0 - self.rescale) * guided
+
+
+def _rows(values: Tensor, inside: Tensor | None) -> Tensor:
+    return values if inside is None else values[inside]
 
 
 def _call(model: NoisePredictor, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:

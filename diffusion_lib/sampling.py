@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from diffusion_lib.guidance import Guided
 from diffusion_lib.learned_variance import learned_log_variance, split_eps_and_v
 from diffusion_lib.schedules import NoiseSchedule, _betas_from_alphas_cumprod, _gather
 from diffusion_lib.smoke import cap_sampling_steps
@@ -61,7 +62,8 @@ def predict_noise(
     (2021, eq. 6): ``(1 + w) eps(x_t, t, c) - w eps(x_t, t, no label)``, where "no label" is
     ``null_label``. Shapes: ``x_t`` (B, C, H, W), ``t`` (B,), ``labels`` (B,). Guidance acts
     on the first C output channels, the noise; any further channels (a learned variance) are
-    the conditional pass's, as in GLIDE (Nichol et al. 2022).
+    the conditional pass's, as in GLIDE (Nichol et al. 2022). The estimate is
+    :class:`~diffusion_lib.guidance.Guided`'s with the null label as the reference.
     """
     if labels is None:
         return model(x_t, t)
@@ -69,17 +71,7 @@ def predict_noise(
         return model(x_t, t, labels)
     if null_label is None:
         raise ValueError("guidance > 0 needs null_label, the model's 'no label' token")
-    both = model(
-        torch.cat([x_t, x_t]),
-        torch.cat([t, t]),
-        torch.cat([labels, torch.full_like(labels, null_label)]),
-    )
-    conditional, unconditional = both.chunk(2)
-    channels = x_t.shape[1]
-    guided = (1.0 + guidance) * conditional[:, :channels] - guidance * unconditional[:, :channels]
-    if conditional.shape[1] == channels:
-        return guided
-    return torch.cat([guided, conditional[:, channels:]], dim=1)
+    return Guided(model, guidance, reference_label=null_label)(x_t, t, labels)
 
 
 def _clip(x0: Tensor, clip_x0: tuple[float, float] | None) -> Tensor:
