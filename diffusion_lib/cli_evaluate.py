@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from diffusion_lib.checkpoints import write_atomically
+from diffusion_lib.cli_guidance import describe_guidance, guidance_record, sampling_labels
 from diffusion_lib.cli_sample import (
     SamplingPlan,
     as_noise_sampler_reads_it,
@@ -210,6 +211,28 @@ def _set_scores(
     return scores
 
 
+def _add_label_shares(
+    set_scores: dict[str, dict[str, Any]],
+    rows: dict[str, torch.Tensor],
+    args: argparse.Namespace,
+    plan: SamplingPlan,
+    classifier: ReferenceClassifier,
+) -> None:
+    """Add ``read_as_label`` to each row of ``set_scores``: the share of the samples that the
+    classifier reads as the class they were drawn for, and of the real test images, as their
+    own labels (what a perfect generator would score)."""
+    count = len(rows["samples"])
+    _, test_labels = load_images(plan.config["dataset"], train=False, limit=count)
+    labels = {
+        "samples": sampling_labels(args, plan.network, count),
+        "real_test_images": test_labels,
+    }
+    for key, images in rows.items():
+        _, probabilities = classifier.embed(images)
+        read = probabilities.argmax(dim=1).cpu() == labels[key].cpu()
+        set_scores[key]["read_as_label"] = float(read.float().mean())
+
+
 def _variational_bound(plan: SamplingPlan, num_images: int, seed: int) -> dict[str, Any]:
     """The negative ELBO (Ho et al. 2020, eq. 5) in bits per dimension, averaged over the first
     ``cap_samples(num_images)`` test images.
@@ -343,8 +366,7 @@ def _evaluation_record(
         **masked,
         "steps": plan.steps,
         "seed": args.seed,
-        "label": args.label,
-        "guidance": args.guidance,
+        **guidance_record(args),
         "classifier_version": CLASSIFIER_VERSION,
         **{
             key: {**score.as_row(), "class_counts": list(score.class_counts), **set_scores[key]}
@@ -368,6 +390,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     set_scores = _set_scores(
         rows, _real_images(plan, len(samples), train=True), classifier, args.seed
     )
+    if args.label is not None:
+        _add_label_shares(set_scores, rows, args, plan, classifier)
     masked = isinstance(plan.schedule, MaskedDiffusion)
     bound = None
     if args.bound_images:
@@ -375,13 +399,20 @@ def run_evaluate(args: argparse.Namespace) -> None:
         bound = bound_of(plan, args.bound_images, args.seed)
     if args.ode_steps:
         bound["ode"] = _ode_bound(plan, args.bound_images, args.ode_steps, args.seed)
-    guided = "" if args.label is None else f", label {args.label}, guidance {args.guidance:g}"
+    guided = describe_guidance(args)
+    guided = f", {guided}" if guided else ""
     print(
         f"{plan.path}: {len(samples)} samples of {plan.config['dataset']} "
         f"({sampling_method(plan, variance)}{guided}, seed {args.seed})"
     )
     print(_score_table(scores))
     print(_set_score_table(set_scores, len(samples)))
+    if args.label is not None:
+        print(
+            f"read as the class asked for: {set_scores['samples']['read_as_label']:.1%} of the "
+            f"samples ({set_scores['real_test_images']['read_as_label']:.1%} of the real test "
+            "images are read as their own labels)"
+        )
     if masked:
         print(
             f"(quantised test images: the first {len(samples)} test images rounded to the "

@@ -20,6 +20,13 @@ from torch import nn
 from torchvision.utils import make_grid, save_image
 
 from diffusion_lib.checkpoints import CHECKPOINT_NAME, check_state_dict_fits, load_checkpoint
+from diffusion_lib.cli_guidance import (
+    check_guidance_args,
+    check_reference_fits,
+    guidance_options_given,
+    guided_model,
+    sampling_labels,
+)
 from diffusion_lib.command_line import (
     DEFAULT_MASKED_STEPS,
     DEFAULT_MASKING_SCHEDULE,
@@ -31,7 +38,7 @@ from diffusion_lib.command_line import (
     SCHEDULE_OBJECTIVES,
     CommandError,
 )
-from diffusion_lib.data import CLASS_NAMES, to_unit_interval
+from diffusion_lib.data import to_unit_interval
 from diffusion_lib.devices import select_device
 from diffusion_lib.edm import PreconditionedDenoiser, edm_sample
 from diffusion_lib.flow_matching import RectifiedFlow, flow_sample
@@ -112,22 +119,23 @@ def _masked_options(args: argparse.Namespace, config: dict[str, Any]) -> tuple[s
 
 def _check_masked_sampling_args(args: argparse.Namespace) -> int:
     """Validate the sampling options for a masked checkpoint; return the number of steps. It is
-    unconditional and draws no Gaussian noise, so --label, --guidance and --eta do not apply."""
+    unconditional and draws no Gaussian noise, so --label, --eta and guidance do not apply."""
     steps = DEFAULT_MASKED_STEPS if args.steps is None else args.steps
     if steps < 1:
         raise CommandError(f"--steps must be >= 1, got {steps}")
     if args.num < 1:
         raise CommandError(f"--num must be >= 1, got {args.num}")
-    for option, given in (
-        ("--label", args.label is not None),
-        ("--guidance", args.guidance != 0),
-        ("--eta", args.eta != 0),
-    ):
-        if given:
-            raise CommandError(
-                f"{option} does not apply to a masked checkpoint, which is unconditional and "
-                "adds no Gaussian noise; it takes --steps, --masking-schedule and --order"
-            )
+    given = [
+        *(["--label"] if args.label is not None else []),
+        *(["--guidance"] if args.guidance != 0 else []),
+        *(["--eta"] if args.eta != 0 else []),
+        *guidance_options_given(args),
+    ]
+    if given:
+        raise CommandError(
+            f"{given[0]} does not apply to a masked checkpoint, which is unconditional and "
+            "adds no Gaussian noise; it takes --steps, --masking-schedule and --order"
+        )
     return steps
 
 
@@ -162,21 +170,7 @@ def _check_sampling_args(args: argparse.Namespace, config: dict[str, Any], sampl
             "--spacing leading never visits T - 1, the one step where this checkpoint's schedule "
             "(trained with --zero-terminal-snr) matches pure noise; use trailing or linspace"
         )
-    if args.guidance < 0:
-        raise CommandError(f"--guidance must be >= 0 (0 means no guidance), got {args.guidance}")
-    num_classes = config["model"]["kwargs"].get("num_classes")
-    if args.label is None:
-        if args.guidance > 0:
-            raise CommandError("--guidance needs --label: guidance steers towards a class")
-        return steps
-    if not num_classes:
-        raise CommandError(
-            "--label needs a conditional checkpoint (trained with --conditional); this one is unconditional"
-        )
-    if not 0 <= args.label < num_classes:
-        names = CLASS_NAMES.get(config.get("dataset"), [str(k) for k in range(num_classes)])
-        choices = ", ".join(f"{k} ({name})" for k, name in enumerate(names))
-        raise CommandError(f"--label must be one of {choices}; got {args.label}")
+    check_guidance_args(args, config)
     return steps
 
 
@@ -243,6 +237,9 @@ class SamplingPlan:
         steps: the denoising steps, after smoke mode's cap.
         device: where the model runs.
         order: for a masked checkpoint, the reveal order of --order; else ``None``.
+        reference: the network of --reference-checkpoint (autoguidance), with its EMA weights
+            in eval mode, and its config (which :func:`check_reference_fits` has matched with
+            ``config``); else ``None``.
     """
 
     path: Path
@@ -253,6 +250,7 @@ class SamplingPlan:
     steps: int
     device: torch.device
     order: str | None = None
+    reference: tuple[nn.Module, dict[str, Any]] | None = None
 
 
 def plan_sampling(args: argparse.Namespace) -> SamplingPlan:
@@ -269,16 +267,32 @@ def plan_sampling(args: argparse.Namespace) -> SamplingPlan:
         masking_schedule, order = masked
         schedule = MaskedDiffusion(config["classes"], masking_schedule)
     steps = cap_sampling_steps(steps)
-    return SamplingPlan(path, config, network, schedule, sampler, steps, device, order)
+    reference = None
+    if args.reference_checkpoint is not None:
+        reference = _rebuild_reference(args, config, device)
+    return SamplingPlan(path, config, network, schedule, sampler, steps, device, order, reference)
+
+
+def _rebuild_reference(
+    args: argparse.Namespace, config: dict[str, Any], device: torch.device
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The network of --reference-checkpoint and its config, checked to fit the checkpoint."""
+    path, state = read_checkpoint(args.reference_checkpoint)
+    labelled = args.label is not None or args.negative_label is not None
+    check_reference_fits(path, state["config"], config, labelled)
+    network, _ = rebuild(path, state, device)
+    return network, state["config"]
 
 
 def draw_samples(plan: SamplingPlan, args: argparse.Namespace) -> tuple[torch.Tensor, str | None]:
     """``cap_samples(args.num)`` samples (N, C, H, W), float32 on the CPU in the checkpoint's
     value range, and the ddpm variance they were drawn with (``None``: the sampler's default).
 
-    --label and --guidance steer a conditional model (classifier-free guidance), --eta sets
-    ddim's noise. The noise comes from a CPU generator seeded with --seed, so a seed gives the
-    same images on every device. A masked checkpoint's samples are its drawn tokens as images
+    --label draws a class (or the classes in turn); --guidance and the options that shape it
+    wrap the model in :class:`~diffusion_lib.guidance.Guided`
+    (:func:`~diffusion_lib.cli_guidance.guided_model`); --eta sets ddim's noise. The noise
+    comes from a CPU generator seeded with --seed, so a seed gives the same images on every
+    device. A masked checkpoint's samples are its drawn tokens as images
     in [-1, 1], each pixel one of its K grey levels (:func:`images_from_tokens`).
     """
     config, device = plan.config, plan.device
@@ -292,16 +306,21 @@ def draw_samples(plan: SamplingPlan, args: argparse.Namespace) -> tuple[torch.Te
             plan.network, plan.schedule, shape, plan.steps, generator=generator, order=plan.order
         )
         return images_from_tokens(tokens, plan.schedule.num_classes).cpu(), None
-    model, variance = as_noise_sampler_reads_it(plan.network, plan.schedule, config, plan.sampler)
+    # Guidance combines the network's raw outputs, which every target turns into the noise (or
+    # the velocity, or the clean image) affinely, so that an x0 or v network still reaches the
+    # sampler as a NoiseFromPrediction and is read without dividing by sigma.
+    reference = None if plan.reference is None else plan.reference[0]
+    network = guided_model(plan.network, args, config, reference)
+    model, variance = as_noise_sampler_reads_it(network, plan.schedule, config, plan.sampler)
     shape = (num, kwargs.get("channels", IMAGE_CHANNELS), size, size)
     options: dict[str, Any] = {
         "steps": plan.steps,
         "generator": torch.Generator().manual_seed(args.seed),
         "device": device,
     }
-    if args.label is not None:
-        options["labels"] = torch.full((num,), args.label, dtype=torch.long, device=device)
-        options.update(guidance=args.guidance, null_label=plan.network.null_label)
+    labels = sampling_labels(args, plan.network, num, device)
+    if labels is not None:
+        options["labels"] = labels
     if plan.sampler == "ddim":
         options["eta"] = args.eta
         options["spacing"] = args.spacing or (

@@ -66,6 +66,10 @@ REPAINT_JUMP, REPAINT_RESAMPLINGS = 10, 10
 MASKED_BOUND_DRAWS = 4
 
 
+# sample and evaluate: --label all draws the classes in turn
+ALL_LABELS = "all"
+
+
 class CommandError(Exception):
     """A problem with the command's inputs, reported as one line on stderr (exit status 1)."""
 
@@ -81,6 +85,10 @@ examples:
       --steps 10 --output fast.png
   python -m diffusion_lib sample --checkpoint runs/fashion/checkpoint.pt --label 7 \\
       --guidance 3 --output sneakers.png
+  python -m diffusion_lib sample --checkpoint runs/fashion/checkpoint.pt --label 7 \\
+      --guidance 3 --guidance-interval 500 999 --output sneakers_interval.png
+  python -m diffusion_lib sample --checkpoint runs/fc_unet/checkpoint.pt --guidance 1 \\
+      --reference-checkpoint runs/fc_unet_early/checkpoint.pt --output autoguided.png
   python -m diffusion_lib evaluate --checkpoint runs/fc_unet/checkpoint.pt --num 1000 \\
       --json scores.json
   python -m diffusion_lib train --model fc_unet --dataset mnist --prediction v --snr-gamma 5 \\
@@ -299,6 +307,18 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     _add_output_options(parser.add_argument_group("checkpoint"))
 
 
+def parse_label(text: str) -> int | str:
+    """--label's value: a class index, or ``all`` for the classes in turn."""
+    if text == ALL_LABELS:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a class number or '{ALL_LABELS}' (the classes in turn), not {text!r}"
+        ) from None
+
+
 def _add_sampling_options(parser: argparse.ArgumentParser, default_num: int) -> None:
     """The options that rebuild a checkpoint and draw from it, shared by sample and evaluate."""
     parser.add_argument(
@@ -352,11 +372,64 @@ def _add_sampling_options(parser: argparse.ArgumentParser, default_num: int) -> 
         "--num", type=int, default=default_num, help=f"number of images (default: {default_num})"
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--label", type=int, help="class to draw (conditional checkpoints)")
     parser.add_argument(
-        "--guidance", type=float, default=0.0, help="classifier-free guidance weight w"
+        "--label",
+        type=parse_label,
+        help="class to draw (conditional checkpoints), or all: the classes in turn, 0, 1, ..., "
+        "K-1, 0, ..., which evaluate scores as a class-balanced set and by the share read as "
+        "their class",
     )
     parser.add_argument("--device", help="cuda, mps or cpu (default: the fastest present)")
+    _add_guidance_options(parser.add_argument_group("guidance (chapters 7 and 28)"))
+
+
+def _add_guidance_options(group: argparse._ArgumentGroup) -> None:
+    """The guidance options of sample and evaluate (diffusion_lib.cli_guidance)."""
+    group.add_argument(
+        "--guidance",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="guidance weight w: the model's estimate eps(c) becomes eps(c) + w (eps(c) - "
+        "eps_ref), with eps_ref the estimate without a label (classifier-free guidance, with "
+        "--label), for --negative-label, or of --reference-checkpoint (default: 0, none)",
+    )
+    group.add_argument(
+        "--negative-label",
+        type=int,
+        metavar="K",
+        help="steer away from class K: eps_ref is the model's estimate for K; without --label "
+        "the samples are drawn without a class, away from K (conditional checkpoints trained "
+        "with label dropout)",
+    )
+    group.add_argument(
+        "--reference-checkpoint",
+        type=Path,
+        metavar="PATH",
+        help="autoguidance (Karras et al. 2024): eps_ref is the estimate of this weaker "
+        "checkpoint, of the same objective, schedule and data (an earlier save of the same "
+        "run, or a smaller network); it needs no label, so it guides unconditional models too",
+    )
+    group.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        metavar=("FIRST", "LAST"),
+        help="guide only from FIRST to LAST (Kynkäänniemi et al. 2024), elsewhere draw with the "
+        "model's own estimate: timesteps 0..T-1 for a noise or a hybrid checkpoint (chapter 28 "
+        "found the noisier half best on digits), the time t in [0, 1] for a flow, sigma for "
+        "edm (default: every step)",
+    )
+    group.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=0.0,
+        metavar="PHI",
+        help="rescale each guided estimate towards the standard deviation of the conditional "
+        "one, with weight PHI in [0, 1] (Lin et al. 2024; they use 0.7), in the unit the "
+        "network predicts: the noise, x0 or v, a flow's velocity, edm's clean image "
+        "(default: 0, none)",
+    )
 
 
 def _add_sample_parser(commands: argparse._SubParsersAction) -> None:

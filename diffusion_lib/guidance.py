@@ -10,7 +10,7 @@ and the variants in the literature each change one part of it:
 * the reference: the same network without a label (classifier-free guidance), with a label to
   steer away from (a negative prompt), or a weaker network given the same label (autoguidance,
   Karras et al. 2024, eq. 2);
-* the timesteps it acts on: only those inside an interval, plain conditional estimates elsewhere
+* the noise levels it acts on: only those inside an interval, plain conditional estimates elsewhere
   (Kynkäänniemi et al. 2024, eq. 2);
 * its size: each sample's guided estimate rescaled to the standard deviation of its conditional
   one, then mixed back with a weight phi (Lin et al. 2024, Algorithm 2).
@@ -44,11 +44,15 @@ class Guided(nn.Module):
             (autoguidance: a smaller or less trained version of ``model``). When omitted, eps_ref
             is ``model``'s own estimate for ``reference_label``.
         reference_label: the label eps_ref is computed for instead of the sample's own: a class
-            to steer away from (a negative prompt). Defaults to ``model.null_label`` (plain
-            classifier-free guidance) when there is no ``reference_model``.
-        interval: ``(first, last)``, 0-based timesteps; guidance acts where
-            ``first <= t <= last`` and elsewhere the model's estimate is returned as it is,
-            without evaluating the reference. ``None``: every timestep.
+            to steer away from (a negative prompt), one for the whole batch or a tensor (B,)
+            of one per sample. Defaults to ``model.null_label`` (plain classifier-free
+            guidance) when there is no ``reference_model``.
+        interval: ``(first, last)`` in the units of the model's time input ``t``: 0-based
+            timesteps for a noise predictor, the noise level sigma for an EDM denoiser
+            (Kynkäänniemi et al. guide EDM2 at ``0.28 < sigma <= 5.42``), ``time_scale * t`` for
+            a flow's velocity. Guidance acts where ``first <= t <= last``; elsewhere the model's
+            estimate is returned as it is, without evaluating the reference. ``None``: every
+            timestep.
         rescale: phi in [0, 1] (Lin et al. 2024, Algorithm 2): the guided estimate of each sample
             is blended, with weight phi, with its copy rescaled to the standard deviation of the
             conditional estimate. 0 leaves it unchanged; they use 0.7.
@@ -65,8 +69,8 @@ class Guided(nn.Module):
         weight: float,
         *,
         reference_model: NoisePredictor | None = None,
-        reference_label: int | None = None,
-        interval: tuple[int, int] | None = None,
+        reference_label: int | Tensor | None = None,
+        interval: tuple[float, float] | None = None,
         rescale: float = 0.0,
     ) -> None:
         super().__init__()
@@ -113,7 +117,14 @@ class Guided(nn.Module):
         """The labels eps_ref is computed for, for the samples inside the interval."""
         if labels is None:
             return None
-        if self.reference_label is not None:
+        if isinstance(self.reference_label, Tensor):
+            if self.reference_label.shape != labels.shape:
+                raise ValueError(
+                    "reference_label must be one label or a tensor with one per sample, shape "
+                    f"{tuple(labels.shape)}; got shape {tuple(self.reference_label.shape)}"
+                )
+            labels = self.reference_label.to(labels.device)
+        elif self.reference_label is not None:
             labels = torch.full_like(labels, self.reference_label)
         return _rows(labels, inside)
 
@@ -165,18 +176,23 @@ def _null_label(model: NoisePredictor) -> int:
         ) from error
 
 
-def _check_interval(interval: tuple[int, int] | None) -> tuple[int, int] | None:
+def _check_interval(interval: tuple[float, float] | None) -> tuple[float, float] | None:
     if interval is None:
         return None
     valid = (
         isinstance(interval, tuple | list)
         and len(interval) == 2
-        and all(isinstance(value, int) and not isinstance(value, bool) for value in interval)
+        and all(
+            isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            for value in interval
+        )
         and 0 <= interval[0] <= interval[1]
     )
     if not valid:
         raise ValueError(
-            "interval must be two 0-based timesteps (first, last) with 0 <= first <= last, "
-            f"the range where guidance acts; got {interval!r}"
+            "interval must be two finite times (first, last) with 0 <= first <= last, in the "
+            "units of the model's time input (timesteps, or sigma for an EDM denoiser), the "
+            f"range where guidance acts; got {interval!r}"
         )
-    return int(interval[0]), int(interval[1])
+    first, last = interval
+    return first, last

@@ -12,6 +12,7 @@ from diffusion_lib import (
     GaussianMixture,
     Guided,
     NoiseSchedule,
+    PreconditionedDenoiser,
     ddim_sample,
 )
 from diffusion_lib.sampling import predict_noise
@@ -51,6 +52,19 @@ def test_negative_label_replaces_the_unconditional_estimate() -> None:
     conditional = model(x_t, t, labels)
     expected = negative + 2.0 * (conditional - negative)  # eps_neg + (1 + w)(eps_c - eps_neg)
     torch.testing.assert_close(Guided(model, 1.0, reference_label=2)(x_t, t, labels), expected)
+
+
+@torch.no_grad()
+def test_a_negative_label_per_sample_steers_each_sample_away_from_its_own() -> None:
+    model, (x_t, t, labels) = network(), inputs()
+    negatives = torch.tensor([1, 2, 0, 3])  # 3 is the null label: plain guidance for that row
+    guided = Guided(model, 1.5, reference_label=negatives)(x_t, t, labels)
+    for row, negative in enumerate(negatives.tolist()):
+        one = slice(row, row + 1)
+        expected = Guided(model, 1.5, reference_label=negative)(x_t[one], t[one], labels[one])
+        torch.testing.assert_close(guided[one], expected)
+    with pytest.raises(ValueError, match="one per sample, shape"):
+        Guided(model, 1.5, reference_label=negatives[:2])(x_t, t, labels)
 
 
 @torch.no_grad()
@@ -143,13 +157,28 @@ def test_guided_estimate_is_the_score_of_the_tilted_noised_density() -> None:
     torch.testing.assert_close(guided, -sigma * gradient)
 
 
+@torch.no_grad()
+def test_an_interval_of_noise_levels_guides_an_edm_denoiser_only_there() -> None:
+    """Kynkäänniemi et al. give EDM2's interval in sigma, the time input of its denoiser."""
+    model, (x_t, _, labels) = network(), inputs()
+    denoiser = PreconditionedDenoiser(model)
+    sigma = torch.tensor([0.1, 0.28, 3.0, 40.0])
+    guided = Guided(denoiser, 2.0, interval=(0.28, 5.42))(x_t, sigma, labels)
+    everywhere = Guided(denoiser, 2.0)(x_t, sigma, labels)
+    torch.testing.assert_close(guided[[1, 2]], everywhere[[1, 2]])
+    torch.testing.assert_close(guided[[0, 3]], denoiser(x_t, sigma, labels)[[0, 3]])
+    assert not torch.allclose(everywhere[[0, 3]], guided[[0, 3]])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         (dict(weight=float("nan")), "weight must be a finite number"),
         (dict(weight=1.0, rescale=1.5), "rescale must be a number in"),
-        (dict(weight=1.0, interval=(600, 400)), "interval must be two 0-based timesteps"),
-        (dict(weight=1.0, interval=(0.5, 400)), "interval must be two 0-based timesteps"),
+        (dict(weight=1.0, interval=(600, 400)), "interval must be two finite times"),
+        (dict(weight=1.0, interval=(-1, 400)), "interval must be two finite times"),
+        (dict(weight=1.0, interval=(0, float("inf"))), "interval must be two finite times"),
+        (dict(weight=1.0, interval=(0, 1, 2)), "interval must be two finite times"),
     ],
 )
 def test_bad_settings_raise(kwargs: dict, message: str) -> None:
