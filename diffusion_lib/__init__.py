@@ -9,6 +9,14 @@ from diffusion_lib.adapters import (
     merge_lora,
     set_lora_scale,
 )
+from diffusion_lib.blurring import (
+    BlurringDiffusion,
+    FrequencySkip,
+    blurring_loss,
+    blurring_sample,
+    dct2,
+    idct2,
+)
 from diffusion_lib.classifier_guidance import (
     ClassifierGuided,
     NoisyClassifier,
@@ -194,6 +202,12 @@ __all__ = [
     "TextualInversion",
     "add_classes",
     "learn_class_embedding",
+    "BlurringDiffusion",
+    "FrequencySkip",
+    "blurring_loss",
+    "blurring_sample",
+    "dct2",
+    "idct2",
     "ClassifierGuided",
     "Guided",
     "NoisyClassifier",

@@ -109,6 +109,19 @@ class RectifiedFlow:
         return (eps - x_t) / (1 - _per_sample(t, x_t))
 
 
+def uniform_times_and_noise(
+    x0: Tensor, t: Tensor | None, noise: Tensor | None, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """``t`` (B,) and ``noise`` (like ``x0``) as given, or drawn: t ~ U(0, 1) per sample and
+    standard normal noise, both from ``generator`` on its own device."""
+    if t is None:
+        source = generator.device if generator is not None else x0.device
+        t = torch.rand((x0.shape[0],), generator=generator, device=source).to(x0.device)
+    if noise is None:
+        noise = _randn(tuple(x0.shape), generator, x0.device, x0.dtype)
+    return t, noise
+
+
 def flow_matching_loss(
     model: NoisePredictor,
     flow: RectifiedFlow,
@@ -126,11 +139,7 @@ def flow_matching_loss(
     that reflow trains on (Liu et al. 2023, sec. 2.3). ``labels`` (B,) go to a conditional
     model as ``model(x_t, t, labels)``. Returns a scalar float32 tensor.
     """
-    if t is None:
-        source = generator.device if generator is not None else x0.device
-        t = torch.rand((x0.shape[0],), generator=generator, device=source).to(x0.device)
-    if noise is None:
-        noise = _randn(tuple(x0.shape), generator, x0.device, x0.dtype)
+    t, noise = uniform_times_and_noise(x0, t, noise, generator)
     x_t = flow.interpolate(x0, noise, t)
     time = flow.model_time(t)
     v = model(x_t, time) if labels is None else model(x_t, time, labels)
