@@ -48,6 +48,7 @@ from diffusion_lib.feature_metrics import (
     frechet_distance_at_infinity,
     kernel_distance,
     manifold_scores,
+    nearest_neighbour_ratios,
     nearest_neighbours,
 )
 from diffusion_lib.flow_matching import RectifiedFlow, flow_matching_loss, flow_sample, flow_times
@@ -103,6 +104,7 @@ from diffusion_lib.masked_diffusion import (
     masked_sample,
     tokens_from_images,
 )
+from diffusion_lib.memorization import EmpiricalDenoiser
 from diffusion_lib.metrics import (
     QualityScore,
     ReferenceClassifier,
@@ -296,6 +298,8 @@ __all__ = [
     "manifold_scores",
     "ManifoldScores",
     "nearest_neighbours",
+    "nearest_neighbour_ratios",
+    "EmpiricalDenoiser",
     "ode_bits_per_dim",
     "ode_log_likelihood",
     "Rollout",

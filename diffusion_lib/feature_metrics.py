@@ -12,7 +12,8 @@ on features such as :meth:`~diffusion_lib.metrics.ReferenceClassifier.embed` ret
 * :func:`manifold_scores`: precision and recall (Kynkäänniemi et al. 2019), density and
   coverage (Naeem et al. 2020), which split "how good" from "how varied".
 * :func:`nearest_neighbours`: the nearest reference for each query, to see whether a model
-  copies its training images.
+  copies its training images; :func:`nearest_neighbour_ratios` compares that distance with the
+  second nearest, the usual test for a copy (Yoon et al. 2023; Gu et al. 2023).
 
 All distances are Euclidean and computed in float64 on the features' device, in blocks, so
 that 10,000 x 10,000 comparisons fit in memory.
@@ -357,3 +358,22 @@ def nearest_neighbours(queries: Tensor, references: Tensor) -> tuple[Tensor, Ten
         distances.append(nearest.values)
         indices.append(nearest.indices)
     return torch.cat(distances), torch.cat(indices)
+
+
+def nearest_neighbour_ratios(queries: Tensor, references: Tensor) -> tuple[Tensor, Tensor]:
+    """For each query (Q, D), the distance to its nearest reference (R, D) divided by the
+    distance to the second nearest, and the nearest one's index: (Q,) float64 and (Q,) int64.
+
+    A ratio far below 1 means the query sits on one reference, much closer to it than to any
+    other: a copy, with the threshold 1/3 of Yoon et al. (2023) and Gu et al. (2023). A new
+    image between several references has a ratio near 1. Needs R >= 2.
+    """
+    queries = _features("queries", queries)
+    references = _features("references", references, dim=queries.shape[1], min_rows=2)
+    ratios, indices = [], []
+    for block in _row_blocks(queries, len(references)):
+        nearest = _distances(block, references).topk(2, dim=1, largest=False)
+        first, second = nearest.values.unbind(dim=1)
+        ratios.append(first / second.clamp(min=torch.finfo(second.dtype).tiny))
+        indices.append(nearest.indices[:, 0])
+    return torch.cat(ratios), torch.cat(indices)

@@ -19,6 +19,7 @@ from diffusion_lib.feature_metrics import (
     manifold_scores,
     mmd_squared_unbiased,
     nearest_neighbour_radii,
+    nearest_neighbour_ratios,
     nearest_neighbours,
 )
 
@@ -271,3 +272,30 @@ def test_precision_and_recall_separate_quality_from_variety() -> None:
 def test_bad_input_is_refused_with_a_clear_message(call, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_ratios_match_a_direct_computation():
+    generator = torch.Generator().manual_seed(5)
+    queries, references = (
+        torch.randn((30, 7), generator=generator),
+        torch.randn((50, 7), generator=generator),
+    )
+    ratios, indices = nearest_neighbour_ratios(queries, references)
+    for query, ratio, index in zip(queries, ratios, indices, strict=True):
+        distances = sorted(
+            (math.dist(query.tolist(), r.tolist()), k) for k, r in enumerate(references)
+        )
+        assert ratio.item() == pytest.approx(distances[0][0] / distances[1][0], rel=1e-9)
+        assert index.item() == distances[0][1]
+
+
+def test_a_copy_has_a_small_ratio_and_a_point_between_two_a_ratio_of_one():
+    references = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+    ratios, indices = nearest_neighbour_ratios(torch.tensor([[0.1, 0.0], [1.5, 0.0]]), references)
+    torch.testing.assert_close(ratios, torch.tensor([0.1 / 2.9, 1.0], dtype=torch.float64))
+    assert indices[0].item() == 0
+
+
+def test_ratios_need_two_references():
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        nearest_neighbour_ratios(torch.zeros(3, 2), torch.zeros(1, 2))
