@@ -1,9 +1,10 @@
 """The ``evaluate`` command: score a checkpoint's samples with the reference classifier beside as
 many real test images, compare both sets with as many training images (kernel distance,
-precision, recall, density, coverage) and, with --bound-images, report the variational bound in
-bits/dim, and with --ode-steps also the bound through the probability-flow ODE; --json writes
-the numbers atomically. The checkpoint is rebuilt and sampled as
-``sample`` does it, through :mod:`diffusion_lib.cli_sample`.
+precision, recall, density, coverage), check both for copies of the images the checkpoint was
+trained on (the nearest-neighbour ratio of chapter 30) and, with --bound-images, report the
+variational bound in bits/dim, and with --ode-steps also the bound through the probability-flow
+ODE; --json writes the numbers atomically. The checkpoint is rebuilt and sampled as ``sample``
+does it, through :mod:`diffusion_lib.cli_sample`.
 
 A masked checkpoint draws images of K grey levels, so the test images beside them are quantised
 to the same levels, and its bound is the order-agnostic bound of masked diffusion on the
@@ -30,7 +31,11 @@ from diffusion_lib.cli_sample import (
 )
 from diffusion_lib.command_line import MASKED_BOUND_DRAWS, SCHEDULE_OBJECTIVES, CommandError
 from diffusion_lib.data import load_images
-from diffusion_lib.feature_metrics import kernel_distance, manifold_scores
+from diffusion_lib.feature_metrics import (
+    kernel_distance,
+    manifold_scores,
+    nearest_neighbour_ratios,
+)
 from diffusion_lib.likelihood import ode_bits_per_dim
 from diffusion_lib.losses import elbo_bits_per_dim
 from diffusion_lib.masked_diffusion import (
@@ -61,6 +66,9 @@ SCORE_ROWS = {
 # distance's standard error (10 subsets of 1000 for 10,000 samples, as Bińkowski et al. used).
 SET_SCORE_K = 5
 KERNEL_SUBSETS = 10
+# An image counts as a copy when its nearest training image, in pixels, is less than a third as
+# far as the second nearest (Yoon et al. 2023; Gu et al. 2023).
+COPY_RATIO = 1 / 3
 # The objectives that --bound-images applies to
 BOUND_OBJECTIVES = (*SCHEDULE_OBJECTIVES, "masked")
 # Test images per batch of the bound: T network calls each, without gradients.
@@ -233,6 +241,42 @@ def _add_label_shares(
         set_scores[key]["read_as_label"] = float(read.float().mean())
 
 
+def _add_copy_scores(
+    set_scores: dict[str, dict[str, Any]], rows: dict[str, torch.Tensor], plan: SamplingPlan
+) -> int:
+    """Add ``copied_share`` (the share of ratios below COPY_RATIO) and ``median_nearest_ratio``
+    to each row of ``set_scores``: the distance of each image to its nearest training image over
+    that to the second nearest, in pixels of [-1, 1], against every image the checkpoint was
+    trained on (its first ``limit`` when train had --limit). Returns that number of images; with
+    fewer than 2 there is no second nearest, and both scores are None.
+    """
+    training = _real_images(plan, plan.config.get("limit"), train=True).flatten(1)
+    for key, images in rows.items():
+        copied, median = None, None
+        if len(training) >= 2:
+            ratios, _ = nearest_neighbour_ratios(
+                images.flatten(1).to(plan.device), training.to(plan.device)
+            )
+            copied, median = float((ratios < COPY_RATIO).double().mean()), float(ratios.median())
+        set_scores[key].update(copied_share=copied, median_nearest_ratio=median)
+    return len(training)
+
+
+def _copy_line(scores: dict[str, dict[str, Any]], training_count: int) -> str:
+    """One line with each row's share of copies and median nearest-neighbour ratio."""
+    if training_count < 2:
+        return "copies: not checked (the checkpoint was trained on fewer than 2 images)"
+    parts = [
+        f"{SCORE_ROWS[key]} {row['copied_share']:.1%} (median ratio "
+        f"{row['median_nearest_ratio']:.3f})"
+        for key, row in scores.items()
+    ]
+    return (
+        f"copies of the {training_count} training images (nearest over second-nearest distance "
+        f"in pixels below 1/3): {', '.join(parts)}"
+    )
+
+
 def _variational_bound(plan: SamplingPlan, num_images: int, seed: int) -> dict[str, Any]:
     """The negative ELBO (Ho et al. 2020, eq. 5) in bits per dimension, averaged over the first
     ``cap_samples(num_images)`` test images.
@@ -348,6 +392,7 @@ def _evaluation_record(
     variance: str | None,
     scores: dict[str, QualityScore],
     set_scores: dict[str, dict[str, Any]],
+    training_count: int,
     bound: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Everything evaluate measured, and how, as a JSON-ready dict."""
@@ -373,6 +418,7 @@ def _evaluation_record(
             for key, score in scores.items()
         },
         "set_score_reference": f"the first {scores['samples'].n} training images",
+        "copy_reference": f"the {training_count} images the checkpoint was trained on",
         "bound": bound,
     }
 
@@ -392,6 +438,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     )
     if args.label is not None:
         _add_label_shares(set_scores, rows, args, plan, classifier)
+    training_count = _add_copy_scores(set_scores, rows, plan)
     masked = isinstance(plan.schedule, MaskedDiffusion)
     bound = None
     if args.bound_images:
@@ -407,6 +454,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     )
     print(_score_table(scores))
     print(_set_score_table(set_scores, len(samples)))
+    print(_copy_line(set_scores, training_count))
     if args.label is not None:
         print(
             f"read as the class asked for: {set_scores['samples']['read_as_label']:.1%} of the "
@@ -436,7 +484,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
             f"test images ({ode['steps']} Heun steps, Hutchinson's divergence, dequantised)"
         )
     if args.json is not None:
-        record = _evaluation_record(args, plan, variance, scores, set_scores, bound)
+        record = _evaluation_record(args, plan, variance, scores, set_scores, training_count, bound)
         text = json.dumps(record, indent=2) + "\n"
         write_atomically(args.json, lambda file: file.write(text.encode("utf-8")))
         print(f"scores written to {args.json}")

@@ -288,6 +288,9 @@ def run_train(args: argparse.Namespace) -> None:
         "conditional": args.conditional,
         "objective": args.objective,
     }
+    if args.limit is not None:
+        # Recorded only when set: evaluate checks samples for copies of exactly these images.
+        config["limit"] = args.limit
     if args.objective == "masked":
         # No noise schedule: the masking schedule is sample's choice.
         del config["schedule"]

@@ -747,6 +747,66 @@ def test_evaluate_set_scores_work_down_to_two_samples(
     assert re.search(r"^real test images +-?\d+\.\d{3} +[01]\.\d{3} ", output, re.MULTILINE)
 
 
+def ratios_by_sorting(queries: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Nearest over second-nearest distance, from every pairwise distance sorted."""
+    distances = torch.cdist(queries.flatten(1).double(), references.flatten(1).double())
+    nearest = distances.sort(dim=1).values
+    return nearest[:, 0] / nearest[:, 1]
+
+
+def test_evaluate_checks_both_rows_for_copies_of_every_training_image(
+    checkpoints, classifier_cache, tmp_path, capsys
+) -> None:
+    """Without --limit the copy check compares with the whole training set (512 images in smoke
+    mode): the real test row's median ratio is that of the first N test images against it."""
+    path = tmp_path / "plain.json"
+    assert evaluate(checkpoints["plain"], "--num", "8", "--json", str(path)) == 0
+    output = capsys.readouterr().out
+    record = json.loads(path.read_text())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(SMOKE_VARIABLE, "1")
+        training, _ = load_images("mnist")
+    ratios = ratios_by_sorting(load_images("mnist", train=False, limit=8)[0], training)
+    real = record["real_test_images"]
+    assert real["median_nearest_ratio"] == pytest.approx(float(ratios.median()))
+    assert real["copied_share"] == pytest.approx(float((ratios < 1 / 3).double().mean()))
+    assert record["copy_reference"] == "the 512 images the checkpoint was trained on"
+    assert "copies of the 512 training images" in output
+    assert re.search(r"samples \d+\.\d% \(median ratio 0\.\d{3}\)", output)
+    assert 0 < record["samples"]["median_nearest_ratio"] <= 1
+
+
+@needs_mnist
+def test_evaluate_tells_copies_of_the_limited_training_set_from_blends(
+    tmp_path, classifier_cache, monkeypatch, capsys
+) -> None:
+    """train --limit 12 records the limit, and evaluate compares with those 12 images: samples
+    that are 8 of them with faint noise are copies, the 8 midpoints of two of them are not."""
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+    assert main(train_arguments(tmp_path / "few", TINY_FC_UNET, "--limit", "12")) == 0
+    checkpoint = tmp_path / "few" / "checkpoint.pt"
+    assert load_checkpoint(checkpoint)["config"]["limit"] == 12
+    trained_on, _ = load_images("mnist", limit=12)
+    noise = 0.01 * torch.randn((8, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+    # evaluate clamps samples to [-1, 1], as pictures are saved
+    samples = torch.cat(
+        [(trained_on[:8] + noise).clamp(-1, 1), (trained_on[:8] + trained_on[1:9]) / 2]
+    )
+    monkeypatch.setattr(
+        "diffusion_lib.cli_evaluate.draw_samples", lambda plan, args: (samples, None)
+    )
+    path = tmp_path / "few.json"
+    assert evaluate(checkpoint, "--num", "16", "--json", str(path)) == 0
+    assert "copies of the 12 training images" in capsys.readouterr().out
+    record = json.loads(path.read_text())
+    assert record["copy_reference"] == "the 12 images the checkpoint was trained on"
+    assert record["samples"]["copied_share"] == 0.5
+    expected = ratios_by_sorting(samples, trained_on)
+    assert record["samples"]["median_nearest_ratio"] == pytest.approx(float(expected.median()))
+    assert expected[:8].max() < 0.1 and expected[8:].min() > 0.9
+
+
 @pytest.mark.parametrize(("which", "variance"), [("hybrid", "learned"), ("plain", "small")])
 def test_evaluate_bound_is_the_elbo_of_the_first_test_images(
     checkpoints, classifier_cache, which, variance, tmp_path, capsys
