@@ -418,7 +418,8 @@ def _evaluation_record(
             for key, score in scores.items()
         },
         "set_score_reference": f"the first {scores['samples'].n} training images",
-        "copy_reference": f"the {training_count} images the checkpoint was trained on",
+        "copy_reference": f"the {training_count} image{'s' * (training_count != 1)} the "
+        "checkpoint was trained on",
         "bound": bound,
     }
 

@@ -807,6 +807,25 @@ def test_evaluate_tells_copies_of_the_limited_training_set_from_blends(
     assert expected[:8].max() < 0.1 and expected[8:].min() > 0.9
 
 
+@needs_mnist
+def test_evaluate_does_not_check_copies_of_a_single_training_image(
+    tmp_path, classifier_cache, monkeypatch, capsys
+) -> None:
+    """With one training image there is no second nearest: no ratio, and the output says why."""
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+    assert main(train_arguments(tmp_path / "one", TINY_FC_UNET, "--limit", "1")) == 0
+    path = tmp_path / "one.json"
+    assert evaluate(tmp_path / "one" / "checkpoint.pt", "--num", "4", "--json", str(path)) == 0
+    assert "copies: not checked (the checkpoint was trained on fewer than 2 images)" in (
+        capsys.readouterr().out
+    )
+    record = json.loads(path.read_text())
+    assert record["copy_reference"] == "the 1 image the checkpoint was trained on"
+    for row in ("samples", "real_test_images"):
+        assert record[row]["copied_share"] is None and record[row]["median_nearest_ratio"] is None
+
+
 @pytest.mark.parametrize(("which", "variance"), [("hybrid", "learned"), ("plain", "small")])
 def test_evaluate_bound_is_the_elbo_of_the_first_test_images(
     checkpoints, classifier_cache, which, variance, tmp_path, capsys
