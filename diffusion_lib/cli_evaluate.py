@@ -27,11 +27,14 @@ from diffusion_lib.cli_sample import (
     as_noise_sampler_reads_it,
     draw_samples,
     plan_sampling,
+    real_images,
     sampling_method,
+    training_images,
 )
 from diffusion_lib.command_line import MASKED_BOUND_DRAWS, SCHEDULE_OBJECTIVES, CommandError
 from diffusion_lib.data import load_images
 from diffusion_lib.feature_metrics import (
+    COPY_RATIO,
     kernel_distance,
     manifold_scores,
     nearest_neighbour_ratios,
@@ -40,7 +43,6 @@ from diffusion_lib.likelihood import ode_bits_per_dim
 from diffusion_lib.losses import elbo_bits_per_dim
 from diffusion_lib.masked_diffusion import (
     MaskedDiffusion,
-    images_from_tokens,
     masked_nll_bound,
     tokens_from_images,
 )
@@ -66,9 +68,6 @@ SCORE_ROWS = {
 # distance's standard error (10 subsets of 1000 for 10,000 samples, as Bińkowski et al. used).
 SET_SCORE_K = 5
 KERNEL_SUBSETS = 10
-# An image counts as a copy when its nearest training image, in pixels, is less than a third as
-# far as the second nearest (Yoon et al. 2023; Gu et al. 2023).
-COPY_RATIO = 1 / 3
 # The objectives that --bound-images applies to
 BOUND_OBJECTIVES = (*SCHEDULE_OBJECTIVES, "masked")
 # Test images per batch of the bound: T network calls each, without gradients.
@@ -143,16 +142,6 @@ def _check_bound_fits(config: dict[str, Any], bound_images: int, ode_steps: int)
         )
 
 
-def _real_images(plan: SamplingPlan, count: int, train: bool) -> torch.Tensor:
-    """The first ``count`` images of a split in [-1, 1]; for a masked checkpoint, rounded to the
-    K grey levels that its samples have."""
-    images, _ = load_images(plan.config["dataset"], train=train, limit=count)
-    if isinstance(plan.schedule, MaskedDiffusion):
-        classes = plan.schedule.num_classes
-        images = images_from_tokens(tokens_from_images(images, classes), classes)
-    return images
-
-
 def _rows(samples: torch.Tensor, plan: SamplingPlan) -> dict[str, torch.Tensor]:
     """The images of each row, by SCORE_ROWS key, in [-1, 1]: the samples, and the first N real
     test images (quantised for a masked checkpoint)."""
@@ -161,7 +150,7 @@ def _rows(samples: torch.Tensor, plan: SamplingPlan) -> dict[str, torch.Tensor]:
     value_range = tuple(plan.config["value_range"])
     return {
         "samples": to_classifier_range(samples, value_range),
-        reference: _real_images(plan, len(samples), train=False),
+        reference: real_images(plan, len(samples), train=False),
     }
 
 
@@ -250,7 +239,7 @@ def _add_copy_scores(
     trained on (its first ``limit`` when train had --limit). Returns that number of images; with
     fewer than 2 there is no second nearest, and both scores are None.
     """
-    training = _real_images(plan, plan.config.get("limit"), train=True).flatten(1)
+    training = training_images(plan).flatten(1)
     for key, images in rows.items():
         copied, median = None, None
         if len(training) >= 2:
@@ -435,7 +424,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     rows = _rows(samples, plan)
     scores = _quality_scores(rows, plan.config["dataset"], classifier)
     set_scores = _set_scores(
-        rows, _real_images(plan, len(samples), train=True), classifier, args.seed
+        rows, real_images(plan, len(samples), train=True), classifier, args.seed
     )
     if args.label is not None:
         _add_label_shares(set_scores, rows, args, plan, classifier)

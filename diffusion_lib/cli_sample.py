@@ -5,6 +5,8 @@ options against it (:class:`SamplingPlan`) and draw samples with a sampler of it
 A masked checkpoint (``train --objective masked``) holds a :class:`TokenDenoiser`; its plan
 carries the masking process, with the schedule of --masking-schedule, and its samples are the
 drawn tokens as images of its K grey levels.
+
+``sample --nearest PATH`` also writes each sample's nearest training image, to see copies.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ from diffusion_lib.command_line import (
     SCHEDULE_OBJECTIVES,
     CommandError,
 )
-from diffusion_lib.data import to_unit_interval
+from diffusion_lib.data import load_images, to_unit_interval
 from diffusion_lib.devices import select_device
 from diffusion_lib.edm import PreconditionedDenoiser, edm_sample
+from diffusion_lib.feature_metrics import COPY_RATIO, nearest_neighbour_ratios
 from diffusion_lib.flow_matching import RectifiedFlow, flow_sample
 from diffusion_lib.learned_variance import NoiseOnly
 from diffusion_lib.masked_diffusion import (
@@ -48,6 +51,7 @@ from diffusion_lib.masked_diffusion import (
     TokenDenoiser,
     images_from_tokens,
     masked_sample,
+    tokens_from_images,
 )
 from diffusion_lib.models import build_model
 from diffusion_lib.predictions import NoiseFromPrediction
@@ -347,15 +351,61 @@ def sampling_method(plan: SamplingPlan, variance: str | None) -> str:
     return ", ".join([plan.sampler, *details, f"{plan.steps} steps"])
 
 
+def real_images(plan: SamplingPlan, count: int | None, train: bool) -> torch.Tensor:
+    """The first ``count`` images of a split (all for ``None``) in [-1, 1]; for a masked
+    checkpoint, rounded to the K grey levels that its samples have."""
+    images, _ = load_images(plan.config["dataset"], train=train, limit=count)
+    if isinstance(plan.schedule, MaskedDiffusion):
+        classes = plan.schedule.num_classes
+        images = images_from_tokens(tokens_from_images(images, classes), classes)
+    return images
+
+
+def training_images(plan: SamplingPlan) -> torch.Tensor:
+    """The images the checkpoint was trained on, in [-1, 1]: the training split, or its first N
+    when train had --limit N (recorded in the config)."""
+    return real_images(plan, plan.config.get("limit"), train=True)
+
+
+def _save_grid(pictures: torch.Tensor, path: Path) -> torch.Tensor:
+    """Save pictures (N, C, H, W) in [0, 1] as one square-ish grid; returns the grid."""
+    grid = make_grid(pictures, nrow=math.ceil(math.sqrt(len(pictures))), padding=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, path)
+    return grid
+
+
+def _save_nearest(pictures: torch.Tensor, training: torch.Tensor, path: Path) -> None:
+    """Save the nearest training image of each picture (in [0, 1]) at its place in the grid, and
+    print how many pictures are copies (nearest over second-nearest distance below COPY_RATIO)."""
+    references = to_unit_interval(training)
+    ratios, nearest = nearest_neighbour_ratios(pictures.flatten(1), references.flatten(1))
+    _save_grid(references[nearest], path)
+    copies = int((ratios < COPY_RATIO).sum())
+    print(
+        f"saved the nearest of the {len(training)} training images to {path}: {copies} of "
+        f"{len(pictures)} samples are copies (nearest over second-nearest distance below 1/3, "
+        f"median {ratios.median():.3f})"
+    )
+
+
 def run_sample(args: argparse.Namespace) -> None:
-    """``sample``: rebuild model and schedule from the checkpoint and save a grid of samples."""
+    """``sample``: rebuild model and schedule from the checkpoint and save a grid of samples;
+    with --nearest also the grid of their nearest training images."""
     plan = plan_sampling(args)
+    training = None
+    if args.nearest is not None:
+        training = training_images(plan)
+        if len(training) < 2:
+            raise CommandError(
+                "--nearest needs a checkpoint trained on at least 2 images: a copy is told by "
+                "its distance to the nearest training image over that to the second nearest"
+            )
     samples, variance = draw_samples(plan, args)
-    num = len(samples)
     pictures = to_unit_interval(samples, tuple(plan.config["value_range"]))
-    grid = make_grid(pictures, nrow=math.ceil(math.sqrt(num)), padding=2)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, args.output)
+    grid = _save_grid(pictures, args.output)
     width, height = grid.shape[2], grid.shape[1]
     method = sampling_method(plan, variance)
-    print(f"saved {num} samples ({method}) to {args.output} ({width}x{height})")
+    print(f"saved {len(samples)} samples ({method}) to {args.output} ({width}x{height})")
+    if training is not None:
+        _save_nearest(pictures, training, args.nearest)

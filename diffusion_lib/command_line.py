@@ -442,6 +442,15 @@ def _add_sample_parser(commands: argparse._SubParsersAction) -> None:
     )
     _add_sampling_options(parser, default_num=64)
     parser.add_argument("--output", type=Path, default=Path("samples.png"), help="PNG to write")
+    parser.add_argument(
+        "--nearest",
+        type=Path,
+        metavar="PNG",
+        help="also write the nearest training image of each sample, in pixels and in the same "
+        "grid layout, and count the copies among the samples: those much closer to one training "
+        "image than to any other (chapter 30). Compares with the images the checkpoint was "
+        "trained on, the first N of train --limit N",
+    )
 
 
 def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
@@ -453,7 +462,8 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
         "of its features to those of the test set, the share of confidently classified "
         "samples and the entropy of their classes. The first --num real test images are "
         "scored beside them, because the Fréchet distance of a finite sample is biased "
-        "upwards and compares only with a reference of the same size.",
+        "upwards and compares only with a reference of the same size. Both rows are also "
+        "checked for copies of the images the checkpoint was trained on.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

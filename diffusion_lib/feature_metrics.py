@@ -360,12 +360,17 @@ def nearest_neighbours(queries: Tensor, references: Tensor) -> tuple[Tensor, Ten
     return torch.cat(distances), torch.cat(indices)
 
 
+# A query counts as a copy when its nearest reference is less than a third as far as the second
+# nearest (Yoon et al. 2023; Gu et al. 2023).
+COPY_RATIO = 1 / 3
+
+
 def nearest_neighbour_ratios(queries: Tensor, references: Tensor) -> tuple[Tensor, Tensor]:
     """For each query (Q, D), the distance to its nearest reference (R, D) divided by the
     distance to the second nearest, and the nearest one's index: (Q,) float64 and (Q,) int64.
 
     A ratio far below 1 means the query sits on one reference, much closer to it than to any
-    other: a copy, with the threshold 1/3 of Yoon et al. (2023) and Gu et al. (2023). A new
+    other: a copy, below COPY_RATIO = 1/3 as Yoon et al. (2023) and Gu et al. (2023) use it. A new
     image between several references has a ratio near 1. Needs R >= 2.
     """
     queries = _features("queries", queries)

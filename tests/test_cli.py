@@ -826,6 +826,52 @@ def test_evaluate_does_not_check_copies_of_a_single_training_image(
         assert record[row]["copied_share"] is None and record[row]["median_nearest_ratio"] is None
 
 
+@needs_mnist
+def test_sample_nearest_draws_the_nearest_training_image_of_each_sample(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """--nearest writes, at each sample's place in the grid, the nearest of the 12 training images
+    that train --limit 12 used, and counts the copies: 5 noisy training images, not the 4 blends
+    of two (ratio 2/3)."""
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+    assert main(train_arguments(tmp_path / "few", TINY_FC_UNET, "--limit", "12")) == 0
+    trained_on, _ = load_images("mnist", limit=12)
+    noise = 0.05 * torch.randn((5, 1, 28, 28), generator=torch.Generator().manual_seed(1))
+    samples = torch.cat([(trained_on[[7, 2, 9, 2, 0]] + noise).clamp(-1, 1),
+                         0.6 * trained_on[3:7] + 0.4 * trained_on[4:8]])  # fmt: skip
+    monkeypatch.setattr(cli_sample, "draw_samples", lambda plan, args: (samples, None))
+    nearest_path = tmp_path / "grids" / "nearest.png"
+    status = main([
+        "sample", "--checkpoint", str(tmp_path / "few"), "--num", "9",
+        "--output", str(tmp_path / "samples.png"), "--nearest", str(nearest_path),
+    ])  # fmt: skip
+    assert status == 0
+    output = capsys.readouterr().out
+    assert f"saved the nearest of the 12 training images to {nearest_path}: 5 of 9 samples" in (
+        output
+    )
+    distances = torch.cdist(samples.flatten(1).double(), trained_on.flatten(1).double())
+    expected = trained_on[distances.argmin(dim=1)]
+    pixels = (to_unit_interval(expected) * 255 + 0.5).clamp(0, 255).to(torch.uint8)[:, 0]
+    torch.testing.assert_close(grid_pictures(nearest_path, 9), pixels, atol=1, rtol=0)
+    assert distances.argmin(dim=1).tolist() == [7, 2, 9, 2, 0, 3, 4, 5, 6]
+
+
+@needs_mnist
+def test_sample_nearest_needs_two_training_images(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv(SMOKE_VARIABLE, "1")
+    monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+    assert main(train_arguments(tmp_path / "one", TINY_FC_UNET, "--limit", "1")) == 0
+    status = main([
+        "sample", "--checkpoint", str(tmp_path / "one"), "--num", "4",
+        "--output", str(tmp_path / "samples.png"), "--nearest", str(tmp_path / "nearest.png"),
+    ])  # fmt: skip
+    assert status == 1
+    assert "--nearest needs a checkpoint trained on at least 2 images" in capsys.readouterr().err
+    assert not (tmp_path / "samples.png").exists() and not (tmp_path / "nearest.png").exists()
+
+
 @pytest.mark.parametrize(("which", "variance"), [("hybrid", "learned"), ("plain", "small")])
 def test_evaluate_bound_is_the_elbo_of_the_first_test_images(
     checkpoints, classifier_cache, which, variance, tmp_path, capsys
