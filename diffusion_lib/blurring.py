@@ -258,7 +258,7 @@ def blurring_loss(
 ) -> Tensor:
     """``mean || eps_theta(x_t, t) - eps ||^2`` with t ~ U(0, 1) and ``x_t`` from
     :meth:`BlurringDiffusion.q_sample`: the simplified loss in pixels, which is the same in
-    frequencies since the DCT is orthonormal. A ``loss`` for :func:`~diffusion_lib.train`."""
+    frequencies since the DCT is orthonormal. A ``loss`` for :func:`~diffusion_lib.training.train`."""
     t, noise = uniform_times_and_noise(x0, t, noise, generator)
     x_t = process.q_sample(x0, t, noise)
     time = process.model_time(t)

@@ -2,7 +2,7 @@
 
 A checkpoint is one file made by ``torch.save`` that holds only tensors, dicts, lists,
 numbers and strings, so that it loads with ``torch.load(..., weights_only=True)``, which
-never runs code stored in the file. Its entries:
+never runs code stored in the file. Its entries::
 
     format_version  int
     step            int, optimisation steps taken

@@ -44,7 +44,7 @@ class NoisyClassifier(nn.Module):
 
     Args:
         num_classes: K >= 2.
-        **unet_options: the :class:`~diffusion_lib.models.AttentionUNet` arguments of the
+        **unet_options: the :class:`~diffusion_lib.models.attention_unet.AttentionUNet` arguments of the
             encoder (image size, channels, widths, timesteps); ``num_classes`` and
             ``out_channels`` do not apply.
 

@@ -76,7 +76,7 @@ class RectifiedFlow:
         return f"RectifiedFlow(time_scale={self.time_scale:g})"
 
     def to(self, device: torch.device | str) -> RectifiedFlow:
-        """The path holds no tensors; returns itself so it moves like a :class:`NoiseSchedule`."""
+        """The path holds no tensors; returns itself so it moves like a :class:`~diffusion_lib.schedules.NoiseSchedule`."""
         return self
 
     def model_time(self, t: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ Two ways to build ``eps_theta(x_t, c, t)``:
 * :class:`ConcatConditioned`, as SR3 (Saharia et al. 2022) and Palette (Saharia et al.
   2022b) do: a U-net trained from scratch on the channel-wise concatenation ``[x_t, c]``.
 * :class:`ControlledUNet`, ControlNet (Zhang, Rao & Agrawala 2023): a trained, frozen
-  :class:`~diffusion_lib.models.AttentionUNet` plus a trainable copy of its contracting
+  :class:`~diffusion_lib.models.attention_unet.AttentionUNet` plus a trainable copy of its contracting
   path that reads ``c``. The copy's activations pass through convolutions that start at zero
   and are added to the frozen network's skip connections and middle, so training starts
   from the trained model exactly and never disturbs its weights.
@@ -159,7 +159,7 @@ class ControlledUNet(nn.Module):
     the output is the base network's.
 
     Args:
-        base: a trained :class:`~diffusion_lib.models.AttentionUNet`, conditional or not.
+        base: a trained :class:`~diffusion_lib.models.attention_unet.AttentionUNet`, conditional or not.
         condition_channels: C_c, the channels of the condition image.
         hint_channels: width of the control's condition encoder.
         control_scale: multiplier of the residuals (diffusers' ``controlnet_conditioning_scale``).

@@ -48,7 +48,7 @@ from diffusion_lib.validation import check_finite, check_number, check_positive_
 class LinearMeasurement:
     """A linear operator ``A``, called on a batch of images: ``A(x)``.
 
-    Subclasses define :meth:`__call__` (``x`` (B, ...) -> ``A x``), which is all that
+    Subclasses define ``__call__`` (``x`` (B, ...) -> ``A x``), which is all that
     :func:`dps_sample` needs. :func:`pigdm_sample` also needs :meth:`gram_diagonal`, which
     exists when the Gram matrix ``A A^T`` is diagonal: that is what makes PiGDM's covariance
     ``sigma_y^2 I + r_t^2 A A^T`` cheap to invert. :meth:`pseudo_inverse` is a reference

@@ -113,7 +113,7 @@ def annealed_langevin_sample(
         levels, steps_per_level, relative_step: as above.
         x_T: starting points (default standard normal, the marginal at t = T - 1).
         return_trajectory: also return the starting points and the state after each level
-            (the last one denoised when ``denoise``) as a :class:`Trajectory`.
+            (the last one denoised when ``denoise``) as a :class:`~diffusion_lib.sampling.Trajectory`.
 
     Returns the samples, or ``(samples, trajectory)``.
     """

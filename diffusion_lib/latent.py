@@ -149,7 +149,7 @@ class LatentAutoencoder(nn.Module):
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """(c, h, h): the shape of one latent grid."""
+        """The shape (c, h, h) of one latent grid."""
         return (self.latent_channels, self.latent_size, self.latent_size)
 
     def encode_raw(self, x: Tensor) -> Tensor:

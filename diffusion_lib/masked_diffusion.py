@@ -13,13 +13,13 @@ is x_0^i; a visible one never changes. The network is a denoiser ``model(x_t) ->
 p_theta(x_0^i | x_t) for every position. It needs no time input: given the visible symbols,
 q(x_0 | x_t) does not depend on t.
 
-The negative ELBO is a weighted cross-entropy on the masked positions (MDLM eq. 10, MD4 eq. 5),
+The negative ELBO is a weighted cross-entropy on the masked positions (MDLM eq. 10, MD4 eq. 5)::
 
     -log p_theta(x_0) <= int_0^1 -alpha'_t / (1 - alpha_t) E_q[ sum_{i: x_t^i = m}
                                                               -log p_theta(x_0^i | x_t) ] dt,
 
 and it is the same for every schedule alpha. Averaging over t given the number n of masked
-symbols turns it into the order-agnostic bound of Uria et al. (2014) and Hoogeboom et al. (2022):
+symbols turns it into the order-agnostic bound of Uria et al. (2014) and Hoogeboom et al. (2022)::
 
     -log p_theta(x_0) <= D E_{n ~ U{1..D}} E_{|M| = n} [ (1/n) sum_{i in M} -log p_theta(x_0^i | x_{0, not M}) ],
 

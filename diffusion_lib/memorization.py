@@ -30,7 +30,7 @@ class EmpiricalDenoiser:
 
     Args:
         images: (N, C, H, W) the training images, in the range the model sees (e.g. [-1, 1]).
-        schedule: the :class:`~diffusion_lib.NoiseSchedule` whose ``alphas_cumprod`` noise them.
+        schedule: the :class:`~diffusion_lib.schedules.NoiseSchedule` whose ``alphas_cumprod`` noise them.
 
     ``denoiser(x_t, t)`` takes ``x_t`` (B, C, H, W) and 0-based timesteps ``t`` (B,) and returns
     the noise estimate (B, C, H, W) in ``x_t``'s dtype and device. The weights are computed in

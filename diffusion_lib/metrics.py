@@ -47,8 +47,9 @@ from diffusion_lib.data import CLASS_NAMES, dataset_name, load_images
 from diffusion_lib.validation import check_finite
 
 CACHE_VARIABLE = "DIFFUSION_LIB_CACHE"
-# Change this string whenever the network or its training changes: caches holding another
-# version are retrained, and scores from different versions must not be compared.
+#: Names the classifier's network, training and seed. Change it whenever either changes:
+#: caches holding another version are retrained, and scores of different versions must not be
+#: compared.
 CLASSIFIER_VERSION = "conv16-32-bn-fc128/2-epochs-onecycle/seed-0/v1"
 IMAGE_SHAPE = (1, 28, 28)
 FEATURE_DIM = 128

@@ -1,7 +1,7 @@
 """Teaching a trained class-conditional model a new class from a handful of images.
 
-A conditional network (:class:`~diffusion_lib.AttentionUNet` or
-:class:`~diffusion_lib.DiffusionTransformer` with ``num_classes``) looks its label up in a table
+A conditional network (:class:`~diffusion_lib.models.attention_unet.AttentionUNet` or
+:class:`~diffusion_lib.models.dit.DiffusionTransformer` with ``num_classes``) looks its label up in a table
 of ``num_classes + 1`` rows, the last being the null label of classifier-free guidance.
 :func:`add_classes` appends rows for new classes in front of the null row, so every old label
 keeps its meaning. Then:

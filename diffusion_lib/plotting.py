@@ -80,7 +80,7 @@ def show_grid(
 def plot_schedules(schedules: Mapping[str, NoiseSchedule]) -> Figure:
     """Three panels against the timestep t: beta_t and SNR(t) on log scales, alpha-bar_t linear.
 
-    ``schedules`` maps a label (``"linear"``, ...) to a :class:`NoiseSchedule`. Returns the figure.
+    ``schedules`` maps a label (``"linear"``, ...) to a :class:`~diffusion_lib.schedules.NoiseSchedule`. Returns the figure.
     """
     if not schedules:
         raise ValueError("schedules must map at least one name to a NoiseSchedule")

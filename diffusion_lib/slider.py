@@ -3,7 +3,7 @@
 :func:`timestep_slider` draws a row of noisy images x_t and their pixel histogram for one t
 at a time, either as precomputed frames with a slider that works in a static page (the built
 book, a saved notebook) or as ipywidgets that redraw in a running kernel. Both draw with the
-same :class:`_ForwardProcessDrawing`, so they show the same picture.
+same ``_ForwardProcessDrawing``, so they show the same picture.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def timestep_slider(
     """Watch q(x_t | x_0) destroy a few images as t grows, with their pixel histogram.
 
     Each view draws ``x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps`` (Ho et al.
-    2020, eq. 4, via :meth:`NoiseSchedule.q_sample`) with one fixed ``noise`` (N, C, H, W),
+    2020, eq. 4, via :meth:`~diffusion_lib.schedules.NoiseSchedule.q_sample`) with one fixed ``noise`` (N, C, H, W),
     drawn from ``seed`` when omitted, so that moving the slider changes only t.
 
     Args:

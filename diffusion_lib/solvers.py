@@ -249,14 +249,15 @@ def dpm_solver_sample(
     previous estimate, and the last, to ``sigma = 0`` where the state is the estimate D itself,
     are first order. ``steps`` steps cost ``steps`` network calls.
 
+    On a schedule with zero terminal SNR the first state is pure noise, and the model must give
+    an x_0 estimate there: an x_0 or v model (wrapped by ``NoiseFromPrediction``) does, a noise
+    predictor cannot.
+
     Args:
         model, schedule, shape, x_T, generator, device: as for
             :func:`~diffusion_lib.sampling.ddim_sample`.
         steps, spacing: number of timesteps visited and how :func:`ode_timesteps` spreads them.
         order: 1 (DDIM) or 2 (DPM-Solver++(2M)).
-        On a schedule with zero terminal SNR the first state is pure noise, and the model must
-        give an x_0 estimate there: an x_0 or v model (wrapped by ``NoiseFromPrediction``) does,
-        a noise predictor cannot.
         timesteps: the visited 0-based timesteps instead, strictly increasing; ``steps`` is
             then ignored. With ``ddim_timesteps(T, steps)`` and ``order=1`` the result is
             :func:`~diffusion_lib.sampling.ddim_sample`'s.

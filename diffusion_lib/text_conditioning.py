@@ -152,7 +152,7 @@ def pool_tokens(context: Tensor, mask: Tensor) -> Tensor:
 class TextConditionedUNet(nn.Module):
     """``eps_theta(x_t, t, y)`` for the captions ``y`` of a fixed table.
 
-    An :class:`~diffusion_lib.models.AttentionUNet` with cross-attention (its
+    An :class:`~diffusion_lib.models.attention_unet.AttentionUNet` with cross-attention (its
     ``context_dim``) reading a :class:`CaptionEncoder`'s tokens. ``labels[i]`` picks
     ``captions[labels[i]]``; ``labels`` None or ``null_label = len(captions)`` is the empty
     caption, which ``label_dropout`` trains for classifier-free guidance.

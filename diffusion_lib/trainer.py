@@ -1,4 +1,4 @@
-"""One training run's state and what it does at each step: :class:`_Trainer`.
+"""One training run's state and what it does at each step: ``_Trainer``.
 
 It holds the model, the optimiser with its warmup, the moving average of the weights and the
 data on the device; it takes a step of Algorithm 1 (Ho et al. 2020) or of flow matching,

@@ -1,4 +1,4 @@
-"""The loop that drives a :class:`~diffusion_lib.trainer._Trainer` to the end of a run.
+"""The loop that drives a ``_Trainer`` (:mod:`diffusion_lib.trainer`) to the end of a run.
 
 It takes the steps, reads the losses back in chunks, writes checkpoints, times the run for
 its throughput, stops at a time limit, and, under ``compile="auto"``, decides after timing a

@@ -261,3 +261,17 @@ def test_equation_labels_are_unique_across_the_book() -> None:
             owners.setdefault(label, []).append(path.name)
     repeated = {label: pages for label, pages in owners.items() if len(pages) > 1}
     assert not repeated, f"equation labels defined more than once: {repeated}"
+
+
+def test_the_api_appendix_documents_every_library_module() -> None:
+    """Every module of diffusion_lib except the command line has an automodule in api.md."""
+    package = ROOT / "diffusion_lib"
+    modules = {
+        ".".join(path.relative_to(package).with_suffix("").parts).removesuffix(".__init__")
+        for path in package.rglob("*.py")
+        if not path.name.startswith(("cli_", "__main__")) and path.name != "command_line.py"
+    }
+    modules = {name for name in modules if name and name != "__init__"}
+    documented = set(re.findall(r"^\.\. automodule:: diffusion_lib\.([\w.]+)$",
+                                (BOOK / "api.md").read_text(), re.MULTILINE))  # fmt: skip
+    assert documented == modules

@@ -17,6 +17,7 @@ from diffusion_lib.models.fc_unet import FCUNet
 from diffusion_lib.models.toy_mlp import ToyMLP
 from diffusion_lib.validation import check_choice
 
+#: The networks by the name that ``build_model`` and ``train --model`` take.
 MODELS: dict[str, type[nn.Module]] = {
     "fc_unet": FCUNet,
     "attention_unet": AttentionUNet,

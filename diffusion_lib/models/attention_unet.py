@@ -232,7 +232,7 @@ class AttentionUNet(nn.Module):
         GroupNorm -> SiLU -> 3x3 conv (zero-initialised) -> eps
 
     Every residual block adds a projection of the time embedding (sinusoidal features of t
-    through an MLP, :class:`TimeEmbedding`). With ``num_classes`` set, a learned label
+    through an MLP, :class:`~diffusion_lib.models.embeddings.TimeEmbedding`). With ``num_classes`` set, a learned label
     embedding is added to the time embedding first. The table has ``num_classes + 1`` rows:
     row ``null_label = num_classes`` stands for "no label", which classifier-free guidance
     (Ho & Salimans 2021) trains by dropping labels and uses at sampling time.

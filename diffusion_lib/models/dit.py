@@ -48,7 +48,7 @@ def sincos_position_embedding(grid_size: int, dim: int) -> Tensor:
     The token in row ``i`` and column ``j`` (index ``i * grid_size + j``) gets
     ``[sinusoidal(i, dim / 2), sinusoidal(j, dim / 2)]``: half of its features encode the row
     and half the column, each with the 1-D embedding of Vaswani et al. (2017, sec. 3.5) in the
-    sines-then-cosines order of :func:`sinusoidal_embedding`. DiT uses these fixed embeddings
+    sines-then-cosines order of :func:`~diffusion_lib.models.embeddings.sinusoidal_embedding`. DiT uses these fixed embeddings
     (Peebles & Xie 2023, sec. 3.2) as did the masked autoencoders of He et al. (2022).
 
     Returns (grid_size ** 2, dim) float32; ``dim`` must be divisible by 4.

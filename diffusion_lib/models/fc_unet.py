@@ -57,7 +57,7 @@ class FCUNet(nn.Module):
         ``"scalar"``: one extra input element ``t / T`` (in [0, 1)) appended to the flattened
             image. Cheap and easy to explain, but the network must carve the noise level out
             of a single number that only the first layer sees.
-        ``"sinusoidal"``: ``t`` goes through :class:`TimeEmbedding` (Vaswani et al. 2017
+        ``"sinusoidal"``: ``t`` goes through :class:`~diffusion_lib.models.embeddings.TimeEmbedding` (Vaswani et al. 2017
             features, then an MLP), and every hidden layer adds its own linear projection of
             that embedding before its activation, as the blocks of Ho et al.'s U-net do
             (2020, appendix B). Every layer then knows the noise level directly.
