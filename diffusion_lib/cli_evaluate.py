@@ -29,7 +29,6 @@ from diffusion_lib.cli_sample import (
     plan_sampling,
     real_images,
     sampling_method,
-    training_images,
 )
 from diffusion_lib.command_line import MASKED_BOUND_DRAWS, SCHEDULE_OBJECTIVES, CommandError
 from diffusion_lib.data import load_images
@@ -231,15 +230,18 @@ def _add_label_shares(
 
 
 def _add_copy_scores(
-    set_scores: dict[str, dict[str, Any]], rows: dict[str, torch.Tensor], plan: SamplingPlan
+    set_scores: dict[str, dict[str, Any]],
+    rows: dict[str, torch.Tensor],
+    training: torch.Tensor,
+    plan: SamplingPlan,
 ) -> int:
     """Add ``copied_share`` (the share of ratios below COPY_RATIO) and ``median_nearest_ratio``
     to each row of ``set_scores``: the distance of each image to its nearest training image over
     that to the second nearest, in pixels of [-1, 1], against every image the checkpoint was
-    trained on (its first ``limit`` when train had --limit). Returns that number of images; with
-    fewer than 2 there is no second nearest, and both scores are None.
+    trained on, ``training``. Returns that number of images; with fewer than 2 there is no
+    second nearest, and both scores are None.
     """
-    training = training_images(plan).flatten(1)
+    training = training.flatten(1)
     for key, images in rows.items():
         copied, median = None, None
         if len(training) >= 2:
@@ -423,12 +425,12 @@ def run_evaluate(args: argparse.Namespace) -> None:
     samples, variance = draw_samples(plan, args)
     rows = _rows(samples, plan)
     scores = _quality_scores(rows, plan.config["dataset"], classifier)
-    set_scores = _set_scores(
-        rows, real_images(plan, len(samples), train=True), classifier, args.seed
-    )
+    training_split = real_images(plan, None, train=True)  # read once for both comparisons
+    set_scores = _set_scores(rows, training_split[: len(samples)], classifier, args.seed)
     if args.label is not None:
         _add_label_shares(set_scores, rows, args, plan, classifier)
-    training_count = _add_copy_scores(set_scores, rows, plan)
+    trained_on = training_split[: plan.config.get("limit")]  # train --limit N used the first N
+    training_count = _add_copy_scores(set_scores, rows, trained_on, plan)
     masked = isinstance(plan.schedule, MaskedDiffusion)
     bound = None
     if args.bound_images:
