@@ -78,6 +78,7 @@ DPM_SOLVER_STEPS = (10, 20)
 SAMPLER_FUNCTIONS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpm": dpm_solver_sample}
 QUALITY_CONTENDERS = (  # the engine as a user runs it: compiled where and when it pays
     "engine-fc-auto",
+    "engine-fc-x0-auto",  # the same network with the clean image as its target (chapter 4)
     "plain-fc",
     "engine-attention-auto",
     "plain-attention",

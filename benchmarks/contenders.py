@@ -22,6 +22,7 @@ plain ``model(x_t, t) -> eps`` module, so one sampler serves all of them.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import time
@@ -34,9 +35,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from diffusion_lib.devices import synchronize
+from diffusion_lib.losses import diffusion_loss
 from diffusion_lib.models import AttentionUNet, FCUNet, count_parameters
+from diffusion_lib.predictions import PREDICTIONS, NoiseFromPrediction
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.training import TrainingResult, train
+from diffusion_lib.validation import check_choice
 
 TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
@@ -202,13 +206,19 @@ class EngineContender(Contender):
     """diffusion_lib's :func:`~diffusion_lib.training.train`: eager (``compile=False``),
     compiled (``True``) or as ``train`` decides by default (``"auto"``)."""
 
-    def __init__(self, model: str, compile: bool | str, **model_options: object) -> None:
+    def __init__(
+        self, model: str, compile: bool | str, prediction: str = "epsilon", **model_options: object
+    ) -> None:
         if model not in ENGINE_MODELS:
             raise ValueError(f"unknown model {model!r}; choose one of {', '.join(ENGINE_MODELS)}")
         self.model, self.compile, self.model_options = model, compile, model_options
+        self.prediction = check_choice("prediction", prediction, PREDICTIONS)
+        self.schedule = NoiseSchedule.from_name("linear", TIMESTEPS)
         suffix, label = COMPILE_VARIANTS[compile]
-        self.key = f"engine-{model.split('_')[0]}{suffix}"
-        self.label = f"diffusion_lib engine{label}"
+        target = "" if prediction == "epsilon" else f"-{prediction}"
+        target_label = "" if prediction == "epsilon" else f", predicting {prediction}"
+        self.key = f"engine-{model.split('_')[0]}{target}{suffix}"
+        self.label = f"diffusion_lib engine{label}{target_label}"
         self.library = "diffusion_lib"
         self.model_name = MODEL_LABELS[model]
         self.precision = "bf16 autocast (CUDA), fp32 elsewhere"
@@ -230,9 +240,11 @@ class EngineContender(Contender):
     def _train(
         self, model: nn.Module, images: Tensor, settings: RunSettings, **options: object
     ) -> TrainingResult:
+        if self.prediction != "epsilon":
+            options["loss"] = functools.partial(diffusion_loss, prediction=self.prediction)
         return train(
             model,
-            NoiseSchedule.from_name("linear", TIMESTEPS),
+            self.schedule,
             images,
             batch_size=settings.batch_size,
             device=settings.device,
@@ -260,7 +272,10 @@ class EngineContender(Contender):
         result = self._train(
             self.build(), data.images, settings, steps=UNBOUNDED_STEPS, time_limit=seconds
         )
-        return TrainedModel(result.ema_model, result.seconds, result.steps)
+        noise_predictor = result.ema_model
+        if self.prediction != "epsilon":  # the samplers ask for the noise
+            noise_predictor = NoiseFromPrediction(noise_predictor, self.schedule, self.prediction)
+        return TrainedModel(noise_predictor, result.seconds, result.steps)
 
 
 class _LoopState:
@@ -563,6 +578,7 @@ def all_contenders(**model_options: dict[str, object]) -> dict[str, Contender]:
         EngineContender("fc_unet", compile=False, **fc_options),
         EngineContender("fc_unet", compile=True, **fc_options),
         EngineContender("fc_unet", compile="auto", **fc_options),
+        EngineContender("fc_unet", compile="auto", prediction="x0", **fc_options),
         PlainLoopContender("fc_unet", **fc_options),
         EngineContender("attention_unet", compile=False, **attention_options),
         EngineContender("attention_unet", compile=True, **attention_options),

@@ -56,6 +56,14 @@ def _warmup_factor(step: int, warmup_steps: int) -> float:
     return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
 
 
+def _calls_the_model_once(loss: object) -> bool:
+    """Whether the objective is a default one, possibly with other options (such as
+    ``functools.partial(diffusion_loss, prediction="x0")``): one model call per step."""
+    while isinstance(loss, functools.partial):
+        loss = loss.func
+    return loss is None or loss is diffusion_loss or loss is flow_matching_loss
+
+
 class _Trainer:
     """Model, optimiser, EMA and data of one run, with the step, read and save operations."""
 
@@ -98,11 +106,11 @@ class _Trainer:
         self.forward_model: nn.Module = self.model
         self.eager_model: nn.Module = self.model
         self.compile_mode: str | None = None  # the mode of torch.compile, once compiled
-        # "auto" considers only the default objectives, whose single call per step was
-        # measured under CUDA graphs; it decides after timing some eager steps (training.py).
+        # "auto" considers only objectives that call the model once per step, as the default
+        # ones measured under CUDA graphs do; it decides after timing some eager steps.
         self.may_compile_later = (
             settings.compile == AUTO_COMPILE
-            and settings.loss is None
+            and _calls_the_model_once(settings.loss)
             and _compile_mode(device, group) == "reduce-overhead"
         )
         self.step = 0

@@ -160,9 +160,11 @@ def train(
             eager step: on an H100 this made ``AttentionUNet`` at batch 128 train 5.6x faster
             (11,300 against 2,000 images/s), after about a minute of compilation
             (``benchmarks/PROFILE.md``). ``"auto"`` (the default) does so only where that can
-            pay: on a single CUDA device, with the default objective, when the first eager
-            steps say the rest of the run would take over five minutes; should compiling
-            fail, it warns and goes on eagerly. ``False`` never compiles.
+            pay: on a single CUDA device, with an objective that calls the model once per step
+            (the default, or :func:`~diffusion_lib.losses.diffusion_loss` with another
+            ``prediction`` or ``snr_gamma``), when the first eager steps say the rest of the
+            run would take over five minutes; should compiling fail, it warns and goes on
+            eagerly. ``False`` never compiles.
         amp: bf16 autocast, on CUDA only.
         checkpoint_dir: folder for ``checkpoint.pt``, written every ``checkpoint_every`` steps
             and at the end (see :mod:`diffusion_lib.checkpoints`); ``None`` writes nothing.

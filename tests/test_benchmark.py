@@ -88,10 +88,9 @@ def test_engine_contender_measures_and_trains() -> None:
     assert eps.shape == x_t.shape and torch.isfinite(eps).all()
 
 
-@pytest.mark.parametrize(("compile", "key"), [(False, "engine-fc"), ("auto", "engine-fc-auto")])
-def test_engine_trains_for_its_budget_in_one_time_limited_call(
-    compile, key, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def train_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """The keyword arguments of every call the contenders make to ``train``."""
     calls: list[dict] = []
     real_train = contenders.train
 
@@ -100,13 +99,44 @@ def test_engine_trains_for_its_budget_in_one_time_limited_call(
         return real_train(*args, **options)
 
     monkeypatch.setattr(contenders, "train", recording_train)
+    return calls
+
+
+@pytest.mark.parametrize(("compile", "key"), [(False, "engine-fc"), ("auto", "engine-fc-auto")])
+def test_engine_trains_for_its_budget_in_one_time_limited_call(
+    compile, key, train_calls: list[dict]
+) -> None:
     contender = contenders.EngineContender("fc_unet", compile=compile, **TINY_FC)
     trained = contender.train_for(0.3, random_data(), tiny_settings())
-    [options] = calls
+    [options] = train_calls
     assert contender.key == key and options["compile"] == compile
     assert options["time_limit"] == 0.3 and options["steps"] == contenders.UNBOUNDED_STEPS
     # Everything counts: the seconds are those of the whole call, which ran past the limit.
     assert 0.3 <= trained.seconds < 10.0 and 1 <= trained.steps < contenders.UNBOUNDED_STEPS
+
+
+def test_engine_contender_with_the_clean_image_as_target(train_calls: list[dict]) -> None:
+    """It trains on the x0 loss and hands the samplers a noise predictor made from the x0 one."""
+    contender = contenders.EngineContender("fc_unet", compile="auto", prediction="x0", **TINY_FC)
+    assert contender.key == "engine-fc-x0-auto" and contender.label.endswith("predicting x0")
+    assert contender.key in contenders.all_contenders(fc_unet=TINY_FC)
+    trained = contender.train_for(0.001, random_data(), tiny_settings())
+    [options] = train_calls
+    assert options["loss"].func is contenders.diffusion_loss
+    assert options["loss"].keywords == {"prediction": "x0"}
+    x_t, t = torch.randn(3, 1, 28, 28), torch.tensor([0, 10, 999])
+    with torch.no_grad():
+        x0_hat = trained.noise_predictor.model(x_t, t)
+        alpha_bar = contender.schedule.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
+        by_hand = (x_t - alpha_bar.sqrt() * x0_hat) / (1 - alpha_bar).sqrt()
+        torch.testing.assert_close(trained.noise_predictor(x_t, t), by_hand, rtol=1e-4, atol=1e-4)
+
+
+def test_engine_contender_rejects_an_unknown_target() -> None:
+    with pytest.raises(
+        ValueError, match="unknown prediction .noise.; choose one of epsilon, x0, v"
+    ):
+        contenders.EngineContender("fc_unet", compile=False, prediction="noise", **TINY_FC)
 
 
 def test_compiled_engine_is_skipped_when_compilation_is_off() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -502,6 +503,20 @@ def test_auto_compiles_after_the_probe_when_the_run_is_long(schedule, monkeypatc
     assert result.history.loss == eager.loss
 
 
+@pytest.mark.parametrize(
+    "loss",
+    [diffusion_loss, functools.partial(diffusion_loss, prediction="x0", snr_gamma=5.0)],
+    ids=["diffusion_loss", "x0 target, Min-SNR"],
+)
+def test_auto_compiles_diffusion_loss_with_any_target(schedule, monkeypatch, loss) -> None:
+    """Another target or weighting still calls the model once per step, so "auto" may compile."""
+    eager = quick_train(schedule, compile=False, loss=loss).history
+    modes, _ = _auto_compile_on(monkeypatch, threshold=0.0)
+    result = quick_train(schedule, loss=loss)
+    assert modes == ["reduce-overhead"] and result.history.compiled
+    assert result.history.loss == eager.loss
+
+
 def test_the_progress_bar_says_when_the_engine_compiles(schedule, monkeypatch, capsys) -> None:
     _auto_compile_on(monkeypatch, threshold=0.0)
     quick_train(schedule, progress=True)
@@ -512,8 +527,12 @@ def test_auto_stays_eager_for_short_runs_and_custom_objectives(schedule, monkeyp
     modes, marks = _auto_compile_on(monkeypatch, threshold=math.inf)
     assert not quick_train(schedule).history.compiled
     monkeypatch.setattr(loop_module, "AUTO_COMPILE_SECONDS", 0.0)
+
     # A custom objective may call the model twice in a step, which was not measured with graphs.
-    assert not quick_train(schedule, loss=diffusion_loss).history.compiled
+    def wrapped_loss(*args, **options):
+        return diffusion_loss(*args, **options)
+
+    assert not quick_train(schedule, loss=wrapped_loss).history.compiled
     assert not quick_train(schedule, steps=loop_module.AUTO_COMPILE_PROBE_STEPS).history.compiled
     assert modes == [] and marks == []
 
