@@ -29,6 +29,7 @@ from diffusion_lib.cli_sample import (
     plan_sampling,
     real_images,
     sampling_method,
+    training_images,
 )
 from diffusion_lib.command_line import MASKED_BOUND_DRAWS, SCHEDULE_OBJECTIVES, CommandError
 from diffusion_lib.data import load_images
@@ -264,7 +265,7 @@ def _copy_line(scores: dict[str, dict[str, Any]], training_count: int) -> str:
     ]
     return (
         f"copies of the {training_count} training images (nearest over second-nearest distance "
-        f"in pixels below 1/3): {', '.join(parts)}"
+        f"in pixels below {COPY_RATIO:.3g}): {', '.join(parts)}"
     )
 
 
@@ -429,7 +430,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     set_scores = _set_scores(rows, training_split[: len(samples)], classifier, args.seed)
     if args.label is not None:
         _add_label_shares(set_scores, rows, args, plan, classifier)
-    trained_on = training_split[: plan.config.get("limit")]  # train --limit N used the first N
+    trained_on = training_images(plan, training_split)
     training_count = _add_copy_scores(set_scores, rows, trained_on, plan)
     masked = isinstance(plan.schedule, MaskedDiffusion)
     bound = None

@@ -361,10 +361,14 @@ def real_images(plan: SamplingPlan, count: int | None, train: bool) -> torch.Ten
     return images
 
 
-def training_images(plan: SamplingPlan) -> torch.Tensor:
+def training_images(plan: SamplingPlan, split: torch.Tensor | None = None) -> torch.Tensor:
     """The images the checkpoint was trained on, in [-1, 1]: the training split, or its first N
-    when train had --limit N (recorded in the config)."""
-    return real_images(plan, plan.config.get("limit"), train=True)
+    when train had --limit N (recorded in the config). ``split``: the whole training split as
+    :func:`real_images` returns it, sliced instead of read again."""
+    limit = plan.config.get("limit")
+    if split is None:
+        return real_images(plan, limit, train=True)
+    return split[:limit]
 
 
 def _save_grid(pictures: torch.Tensor, path: Path) -> torch.Tensor:
@@ -384,8 +388,8 @@ def _save_nearest(pictures: torch.Tensor, training: torch.Tensor, path: Path) ->
     copies = int((ratios < COPY_RATIO).sum())
     print(
         f"saved the nearest of the {len(training)} training images to {path}: {copies} of "
-        f"{len(pictures)} samples are copies (nearest over second-nearest distance below 1/3, "
-        f"median {ratios.median():.3f})"
+        f"{len(pictures)} samples are copies (nearest over second-nearest distance below "
+        f"{COPY_RATIO:.3g}, median {ratios.median():.3f})"
     )
 
 

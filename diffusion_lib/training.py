@@ -136,7 +136,8 @@ def train(
             :class:`~diffusion_lib.flow_matching.RectifiedFlow` for flow matching. With a
             custom ``loss``, any object with a ``.to(device)`` method that the loss reads.
         images: (N, C, H, W) float data, already scaled as the model expects (e.g. to [-1, 1]),
-            or (N, D) points for a model of points such as :class:`~diffusion_lib.models.toy_mlp.ToyMLP`.
+            or (N, D) points for a model of points such as
+            :class:`~diffusion_lib.models.toy_mlp.ToyMLP`.
         labels: (N,) int64 class labels for a conditional model.
         noise: a fixed noise partner for every image, shaped like ``images``, used instead of
             fresh noise at each step: the coupling that reflow trains on (Liu et al. 2023).
@@ -177,7 +178,8 @@ def train(
         loss: another objective with the signature of :func:`~diffusion_lib.losses.diffusion_loss`,
             ``loss(model, schedule, x0, *, noise, labels, generator) -> scalar``, such as
             :class:`~diffusion_lib.distillation.ProgressiveDistillation`. By default
-            :func:`~diffusion_lib.losses.diffusion_loss`, or :func:`~diffusion_lib.flow_matching.flow_matching_loss` for a ``RectifiedFlow``.
+            :func:`~diffusion_lib.losses.diffusion_loss`, or
+            :func:`~diffusion_lib.flow_matching.flow_matching_loss` for a ``RectifiedFlow``.
 
     Returns a :class:`TrainingResult`. Raises ``ValueError`` for bad arguments,
     :class:`~diffusion_lib.checkpoints.CheckpointError` for an unusable checkpoint and
