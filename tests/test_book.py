@@ -7,6 +7,7 @@ label, and every notebook carries the outputs of a real, error-free run.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -215,6 +216,20 @@ def test_chapter_has_goals_summary_and_exercises(path: Path) -> None:
     assert "Exercises" in [heading.strip() for heading in headings], f"{path.name}: no Exercises"
     exercises = text[re.search(r"^#{2,}\s+Exercises\s*$", text, re.MULTILINE).start() :]
     assert ":class: dropdown" in exercises, f"{path.name}: exercise solutions are not in a toggle"
+
+
+@pytest.mark.parametrize("path", CHAPTER_NOTEBOOKS, ids=lambda path: path.stem)
+def test_every_cell_has_its_own_id(path: Path) -> None:
+    """nbformat 4.5 requires an id on every cell; a cell added without one makes every reader
+    of the notebook warn, and nbformat will refuse such files in a future version. The file is
+    read as plain JSON because nbformat.read quietly fills missing ids in."""
+    notebook = json.loads(path.read_text(encoding="utf-8"))
+    assert (notebook["nbformat"], notebook["nbformat_minor"]) >= (4, 5), path.name
+    ids = [cell.get("id") for cell in notebook["cells"]]
+    missing = [index for index, cell_id in enumerate(ids) if not cell_id]
+    assert not missing, f"{path.name}: cells {missing} have no id"
+    repeated = sorted({cell_id for cell_id in ids if ids.count(cell_id) > 1})
+    assert not repeated, f"{path.name}: ids used by more than one cell: {repeated}"
 
 
 @pytest.mark.parametrize("path", CHAPTER_NOTEBOOKS, ids=lambda path: path.stem)
