@@ -272,6 +272,7 @@ def run_train(args: argparse.Namespace) -> None:
     _check_schedule_options(args)
     loss = _noise_loss(args)
     kwargs = _model_kwargs(args)
+    torch.manual_seed(args.seed)  # the initial weights, so that --seed repeats a run exactly
     try:
         network = build_model(args.model, **kwargs)
     except TypeError as error:

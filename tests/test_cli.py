@@ -345,6 +345,27 @@ def test_distill_errors_are_clear(checkpoints, which, student_steps, message, tm
     assert not (tmp_path / "never").exists()
 
 
+@needs_mnist
+def test_train_seed_fixes_the_initial_weights_too(tmp_path) -> None:
+    """Two runs with the same --seed end with the same weights, whatever the random state of
+    the process before; another seed starts elsewhere. The zero-initialised output layer makes
+    the first loss independent of the other weights, so the weights are compared, not it."""
+
+    def final_weights(name: str, seed: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(len(name))  # a different random state before each run
+        arguments = train_arguments(tmp_path / name, TINY_FC_UNET, "--seed", seed)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv(SMOKE_VARIABLE, "1")
+            patch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+            assert main(arguments) == 0
+        return load_checkpoint(tmp_path / name / "checkpoint.pt")["model"]
+
+    first, again, other = final_weights("a", "7"), final_weights("bb", "7"), final_weights("c", "8")
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert not all(torch.equal(first[key], other[key]) for key in first)
+
+
 def test_train_help_explains_the_prediction_targets_and_min_snr(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["train", "--help"])
