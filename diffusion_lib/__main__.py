@@ -40,7 +40,8 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit status (0 success, 1 failure, 2 usage error)."""
+    """Run the command line; return the exit status (0 success, 1 failure). A usage error exits
+    through argparse with status 2."""
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)

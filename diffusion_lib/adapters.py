@@ -188,7 +188,8 @@ def set_lora_scale(model: nn.Module, scale: float) -> None:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight, W <- W + (alpha / r) B A, in place.
+    """Fold every adapter into its base weight, W <- W + s (alpha / r) B A, in place, with the
+    scale s of :func:`~diffusion_lib.adapters.set_lora_scale` (1 unless changed).
 
     The result has the original architecture (plain linear and convolution layers), runs as fast
     as the base model and loads into it with ``load_state_dict``. Its parameters stay frozen

@@ -243,8 +243,9 @@ def restore_training_state(
 ) -> tuple[int, list[float]]:
     """Load a checkpoint written by :func:`training_state` into a run; return its step and losses.
 
-    Everything is checked before anything is loaded, so a rejected checkpoint leaves the run
-    untouched. The optimiser's implementation flags (fused, foreach) follow this run's
+    The weights and the random streams are loaded last, after every check has passed and the
+    optimiser and scheduler have accepted their states, so a rejected checkpoint leaves the
+    model, its moving average and the random streams untouched. The optimiser's implementation flags (fused, foreach) follow this run's
     device, so a checkpoint written on a GPU resumes on a CPU and back.
     """
     state = read_checkpoint(path)
@@ -256,6 +257,8 @@ def restore_training_state(
             f"checkpoint {path} was written with config {json.dumps(stored)}, but this run has "
             f"{json.dumps(config)}; pass resume=False or another checkpoint folder to start afresh"
         )
+    if "torch" not in state.get("rng", {}):
+        raise CheckpointError(f"checkpoint {path} lacks the random state that resuming needs")
     losses = state["history"]["loss"]
     if len(losses) != state["step"]:
         raise CheckpointError(

@@ -294,7 +294,8 @@ def _variational_bound(plan: SamplingPlan, num_images: int, seed: int) -> dict[s
 
 def _ode_bound(plan: SamplingPlan, num_images: int, steps: int, seed: int) -> dict[str, Any]:
     """:func:`~diffusion_lib.likelihood.ode_bits_per_dim` averaged over the first
-    ``cap_samples(num_images)`` test images: Heun with ``steps`` steps, Hutchinson's divergence.
+    ``cap_samples(num_images)`` test images: Heun's method on ``steps`` timesteps (``steps - 1``
+    Heun steps, ``2 steps - 2`` network calls), Hutchinson's divergence.
 
     The model is the noise predictor the deterministic samplers call (a hybrid model's noise
     channels; x0 and v models through the noise they imply); a conditional model is called
@@ -474,7 +475,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         ode = bound["ode"]
         print(
             f"probability-flow ODE bound: {ode['bits_per_dim']:.4f} bits/dim on {ode['images']} "
-            f"test images ({ode['steps']} Heun steps, Hutchinson's divergence, dequantised)"
+            f"test images ({ode['steps']} timesteps, Hutchinson's divergence, dequantised)"
         )
     if args.json is not None:
         record = _evaluation_record(args, plan, variance, scores, set_scores, training_count, bound)

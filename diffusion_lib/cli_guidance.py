@@ -220,7 +220,7 @@ def sampling_labels(
 
 def describe_guidance(args: argparse.Namespace) -> str:
     """The label and guidance of a run in words, as evaluate prints them; empty without either:
-    ``"label 3, guidance 2 (away from 5, timesteps 0..499, rescale 0.7)"``."""
+    ``"label 3, guidance 2 (away from 5, interval 0..499, rescale 0.7)"``."""
     parts = [] if args.label is None else [f"label {args.label}"]
     if args.guidance > 0:
         shaping = []

@@ -25,7 +25,8 @@ def select_device(preferred: str | torch.device | None = None) -> torch.device:
     """The device to compute on: ``preferred`` if given, else CUDA, else Apple MPS, else the CPU.
 
     Under ``torchrun`` each process takes the GPU of its ``LOCAL_RANK``. A preferred device
-    that is not present raises ``ValueError`` rather than silently falling back.
+    type that is not present (CUDA or MPS) raises ``ValueError`` rather than silently falling
+    back; the index of a CUDA device is left to PyTorch to check.
     """
     if preferred is not None:
         try:

@@ -274,7 +274,8 @@ def dps_sample(
         operator: the measurement A, such as :class:`Inpainting` or :class:`Downsampling`.
         y: the measurement, of the shape ``operator`` gives images of ``shape``.
         shape: (B, C, H, W) of the images to draw (or (B, D) for points).
-        step_size: zeta' above, >= 0; 0 is plain ancestral sampling.
+        step_size: the numerator of zeta_t above (Chung et al.'s zeta'), >= 0; 0 is plain
+            ancestral sampling.
         steps: respace the chain to this many steps (``None``: all T).
         x_T, generator, clip_x0: as for :func:`~diffusion_lib.sampling.ddpm_sample`; the
             clipped estimate enters the ancestral step, the unclipped one the gradient.

@@ -64,7 +64,8 @@ def plot_score_field(
     directions_only: bool = False,
 ) -> Figure:
     """Arrows of a vector field ``score((N, 2) points) -> (N, 2)`` on an ``arrows`` x ``arrows``
-    grid, over the filled contours of ``log_density((N, 2)) -> (N,)`` when given.
+    grid, over the filled contours of the density ``exp(log_density(points))`` when
+    ``log_density((N, 2)) -> (N,)`` is given.
 
     Arrows are scaled together so that the longest spans one grid cell, or, with
     ``directions_only``, all drawn at one length. Returns the figure.

@@ -41,7 +41,9 @@ class Trajectory:
             :func:`~diffusion_lib.flow_matching.flow_sample` it is float32 instead: the time
             t in [0, 1] of each state, from 1.0 (noise) to 0.0 (the finished sample); for
             :func:`~diffusion_lib.edm.edm_sample`, the noise level sigma of each state, ending
-            at 0.0.
+            at 0.0. :func:`~diffusion_lib.sampling.ddim_encode` runs the other way:
+            ``states[0]`` is x_0, marked -1, and ``timesteps[i]`` is the timestep that
+            ``states[i]`` has reached.
     """
 
     states: Tensor
@@ -154,7 +156,8 @@ def p_mean_variance(
     The mean is the posterior mean of q(x_{t-1} | x_t, x_0) with x_0 replaced by the model's
     estimate (Ho et al. 2020, eq. 11, written through eqs. 7 and 4). The variance is fixed,
     ``"small"`` is sigma_t^2 = beta_tilde_t and ``"large"`` is sigma_t^2 = beta_t (sec. 3.2;
-    both appear in Table 1), or ``"learned"``: the model returns 2C channels, the noise and
+    both appear in Table 1), except at t = 0, where ``"large"`` takes beta_tilde of the next
+    step as Nichol & Dhariwal's code does (beta_tilde is 0 there), or ``"learned"``: the model returns 2C channels, the noise and
     the v of Nichol & Dhariwal (2021, eq. 15), see :mod:`diffusion_lib.learned_variance`.
     ``x_t``: (B, C, H, W); ``t``: (B,). The mean and x_0 estimate have ``x_t``'s shape;
     variance and log-variance broadcast against it.
@@ -207,7 +210,7 @@ def respace(schedule: NoiseSchedule, steps: int) -> tuple[NoiseSchedule, Tensor]
     The new betas keep the original alpha-bar at the kept steps:
     ``beta'_k = 1 - alpha_bar[t_k] / alpha_bar[t_{k-1}]`` (Nichol & Dhariwal 2021, sec. 4).
     Returns the respaced schedule and the kept 0-based timesteps (steps,), ascending, from 0
-    to T - 1.
+    to T - 1 (just 0 when ``steps`` is 1).
     """
     check_positive_int("steps", steps, maximum=schedule.timesteps)
     if steps == schedule.timesteps:

@@ -222,7 +222,8 @@ class NoiseSchedule:
         return self.alphas_cumprod / (1.0 - self.alphas_cumprod)
 
     def to(self, device: torch.device | str) -> NoiseSchedule:
-        """A copy whose tables live on ``device`` (float32 on MPS, which lacks float64)."""
+        """The schedule with its tables on ``device``: ``self`` if they are there already, else a
+        copy (float32 on MPS, which lacks float64)."""
         device = torch.device(device)
         if device == self.device:
             return self

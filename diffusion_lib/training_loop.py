@@ -85,7 +85,8 @@ def _show_progress(bar: tqdm, losses: list[float], images_per_second: float) -> 
 def run_loop(trainer: _Trainer, bar: tqdm, deadline: float | None = None) -> float:
     """Train up to ``total_steps``, or until ``deadline`` (a ``time.perf_counter()`` value,
     checked whenever the losses are read); return the throughput in images per second over
-    all processes, leaving out the first step, the compiling step and checkpoint writes.
+    all processes, leaving out the first step (unless it is the only one), the compiling step and
+    checkpoint writes.
     """
     settings = trainer.settings
     read_interval = 1 if trainer.device.type == "cpu" else LOSS_READ_INTERVAL

@@ -139,6 +139,20 @@ def test_a_different_config_is_refused_on_resume(tmp_path, trained) -> None:
         run(tmp_path, steps=9, config={"model": {"name": "other"}})
 
 
+def test_a_checkpoint_without_random_state_is_refused_before_the_weights_change(
+    tmp_path, trained
+) -> None:
+    state = torch.load(trained.checkpoint_path, weights_only=True)
+    del state["rng"]
+    torch.save(state, trained.checkpoint_path)
+    model = SmallDenoiser()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="random state"):
+        run(tmp_path, model, steps=9)
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
 def test_missing_file_and_unknown_weights(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         read_checkpoint(tmp_path / "absent.pt")

@@ -951,7 +951,7 @@ def test_evaluate_ode_bound_is_ode_bits_per_dim_of_the_same_test_images(
     expected = ode_bits_per_dim(model, schedule, x0, steps=4,
                                 generator=torch.Generator().manual_seed(6)).mean().item()  # fmt: skip
     printed = re.search(
-        r"probability-flow ODE bound: ([0-9.]+) bits/dim on 2 test images \(4 Heun steps",
+        r"probability-flow ODE bound: ([0-9.]+) bits/dim on 2 test images \(4 timesteps",
         capsys.readouterr().out,
     )
     assert printed and float(printed.group(1)) == pytest.approx(expected, abs=1e-4)

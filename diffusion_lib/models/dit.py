@@ -101,8 +101,9 @@ class DiTBlock(nn.Module):
         x = x + gate_1 * Attention(modulate(LN(x), shift_1, scale_1))
         x = x + gate_2 * MLP(modulate(LN(x), shift_2, scale_2))
 
-    The layer norms have no learned affine parameters: adaLN supplies them, per sample. The
-    regression layer starts at zero, so every gate is zero and the block is the identity.
+    The layer norms have no learned affine parameters: adaLN supplies them, per sample. In a
+    :class:`~diffusion_lib.models.dit.DiffusionTransformer` the regression layer starts at zero
+    (adaLN-Zero), so every gate is zero and the block starts as the identity.
 
     Shapes: ``tokens`` (B, N, D), ``condition`` (B, D) -> (B, N, D).
     """
@@ -131,8 +132,9 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN (shift and scale, no gate) then a linear map from each token to its patch's noise.
 
-    Shapes: ``tokens`` (B, N, D), ``condition`` (B, D) -> (B, N, p * p * C). The linear layer
-    starts at zero (Peebles & Xie 2023, sec. 3.2), so the untrained model predicts eps = 0.
+    Shapes: ``tokens`` (B, N, D), ``condition`` (B, D) -> (B, N, p * p * C). In a
+    :class:`~diffusion_lib.models.dit.DiffusionTransformer` its modulation and linear layers
+    start at zero (Peebles & Xie 2023, sec. 3.2), so the untrained model predicts eps = 0.
     """
 
     def __init__(self, hidden_size: int, patch_dim: int) -> None:

@@ -7,8 +7,8 @@ for diffusion timesteps by Ho et al. (2020, appendix B). A timestep ``t`` become
     [sin(t * w_0), ..., sin(t * w_{h-1}), cos(t * w_0), ..., cos(t * w_{h-1})],
     w_i = max_period^(-i / h),   h = dim // 2,
 
-so nearby timesteps get nearby vectors and the frequencies span wavelengths from 2 pi to
-2 pi * max_period. Vaswani et al. interleave sines and cosines; putting all sines first is
+so nearby timesteps get nearby vectors and the wavelengths grow geometrically from 2 pi to
+2 pi * max_period^((h - 1) / h), just short of 2 pi * max_period. Vaswani et al. interleave sines and cosines; putting all sines first is
 the same set of features in another order, which makes no difference to the linear layer
 that reads them.
 """
@@ -29,7 +29,8 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Te
     Args:
         t: (B,) timesteps, integer (0-based) or real.
         dim: length of each embedding vector. An odd ``dim`` gets a final column of zeros.
-        max_period: the longest wavelength divided by 2 pi (10000 in both papers).
+        max_period: sets the range of wavelengths, whose longest is
+            ``2 pi max_period^((h - 1) / h)`` (10000 in both papers).
 
     Returns:
         (B, dim) float32 tensor on ``t``'s device: sines in the first ``dim // 2`` columns,
