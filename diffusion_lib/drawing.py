@@ -66,9 +66,9 @@ def _density(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return counts / (values.size * np.diff(edges))
 
 
-def _setup_histogram(ax: Axes, edges: np.ndarray, ylim: float) -> StepPatch:
-    """Empty pixel histogram with the N(0, 1) density on ``ax``; returns the bars' artist."""
-    stairs = ax.stairs(np.zeros(len(edges) - 1), edges, fill=True, alpha=0.7, label="pixels")
+def _setup_histogram(ax: Axes, edges: np.ndarray, ylim: float, label: str = "pixels") -> StepPatch:
+    """Empty histogram of ``label`` with the N(0, 1) density on ``ax``; returns the bars' artist."""
+    stairs = ax.stairs(np.zeros(len(edges) - 1), edges, fill=True, alpha=0.7, label=label)
     grid = np.linspace(edges[0], edges[-1], 200)
     ax.plot(grid, _normal_density(grid), color="black", linewidth=1.2, label="N(0, 1)")
     ax.set(xlim=(edges[0], edges[-1]), ylim=(0, ylim), xlabel="pixel value", ylabel="density")

@@ -144,8 +144,9 @@ def plot_loss(
     """Training loss against the step on a log scale: raw values, faint, and a moving average.
 
     ``history_or_losses``: a sequence or 1-D tensor of losses; a mapping with a ``"loss"`` (or
-    ``"losses"``) entry and optionally ``"step"``; or an object with a ``losses`` attribute
-    (and optionally ``steps``). ``smoothing`` is the window of the moving average in steps
+    ``"losses"``) entry and optionally ``"step"``; a
+    :class:`~diffusion_lib.trainer.TrainingHistory` (an object with a ``loss`` attribute); or a
+    :class:`~diffusion_lib.training.TrainingResult`, read through its ``history``. ``smoothing`` is the window of the moving average in steps
     (shortened for short runs). Draws on ``ax`` when given. Returns the figure.
     """
     losses, steps = _losses_and_steps(history_or_losses)
@@ -213,12 +214,14 @@ def pixel_histogram(
     ylim: float = 1.0,
     ax: Axes | None = None,
     title: str | None = None,
+    label: str = "pixels",
 ) -> Figure:
     """Histogram of pixel values against the N(0, 1) density on [-4, 4].
 
     ``images``: a tensor of any shape, or a mapping from a panel title to a tensor, which draws
     one panel per entry side by side. The density axis is cut at ``ylim`` so that panels
-    compare (the background spike of clean images rises above it). Returns the figure.
+    compare (the background spike of clean images rises above it). ``label`` names the
+    histogram in the legend, e.g. ``"values"`` for latents. Returns the figure.
     """
     panels = images if isinstance(images, Mapping) else {title or "pixel values": images}
     if ax is not None and len(panels) != 1:
@@ -232,7 +235,7 @@ def pixel_histogram(
         figure, axes = ax.figure, [ax]
     edges = np.linspace(*HISTOGRAM_LIMITS, check_positive_int("bins", bins) + 1)
     for ax_, (name, values) in zip(axes, panels.items(), strict=True):
-        stairs = _setup_histogram(ax_, edges, ylim)
+        stairs = _setup_histogram(ax_, edges, ylim, label)
         stairs.set_data(values=_density(values.detach().cpu().double().reshape(-1).numpy(), edges))
         ax_.set_title(name)
     axes[0].legend(loc="upper right", fontsize=8)

@@ -143,6 +143,15 @@ def test_pixel_histogram_matches_numpy_and_the_normal_density():
     np.testing.assert_allclose(stairs.get_data().values, normal, atol=0.02)
 
 
+def test_pixel_histogram_legend_names_what_it_counts():
+    values = torch.randn(1000, generator=torch.Generator().manual_seed(2))
+    default = pixel_histogram(values).axes[0].get_legend()
+    assert [text.get_text() for text in default.get_texts()] == ["pixels", "N(0, 1)"]
+    latents = pixel_histogram({"latents": values}, label="values").axes[0].get_legend()
+    assert [text.get_text() for text in latents.get_texts()] == ["values", "N(0, 1)"]
+    plt.close("all")
+
+
 def test_plot_loss_reads_a_training_result() -> None:
     from diffusion_lib.training import TrainingHistory
 
