@@ -254,7 +254,13 @@ def _add_optimisation_options(group: argparse._ArgumentGroup) -> None:
     length.add_argument("--epochs", type=float, help="passes over the data (may be fractional)")
     group.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
     group.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default: 2e-4)")
-    group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed of the initial weights, the data order, the timesteps and the noise "
+        "(default: 0)",
+    )
     group.add_argument(
         "--compile",
         nargs="?",
