@@ -258,8 +258,8 @@ def _add_optimisation_options(group: argparse._ArgumentGroup) -> None:
         "--seed",
         type=int,
         default=0,
-        help="random seed of the initial weights, the data order, the timesteps and the noise "
-        "(default: 0)",
+        help="random seed of the data order, the timesteps and the noise, and in train of the "
+        "initial weights (default: 0)",
     )
     group.add_argument(
         "--compile",
