@@ -245,8 +245,9 @@ def restore_training_state(
 
     The weights and the random streams are loaded last, after every check has passed and the
     optimiser and scheduler have accepted their states, so a rejected checkpoint leaves the
-    model, its moving average and the random streams untouched. The optimiser's implementation flags (fused, foreach) follow this run's
-    device, so a checkpoint written on a GPU resumes on a CPU and back.
+    model, its moving average and the random streams untouched. The optimiser's implementation
+    flags (fused, foreach) follow this run's device, so a checkpoint written on a GPU resumes on
+    a CPU and back.
     """
     state = read_checkpoint(path)
     check_state_dict_fits(path, state["model"], model)

@@ -497,8 +497,8 @@ def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
         help="with --bound-images, also bound the same test images through the probability-flow "
         "ODE (diffusion_lib.likelihood, chapter 23): the exact log-likelihood of uniformly "
         "dequantised images, by Heun's method on N timesteps from t = 0 to T - 1 (N - 1 steps) "
-        "with Hutchinson's divergence, 2N - 2 network calls each with a backward pass. Too few steps make it optimistic; on "
-        "MNIST it settled from 100. Not for masked or zero-terminal-SNR checkpoints "
+        "with Hutchinson's divergence, 2N - 2 network calls each with a backward pass. Too few "
+        "steps make it optimistic; on MNIST it settled from 100. Not for masked or zero-terminal-SNR checkpoints "
         "(default: 0, no ODE bound)",
     )
     parser.add_argument(

@@ -146,8 +146,8 @@ def plot_loss(
     ``history_or_losses``: a sequence or 1-D tensor of losses; a mapping with a ``"loss"`` (or
     ``"losses"``) entry and optionally ``"step"``; a
     :class:`~diffusion_lib.trainer.TrainingHistory` (an object with a ``loss`` attribute); or a
-    :class:`~diffusion_lib.training.TrainingResult`, read through its ``history``. ``smoothing`` is the window of the moving average in steps
-    (shortened for short runs). Draws on ``ax`` when given. Returns the figure.
+    :class:`~diffusion_lib.training.TrainingResult`, read through its ``history``.
+    ``smoothing`` is the window of the moving average in steps (shortened for short runs). Draws on ``ax`` when given. Returns the figure.
     """
     losses, steps = _losses_and_steps(history_or_losses)
     window = min(check_positive_int("smoothing", smoothing), max(1, losses.size // 5))

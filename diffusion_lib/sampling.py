@@ -157,8 +157,8 @@ def p_mean_variance(
     estimate (Ho et al. 2020, eq. 11, written through eqs. 7 and 4). The variance is fixed,
     ``"small"`` is sigma_t^2 = beta_tilde_t and ``"large"`` is sigma_t^2 = beta_t (sec. 3.2;
     both appear in Table 1), except at t = 0, where ``"large"`` takes beta_tilde of the next
-    step as Nichol & Dhariwal's code does (beta_tilde is 0 there), or ``"learned"``: the model returns 2C channels, the noise and
-    the v of Nichol & Dhariwal (2021, eq. 15), see :mod:`diffusion_lib.learned_variance`.
+    step as Nichol & Dhariwal's code does (beta_tilde is 0 there), or ``"learned"``: the model
+    returns 2C channels, the noise and the v of Nichol & Dhariwal (2021, eq. 15), see :mod:`diffusion_lib.learned_variance`.
     ``x_t``: (B, C, H, W); ``t``: (B,). The mean and x_0 estimate have ``x_t``'s shape;
     variance and log-variance broadcast against it.
     """

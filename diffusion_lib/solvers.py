@@ -55,9 +55,10 @@ def ode_timesteps(schedule: NoiseSchedule, steps: int, spacing: str | None = Non
 
     ``spacing="logsnr"`` spreads them evenly in ``lambda_t = log(alpha_t / sigma_t)``, the
     variable DPM-Solver integrates in (Lu et al. 2022 recommend it for small images);
-    ``"time"`` spreads them evenly in t. With two or more steps both include T - 1, where x_T is almost
-    pure noise, and 0 (one step visits T - 1 alone), so that runs with different step counts solve the same problem. (DDIM's grid
-    0, T/steps, 2T/steps, ... starts lower when there are few steps; Lin et al. 2024, sec. 3.3.)
+    ``"time"`` spreads them evenly in t. With two or more steps both include T - 1, where x_T is
+    almost pure noise, and 0 (one step visits T - 1 alone), so that runs with different step
+    counts solve the same problem. (DDIM's grid 0, T/steps, 2T/steps, ... starts lower when
+    there are few steps; Lin et al. 2024, sec. 3.3.)
     ``None`` means ``"logsnr"``, or ``"time"`` for a schedule with zero terminal SNR, whose
     log-SNR ends at -inf and cannot be divided evenly.
     """

@@ -8,9 +8,9 @@ for diffusion timesteps by Ho et al. (2020, appendix B). A timestep ``t`` become
     w_i = max_period^(-i / h),   h = dim // 2,
 
 so nearby timesteps get nearby vectors and the wavelengths grow geometrically from 2 pi to
-2 pi * max_period^((h - 1) / h), just short of 2 pi * max_period. Vaswani et al. interleave sines and cosines; putting all sines first is
-the same set of features in another order, which makes no difference to the linear layer
-that reads them.
+2 pi * max_period^((h - 1) / h), just short of 2 pi * max_period. Vaswani et al. interleave
+sines and cosines; putting all sines first is the same set of features in another order,
+which makes no difference to the linear layer that reads them.
 """
 
 from __future__ import annotations
