@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from torch import Tensor
 from torchvision.utils import make_grid
 
@@ -60,15 +61,21 @@ def show_grid(
     nrow: int = 8,
     title: str | None = None,
     ax: Axes | None = None,
+    pad_value: float = 1.0,
 ) -> Figure:
     """Draw images (N, C, H, W) as one grid, ``nrow`` images per row (torchvision's ``make_grid``).
 
-    Pixels are mapped from ``value_range`` onto grey levels. Draws on ``ax`` when given.
-    Returns the figure.
+    Pixels are mapped from ``value_range`` onto grey levels. The images are separated by lines
+    of grey level ``pad_value`` in [0, 1] (white by default; 0.5 keeps them apart from white
+    strokes when the tiles are pieces of one image). Draws on ``ax`` when given. Returns the
+    figure.
     """
     images = _check_images(images)
     nrow = check_positive_int("nrow", nrow)
-    grid = make_grid(to_unit_interval(images, value_range), nrow=nrow, padding=2, pad_value=1.0)
+    if not 0.0 <= pad_value <= 1.0:
+        raise ValueError(f"pad_value is a grey level in [0, 1], got {pad_value}")
+    unit_images = to_unit_interval(images, value_range)
+    grid = make_grid(unit_images, nrow=nrow, padding=2, pad_value=pad_value)
     rows = math.ceil(images.shape[0] / nrow)
     figure, ax = _new_axes(ax, (min(nrow, images.shape[0]) * 0.9 + 0.4, rows * 0.9 + 0.6))
     ax.imshow(grid.permute(1, 2, 0).numpy(), vmin=0.0, vmax=1.0, interpolation="nearest")
@@ -161,11 +168,25 @@ def plot_loss(
     else:
         raw.set_label(name)
     ax.set_yscale("log")
+    _label_short_log_axis(ax, losses)
     ax.set_xlabel("training step")
     ax.set_ylabel("loss")
     ax.set_title("training loss")
     ax.legend()
     return figure
+
+
+def _label_short_log_axis(ax: Axes, values: np.ndarray) -> None:
+    """Label 1, 2 and 5 times each power of ten when ``values`` span three decades or less.
+
+    Matplotlib labels only the powers of ten, which leaves one labelled tick, or none, on the
+    loss curves of short runs.
+    """
+    positive = values[values > 0]
+    if positive.size and np.log10(positive.max() / positive.min()) <= 3:
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _state_title(timesteps: Tensor, index: int) -> str:
@@ -183,12 +204,14 @@ def plot_trajectory(
     value_range: tuple[float, float] = (-1.0, 1.0),
     num_frames: int = 10,
     sample_index: int = 0,
+    label: str = r"$x_t$",
 ) -> Figure:
     """One sample's way from noise to image: ``num_frames`` evenly spaced states in a row.
 
     ``trajectory.states``: (S + 1, B, C, H, W), ``trajectory.timesteps``: (S + 1,) with -1 for
     the finished sample, or float times in [0, 1] from a flow sampler. Each frame is titled by
-    its timestep. Returns the figure.
+    its timestep, and ``label`` names the row (e.g. the decoder's image of a latent ``z_t``).
+    Returns the figure.
     """
     states, timesteps = trajectory.states, trajectory.timesteps
     if not 0 <= sample_index < states.shape[1]:
@@ -202,7 +225,7 @@ def plot_trajectory(
         ax.imshow(array, **options)
         ax.set_title(_state_title(timesteps, index), fontsize=10)
         _hide_ticks(ax)
-    axes[0, 0].set_ylabel(r"$x_t$")
+    axes[0, 0].set_ylabel(label)
     figure.suptitle("from noise to image", y=1.02)
     return figure
 

@@ -57,6 +57,14 @@ def test_show_grid_draws_on_given_axes_and_rejects_bad_shapes(images):
         show_grid(images[0])
 
 
+def test_show_grid_pads_with_the_grey_level_asked_for(images):
+    drawn = np.asarray(show_grid(images, nrow=2, pad_value=0.5).axes[0].images[0].get_array())
+    assert np.all(drawn[:2] == 0.5) and np.all(drawn[:, 14:16] == 0.5)  # border, gap between
+    assert np.all(np.asarray(show_grid(images).axes[0].images[0].get_array())[:2] == 1.0)
+    with pytest.raises(ValueError, match=r"pad_value is a grey level in \[0, 1\], got 2"):
+        show_grid(images, pad_value=2)
+
+
 def test_plot_schedules_draws_three_labelled_panels():
     schedules = {
         name: NoiseSchedule.from_name(name, 200) for name in ("linear", "quadratic", "cosine")
@@ -90,6 +98,30 @@ def test_plot_loss_draws_raw_values_and_moving_average():
     assert ax.get_xlabel() == "training step" and ax.get_ylabel() == "loss"
 
 
+def _labelled_y_ticks(ax):
+    ax.figure.canvas.draw()
+    low, high = ax.get_ylim()
+    return [
+        tick.get_text()
+        for tick in ax.get_yticklabels() + ax.get_yticklabels(minor=True)
+        if tick.get_text() and low <= tick.get_position()[1] <= high
+    ]
+
+
+def test_plot_loss_labels_several_ticks_on_a_short_log_axis():
+    # A short run's noisy losses between 0.3 and 6 span 1.3 decades: matplotlib alone labels
+    # only the tick at 1.
+    losses = np.exp(np.linspace(np.log(6.0), np.log(0.3), 400))
+    labels = _labelled_y_ticks(plot_loss(losses).axes[0])
+    assert labels == ["0.5", "1", "2", "5"]
+
+
+def test_plot_loss_keeps_decade_labels_on_a_long_log_axis():
+    losses = np.exp(np.linspace(np.log(10.0), np.log(1e-5), 400))
+    labels = _labelled_y_ticks(plot_loss(losses).axes[0])
+    assert len(labels) >= 5 and all("10^" in label for label in labels)
+
+
 def test_plot_loss_reads_histories_and_shares_axes():
     figure, ax = plt.subplots()
     history = {"step": [10, 20, 30, 40, 50], "loss": [1.0, 0.5, 0.4, 0.3, 0.2]}
@@ -110,7 +142,9 @@ def test_plot_trajectory_titles_frames_by_timestep():
     assert titles == ["t = 90", "t = 70", "t = 40", "t = 10", "sample"]
     for ax, index in zip(figure.axes, [0, 2, 5, 8, 10], strict=True):
         np.testing.assert_array_equal(ax.images[0].get_array(), states[index, 1, 0].numpy())
-    assert figure.axes[0].get_ylabel()
+    assert figure.axes[0].get_ylabel() == r"$x_t$"
+    labelled = plot_trajectory(trajectory, num_frames=5, label=r"$D(z_t)$")
+    assert labelled.axes[0].get_ylabel() == r"$D(z_t)$"
     with pytest.raises(ValueError, match="sample_index"):
         plot_trajectory(trajectory, sample_index=2)
 
