@@ -7,7 +7,9 @@ reads them, so the same script runs unchanged with one process or many.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -110,3 +112,31 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def _precision_switches() -> list[tuple[object, str, object]]:
+    """(backend, attribute, full-precision value) for cuDNN convolutions and CUDA matmuls."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    if hasattr(cudnn, "conv") and hasattr(cudnn.conv, "fp32_precision"):  # PyTorch 2.9 and later
+        return [(cudnn.conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
+    return [(cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """Compute float32 convolutions and matrix products in full float32 inside the block.
+
+    On NVIDIA GPUs since Ampere, cuDNN runs float32 convolutions in TF32 by default, which keeps
+    10 of float32's 23 mantissa bits: two computations that agree to 1e-6 on a CPU can then
+    differ by 1e-3 on a GPU. Checks that compare two ways of computing the same thing run inside
+    this block. The previous settings come back on leaving it; on a CPU nothing changes.
+    """
+    switches = _precision_switches()
+    saved = [getattr(backend, name) for backend, name, _ in switches]
+    try:
+        for backend, name, exact in switches:
+            setattr(backend, name, exact)
+        yield
+    finally:
+        for (backend, name, _), value in zip(switches, saved, strict=True):
+            setattr(backend, name, value)

@@ -3,6 +3,11 @@
 A model is any callable ``model(x_t, t) -> eps`` with ``x_t`` of shape (B, C, H, W) and ``t`` an
 int64 tensor of shape (B,) holding 0-based timesteps. Conditional models take a third argument,
 ``model(x_t, t, labels)``; the samplers pass it when ``labels`` is given.
+
+The samplers compute on ``device`` when it is given, else where the model's parameters are (for
+a plain function, where ``x_T`` is, or the CPU); a given ``x_T`` is moved there. Noise from a
+``generator`` is drawn on the generator's device and then moved, so a seed gives the same noise
+on every device.
 """
 
 from __future__ import annotations
@@ -241,11 +246,16 @@ def _evaluating(model: NoisePredictor) -> Iterator[None]:
             model.train()
 
 
-def _model_device(model: NoisePredictor) -> torch.device:
+def _parameter_device(model: NoisePredictor) -> torch.device | None:
+    """Where the model's parameters are; ``None`` for a function or a module without any."""
     if isinstance(model, nn.Module):
         for parameter in model.parameters():
             return parameter.device
-    return torch.device("cpu")
+    return None
+
+
+def _model_device(model: NoisePredictor) -> torch.device:
+    return _parameter_device(model) or torch.device("cpu")
 
 
 def _randn(
@@ -272,6 +282,7 @@ def _start(
             raise ValueError(
                 f"{name} must have the requested shape {tuple(shape)}, got {tuple(x_T.shape)}"
             )
+        device = device if device is not None else _parameter_device(model)
         return x_T.to(device) if device is not None else x_T
     if len(shape) < 2 or any(not isinstance(n, int) or n < 1 for n in shape):
         raise ValueError(f"shape must be positive integers (B, C, H, W), got {tuple(shape)}")

@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from diffusion_lib import devices
 from diffusion_lib import trainer as trainer_module
 from diffusion_lib import training_loop as loop_module
-from diffusion_lib.devices import ProcessGroup
+from diffusion_lib.devices import ProcessGroup, exact_float32
 from diffusion_lib.flow_matching import RectifiedFlow
 from diffusion_lib.losses import diffusion_loss
 from diffusion_lib.models import ToyMLP
@@ -606,3 +607,16 @@ def test_a_generous_time_limit_changes_nothing(schedule) -> None:
 def test_a_time_limit_must_be_a_positive_number_of_seconds(schedule, value) -> None:
     with pytest.raises(ValueError, match="time_limit"):
         quick_train(schedule, time_limit=value)
+
+
+def test_exact_float32_turns_tf32_off_inside_the_block_and_restores_the_settings() -> None:
+    switches = devices._precision_switches()
+    before = [getattr(backend, name) for backend, name, _ in switches]
+    with exact_float32():
+        assert [getattr(backend, name) for backend, name, _ in switches] == [
+            exact for _, _, exact in switches
+        ]
+    assert [getattr(backend, name) for backend, name, _ in switches] == before
+    with pytest.raises(RuntimeError, match="inside"), exact_float32():
+        raise RuntimeError("raised inside the block")
+    assert [getattr(backend, name) for backend, name, _ in switches] == before
