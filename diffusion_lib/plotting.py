@@ -168,7 +168,7 @@ def plot_loss(
     else:
         raw.set_label(name)
     ax.set_yscale("log")
-    _label_short_log_axis(ax, losses)
+    _label_log_axis(ax)
     ax.set_xlabel("training step")
     ax.set_ylabel("loss")
     ax.set_title("training loss")
@@ -176,17 +176,32 @@ def plot_loss(
     return figure
 
 
-def _label_short_log_axis(ax: Axes, values: np.ndarray) -> None:
-    """Label 1, 2 and 5 times each power of ten when ``values`` span three decades or less.
+_LOG_TICK_MULTIPLES = ((1.0, 2.0, 5.0), tuple(float(k) for k in range(1, 10)))
+
+
+def _label_log_axis(ax: Axes) -> None:
+    """Give a log-scaled y axis at least three labelled ticks where its data allow.
 
     Matplotlib labels only the powers of ten, which leaves one labelled tick, or none, on the
-    loss curves of short runs.
+    loss curves of short runs. Where fewer than three powers of ten lie within the data on
+    ``ax``, ticks go at 1, 2 and 5 times each power of ten, or at every multiple from 1 to 9.
     """
-    positive = values[values > 0]
-    if positive.size and np.log10(positive.max() / positive.min()) <= 3:
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
+    low, high = ax.dataLim.intervaly
+    if not 0 < low < high:
+        return
+    exponents = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+
+    def ticks_inside(multiples: tuple[float, ...]) -> int:
+        return sum(low <= m * 10.0**e <= high for e in exponents for m in multiples)
+
+    if ticks_inside((1.0,)) >= 3:
+        return
+    multiples = next(
+        (m for m in _LOG_TICK_MULTIPLES if ticks_inside(m) >= 3), _LOG_TICK_MULTIPLES[-1]
+    )
+    ax.yaxis.set_major_locator(LogLocator(subs=multiples))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _state_title(timesteps: Tensor, index: int) -> str:

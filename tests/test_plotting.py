@@ -116,6 +116,12 @@ def test_plot_loss_labels_several_ticks_on_a_short_log_axis():
     assert labels == ["0.5", "1", "2", "5"]
 
 
+def test_plot_loss_labels_every_multiple_when_one_power_of_ten_is_in_sight():
+    # Losses between 0.75 and 1.6: of 0.5, 1, 2 and 5 only 1 is inside.
+    losses = np.exp(np.linspace(np.log(1.6), np.log(0.75), 400))
+    assert _labelled_y_ticks(plot_loss(losses).axes[0]) == ["0.8", "0.9", "1"]
+
+
 def test_plot_loss_keeps_decade_labels_on_a_long_log_axis():
     losses = np.exp(np.linspace(np.log(10.0), np.log(1e-5), 400))
     labels = _labelled_y_ticks(plot_loss(losses).axes[0])
