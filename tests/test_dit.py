@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from diffusion_lib.models import DiffusionTransformer, build_model, count_parameters
 from diffusion_lib.models.dit import (
     DiTBlock,
+    FinalLayer,
     patchify,
     sincos_position_embedding,
     unpatchify,
@@ -217,3 +218,15 @@ def test_a_few_training_steps_lower_the_loss() -> None:
     losses = torch.tensor(result.history.loss)
     assert 0.7 < losses[:5].mean() < 1.3
     assert losses[-10:].mean() < 0.5 * losses[:5].mean()
+
+
+def test_the_final_layer_is_adaln_without_a_gate_then_linear() -> None:
+    layer = perturbed(FinalLayer(hidden_size=8, patch_dim=6), scale=0.3)
+    x, c = torch.randn(2, 5, 8), torch.randn(2, 8)
+    weight, bias = layer.modulation[1].weight, layer.modulation[1].bias
+    shift, scale = (F.silu(c) @ weight.T + bias).split(8, dim=-1)
+    variance = x.var(-1, unbiased=False, keepdim=True)
+    normed = (x - x.mean(-1, keepdim=True)) / (variance + 1e-6).sqrt()
+    modulated = normed * (1 + scale[:, None]) + shift[:, None]
+    expected = modulated @ layer.linear.weight.T + layer.linear.bias
+    torch.testing.assert_close(layer(x, c), expected, atol=1e-5, rtol=1e-5)

@@ -296,3 +296,14 @@ def test_score_samples_rejects_a_classifier_of_another_dataset(mnist_classifier)
         metrics.score_samples(
             torch.zeros(4, 1, 28, 28), "fashion_mnist", classifier=mnist_classifier
         )
+
+
+def test_to_classifier_range_is_affine_then_clamped() -> None:
+    images = torch.tensor([0.0, 0.25, 0.5, 1.0, 1.5, -0.2])
+    assert metrics.to_classifier_range(images, (0.0, 1.0)).tolist() == pytest.approx(
+        [-1.0, -0.5, 0.0, 1.0, 1.0, -1.0], abs=1e-7
+    )
+    pixels = torch.tensor([0.0, 63.75, 127.5, 255.0, 300.0])
+    assert metrics.to_classifier_range(pixels, (0.0, 255.0)).tolist() == pytest.approx(
+        [-1.0, -0.5, 0.0, 1.0, 1.0], abs=1e-7
+    )

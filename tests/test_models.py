@@ -23,7 +23,7 @@ from diffusion_lib.models import (
     count_parameters,
     sinusoidal_embedding,
 )
-from diffusion_lib.models.attention_unet import CrossAttention, SelfAttention
+from diffusion_lib.models.attention_unet import CrossAttention, ResidualBlock, SelfAttention
 from diffusion_lib.sampling import predict_noise
 
 T = 1000
@@ -598,3 +598,61 @@ def test_bad_context_raises(context_dim, context, mask, message) -> None:
     model = tiny_attention_unet(1, 8, context_dim=context_dim)
     with pytest.raises(ValueError, match=message):
         model(torch.zeros(2, 1, 8, 8), torch.tensor([1, 2]), context=context, context_mask=mask)
+
+
+def _group_norm(
+    h: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    b, c, height, width = h.shape
+    g = h.reshape(b, groups, -1)
+    g = (g - g.mean(-1, keepdim=True)) / (g.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    return g.reshape(b, c, height, width) * weight[None, :, None, None] + bias[None, :, None, None]
+
+
+def _affine(layer: nn.Linear, v: torch.Tensor) -> torch.Tensor:
+    return v @ layer.weight.T + layer.bias
+
+
+def test_residual_block_matches_ho_et_al_appendix_b() -> None:
+    # skip(x) + conv2(SiLU(GN(conv1(SiLU(GN(x))) + P tau))), group norm written out by hand.
+    block = perturb(ResidualBlock(4, 6, time_dim=5, dropout=0.0, groups=2), scale=0.3).eval()
+    x, tau = torch.randn(2, 4, 3, 3), torch.randn(2, 5)
+    h = F.silu(_group_norm(x, 2, block.norm1.weight, block.norm1.bias))
+    h = F.conv2d(h, block.conv1.weight, block.conv1.bias, padding=1)
+    h = h + _affine(block.time_projection, tau)[:, :, None, None]
+    h = F.silu(_group_norm(h, 2, block.norm2.weight, block.norm2.bias))
+    h = F.conv2d(h, block.conv2.weight, block.conv2.bias, padding=1)
+    skip = F.conv2d(x, block.skip.weight, block.skip.bias)
+    torch.testing.assert_close(block(x, tau), skip + h, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ResidualBlock(4, 4, 5, 0.0, 2)(x, tau), x)  # conv2 starts at zero
+
+
+def test_fc_unet_sinusoidal_layer_norm_layer_by_hand() -> None:
+    # One width: SiLU(LN(W x + b + P SiLU(time embedding))), then the output layer.
+    model = FCUNet(
+        image_size=4, widths=(6,), time_embedding="sinusoidal", layer_norm=True,
+        time_embedding_dim=4,
+    )  # fmt: skip
+    model = perturb(model, scale=0.3)
+    x, t = torch.randn(3, 1, 4, 4), torch.tensor([0, 250, 999])
+    mlp = model.time_mlp.mlp
+    tau = F.silu(_affine(mlp[2], F.silu(_affine(mlp[0], sinusoidal_embedding(t, 4)))))
+    layer = model.encoder[0]
+    z = _affine(layer.linear, x.flatten(1)) + _affine(layer.time_projection, tau)
+    z = (z - z.mean(-1, keepdim=True)) / (z.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    h0 = F.silu(z * layer.norm.weight + layer.norm.bias)
+    expected = _affine(model.output, h0).reshape(3, 1, 4, 4)
+    assert expected.abs().max() > 0.1  # the perturbed output layer no longer hides the rest
+    torch.testing.assert_close(model(x, t), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_toy_mlp_forward_by_hand() -> None:
+    # h <- lift(x); h <- h + W2 SiLU(W1 SiLU(h + embedding)) per block; project(SiLU(h)).
+    model = ToyMLP(dim=3, hidden=8, blocks=2, embedding_dim=4)
+    x_t, t = torch.randn(5, 3), torch.tensor([0, 3, 100, 500, 999])
+    mlp = model.time_embedding.mlp
+    embedding = _affine(mlp[2], F.silu(_affine(mlp[0], sinusoidal_embedding(t, 4))))
+    h = _affine(model.lift, x_t)
+    for block in model.blocks:
+        h = h + _affine(block[3], F.silu(_affine(block[1], F.silu(h + embedding))))
+    torch.testing.assert_close(model(x_t, t), _affine(model.project[1], F.silu(h)))

@@ -326,3 +326,12 @@ def test_bad_inputs_are_refused(linear: NoiseSchedule):
         path_kl(model, model, linear, rollout.states, variance="learned")
     with pytest.raises(ValueError, match="states must be"):
         path_kl(model, model, linear, rollout.states[:2])
+
+
+def test_ppo_clipped_loss_value_by_hand() -> None:
+    # Rows (rho, A): (1, 1) -> -1; (1.5, 1) -> -min(1.5, 1.2) = -1.2; (0.5, -1) -> -min(-0.5, -0.8)
+    # = 0.8; (1.5, -1) -> -min(-1.5, -1.2) = 1.5. Their mean is 0.1 / 4.
+    log_probs = torch.log(torch.tensor([1.0, 1.5, 0.5, 1.5]))
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    loss = ppo_clipped_loss(log_probs, torch.zeros(4), advantages, 0.2)
+    assert loss.item() == pytest.approx(0.025, abs=1e-6)

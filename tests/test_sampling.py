@@ -21,7 +21,7 @@ from diffusion_lib import (
     respace,
     slerp,
 )
-from diffusion_lib.sampling import _start
+from diffusion_lib.sampling import _ddim_update, _start
 from diffusion_lib.smoke import MAX_SAMPLING_STEPS, SMOKE_VARIABLE
 
 
@@ -392,3 +392,78 @@ def test_a_given_start_moves_to_the_device_of_the_models_parameters() -> None:
     assert _start(model, tuple(x_T.shape), None, None, None).device.type == "meta"
     assert _start(model, tuple(x_T.shape), x_T, None, "cpu").device.type == "cpu"
     assert _start(lambda x, t: x, tuple(x_T.shape), x_T, None, None) is x_T  # no parameters
+
+
+def test_ddim_with_eta_one_over_every_step_is_ddpm() -> None:
+    # Song et al. 2021, sec. 4.1: eta = 1 makes sigma^2 the posterior variance beta-tilde, and the
+    # coefficients of x0 and eps then equal those of the DDPM posterior mean, step for step.
+    schedule = NoiseSchedule.from_name("linear", timesteps=50)
+    model = GaussianOptimalPredictor(schedule, 0.3, 0.5)
+    x_T = torch.randn(4, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    options = dict(x_T=x_T, clip_x0=None, generator=torch.Generator().manual_seed(1))
+    ddim = ddim_sample(model, schedule, x_T.shape, steps=50, eta=1.0, **options)
+    options["generator"] = torch.Generator().manual_seed(1)
+    ddpm = ddpm_sample(model, schedule, x_T.shape, **options)
+    torch.testing.assert_close(ddim, ddpm, rtol=0, atol=1e-10)
+    deterministic = ddim_sample(model, schedule, x_T.shape, steps=50, x_T=x_T, clip_x0=None)
+    assert (deterministic - ddpm).abs().max() > 0.1  # the comparison can tell eta apart
+
+
+def test_one_ddim_step_is_the_bayes_posterior_of_a_skipped_step() -> None:
+    # From t to s < t with abar_t = 0.3, abar_s = 0.8: q(x_s | x_t, x0) by Bayes' rule in
+    # precision form, with a = abar_t / abar_s the signal kept between s and t.
+    abar_t, abar_s = 0.3, 0.8
+    a = abar_t / abar_s
+    variance = 1 / (1 / (1 - abar_s) + a / (1 - a))
+    x0 = torch.tensor([[0.4, -1.2, 0.7]], dtype=torch.float64)
+    eps = torch.tensor([[1.1, 0.3, -0.6]], dtype=torch.float64)
+    x_t = math.sqrt(abar_t) * x0 + math.sqrt(1 - abar_t) * eps
+    mean = variance * (math.sqrt(abar_s) * x0 / (1 - abar_s) + math.sqrt(a) * x_t / (1 - a))
+    t_bar, s_bar = (torch.full((1, 1), value, dtype=torch.float64) for value in (abar_t, abar_s))
+    last = _ddim_update(x0, eps, t_bar, s_bar, 1.0, True, None)  # the mean, without noise
+    torch.testing.assert_close(last, mean, rtol=0, atol=1e-12)
+    zeros = torch.zeros(1, 3, dtype=torch.float64)
+    noise = _ddim_update(zeros, zeros, t_bar, s_bar, 0.5, False, torch.Generator().manual_seed(5))
+    z = torch.randn(1, 3, generator=torch.Generator().manual_seed(5)).double()
+    torch.testing.assert_close(noise, 0.5 * math.sqrt(variance) * z, rtol=0, atol=1e-12)
+    deterministic = _ddim_update(x0, eps, t_bar, s_bar, 0.0, False, None)
+    expected = math.sqrt(abar_s) * x0 + math.sqrt(1 - abar_s) * eps
+    torch.testing.assert_close(deterministic, expected, rtol=0, atol=1e-12)
+
+
+def test_clipping_x0_recomputes_the_noise(linear: NoiseSchedule) -> None:
+    # For one training point p outside [-1, 1], x0 = p is clipped to clamp(p); the noise re-derived
+    # from the clipped x0 is then exactly the predictor of clamp(p), so the two runs coincide.
+    outside = torch.tensor([2.0, -0.5, -3.0, 0.25], dtype=torch.float64).reshape(1, 1, 2, 2)
+    x_T = torch.randn(3, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    clipping = SinglePointPredictor(linear, outside)
+    _, clipped = ddim_sample(clipping, linear, x_T.shape, steps=10, x_T=x_T, return_trajectory=True)
+    inside = SinglePointPredictor(linear, outside.clamp(-1, 1))
+    _, unclipped = ddim_sample(
+        inside, linear, x_T.shape, steps=10, x_T=x_T, clip_x0=None, return_trajectory=True
+    )
+    torch.testing.assert_close(clipped.states, unclipped.states, rtol=0, atol=1e-10)
+
+
+def test_large_variance_is_beta_and_borrows_beta_tilde_at_t0(linear: NoiseSchedule) -> None:
+    betas = np.linspace(1e-4, 0.02, 1000)
+    t = torch.tensor([0, 1, 37, 999])
+    x_t = torch.randn(4, 1, 2, 2, dtype=torch.float64)
+    _, variance, log_variance, _ = p_mean_variance(
+        lambda x, step: torch.zeros_like(x), linear, x_t, t, variance="large", clip_x0=None
+    )
+    beta_tilde_1 = betas[1] * betas[0] / (1 - (1 - betas[0]) * (1 - betas[1]))
+    expected = np.array([beta_tilde_1, betas[1], betas[37], betas[999]])
+    np.testing.assert_allclose(variance.flatten().numpy(), expected, rtol=1e-10)
+    np.testing.assert_allclose(log_variance.flatten().numpy(), np.log(expected), rtol=1e-10)
+
+
+@pytest.mark.parametrize("weight", [0.25, 0.5, 0.8])
+def test_slerp_moves_along_the_great_circle_at_constant_speed(weight: float) -> None:
+    theta = 2 * math.pi / 3  # unit vectors 120 degrees apart
+    a = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    b = torch.tensor([[math.cos(theta), math.sin(theta)]], dtype=torch.float64)
+    angle = weight * theta
+    expected = torch.tensor([[math.cos(angle), math.sin(angle)]], dtype=torch.float64)
+    torch.testing.assert_close(slerp(a, b, weight), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(slerp(3 * a, 3 * b, weight), 3 * expected, rtol=0, atol=1e-12)

@@ -417,3 +417,15 @@ def test_bad_shift_and_zero_snr_options() -> None:
         NoiseSchedule.from_name("linear", 10, snr_scale=True)
     with pytest.raises(ValueError, match="zero_terminal_snr must be True or False"):
         NoiseSchedule.from_name("linear", 10, zero_terminal_snr="yes")
+
+
+def test_q_mean_variance_is_the_closed_form_of_eq_4() -> None:
+    schedule = NoiseSchedule.from_name("cosine", timesteps=100)
+    x0 = torch.tensor([[0.3, -0.7], [1.0, 0.2], [-0.5, 0.9]], dtype=torch.float64)
+    t = torch.tensor([0, 40, 99])
+    mean, variance = schedule.q_mean_variance(x0, t)
+    alpha_bar = np.cumprod(1 - schedule.betas.numpy())[t.numpy()]
+    expected_mean = np.sqrt(alpha_bar)[:, None] * x0.numpy()
+    np.testing.assert_allclose(mean.numpy(), expected_mean, rtol=1e-12, atol=0)
+    assert variance.shape == (3, 1)
+    np.testing.assert_allclose(variance.numpy()[:, 0], 1 - alpha_bar, rtol=1e-12)
