@@ -149,3 +149,25 @@ def test_multihead_attention_projection_is_left_alone():
 def test_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call(_small_unet())
+
+
+def test_a_scale_between_zero_and_one_scales_the_update_and_merging_keeps_it() -> None:
+    """set_lora_scale(s): y = x (W + s (alpha / r) B A)^T + b; merged() bakes in the same s.
+    With alpha omitted, alpha = r and the update is B A itself."""
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5).double()
+    layer = LoRALinear(base, rank=2, alpha=3.0)
+    _randomise_adapters(layer)
+    set_lora_scale(layer, 0.4)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    a, b = layer.down.weight, layer.up.weight
+    expected = x @ (base.weight + 0.4 * 1.5 * b @ a).T + base.bias
+    torch.testing.assert_close(layer(x), expected)
+    torch.testing.assert_close(layer.merged()(x), expected)
+
+    model = nn.Sequential(nn.Linear(6, 5).double())
+    weight, bias = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    add_lora(model, rank=2)  # alpha = None: alpha / r = 1
+    _randomise_adapters(model, seed=1)
+    a, b = model[0].down.weight, model[0].up.weight
+    torch.testing.assert_close(model(x), x @ (weight + b @ a).T + bias)

@@ -251,3 +251,74 @@ def test_the_frequency_skip_wants_images_of_the_process_size() -> None:
         FrequencySkip(
             Constant(torch.zeros(1)), BlurringDiffusion(image_size=8), torch.zeros(4, 28, 28)
         )
+
+
+def test_the_cosine_schedule_turns_alpha_sigma_through_an_angle_linear_in_t() -> None:
+    """alpha_t = cos(phi_t), sigma_t = sin(phi_t) with phi linear in t; the ends are fixed by
+    tan(phi) = sigma / alpha = exp(-logsnr / 2): phi_0 = atan(e^-3), phi_1 = atan(e^4)."""
+    process = BlurringDiffusion(logsnr_range=(-8.0, 6.0))
+    t = torch.linspace(0, 1, 11)
+    alpha, sigma = process.alpha_sigma(t)
+    angle = torch.atan2(sigma.double(), alpha.double())
+    first, last = math.atan(math.exp(-3.0)), math.atan(math.exp(4.0))
+    torch.testing.assert_close(angle, first + t.double() * (last - first), atol=1e-6, rtol=0)
+    symmetric = BlurringDiffusion(logsnr_range=(-10.0, 10.0))
+    assert abs(symmetric.logsnr(torch.tensor([0.5])).item()) < 1e-6  # phi = pi / 4
+
+
+@pytest.mark.parametrize("min_scale", [0.0, 0.1])
+def test_midway_the_blur_is_a_gaussian_of_s_max_sin_squared_and_keeps_d_min(
+    min_scale: float,
+) -> None:
+    """At t = 1/3, s_t = s_max sin^2(pi / 6) = s_max / 4 = 2 pixels (linear in t would give 8/3).
+    d_t = (1 - d_min) exp(-lambda tau) + d_min, so in pixels blur = (1 - d_min) G_s * x + d_min x.
+    A Gaussian bump of variance w^2 blurred by G_s is a bump of variance w^2 + s^2, scaled by
+    w^2 / (w^2 + s^2) in two dimensions."""
+    size, width = 48, 2.5
+    process = BlurringDiffusion(image_size=size, blur_sigma_max=8.0, min_scale=min_scale)
+    grid = (torch.arange(size, dtype=torch.float32) - (size - 1) / 2) ** 2
+    radius2 = grid[:, None] + grid[None, :]
+
+    def bump(w2: float) -> torch.Tensor:
+        return torch.exp(-radius2 / (2 * w2))[None, None]
+
+    blurred = process.blur(bump(width**2), torch.tensor([1 / 3]))
+    gaussian = width**2 / (width**2 + 4.0) * bump(width**2 + 4.0)
+    expected = (1 - min_scale) * gaussian + min_scale * bump(width**2)
+    torch.testing.assert_close(blurred, expected, atol=1e-4, rtol=0)
+
+
+def test_the_reverse_variance_and_mean_are_bayes_in_precision_form() -> None:
+    """Prior u_s | u_0 ~ N(a_s u_0, sigma_s^2), likelihood u_t | u_s ~ N(alpha_ts u_s,
+    sigma_ts^2): precisions add, 1 / var = 1 / sigma_s^2 + alpha_ts^2 / sigma_ts^2, and
+    mean = var (a_s u_0 / sigma_s^2 + alpha_ts u_t / sigma_ts^2)."""
+    process = BlurringDiffusion(image_size=8, blur_sigma_max=4.0)
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 1, 8, 8, generator=generator)
+    noise = torch.randn(2, 1, 8, 8, generator=generator)
+    t, s = torch.tensor([0.6, 0.4]), torch.tensor([0.5, 0.3])
+    x_t = process.q_sample(x0, t, noise)
+    mean, variance = process.posterior_step(x_t, t, s, noise, clip_x0=None)
+    a_t, a_s = process.signal_scale(t).double(), process.signal_scale(s).double()
+    (_, sigma_t), (_, sigma_s) = process.alpha_sigma(t), process.alpha_sigma(s)
+    sigma_t, sigma_s = (v.double()[:, None, None, None] for v in (sigma_t, sigma_s))
+    alpha_ts = a_t / a_s
+    variance_ts = sigma_t**2 - alpha_ts**2 * sigma_s**2
+    expected_variance = 1 / (1 / sigma_s**2 + alpha_ts**2 / variance_ts)
+    expected_mean = expected_variance * (
+        a_s * dct2(x0.double()) / sigma_s**2 + alpha_ts * dct2(x_t.double()) / variance_ts
+    )
+    torch.testing.assert_close(variance.double(), expected_variance, rtol=1e-5, atol=0)
+    torch.testing.assert_close(dct2(mean.double()), expected_mean, atol=1e-4, rtol=0)
+
+
+def test_the_loss_of_a_constant_network_is_its_mean_squared_gap_to_the_noise() -> None:
+    """eps_theta = c whatever x_t and t: the loss is mean (c - eps)^2, so the target is eps
+    (the exact-model test alone would also pass for a loss that always returns 0)."""
+    process = BlurringDiffusion(image_size=8, blur_sigma_max=4.0)
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 1, 8, 8, generator=generator)
+    noise = torch.randn(4, 1, 8, 8, generator=generator)
+    t, image = torch.rand(4, generator=generator), torch.randn(1, 1, 8, 8, generator=generator)
+    loss = blurring_loss(Constant(image), process, x0, t=t, noise=noise)
+    torch.testing.assert_close(loss, (image - noise).pow(2).mean())

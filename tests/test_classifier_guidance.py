@@ -1,5 +1,7 @@
 """Classifier guidance against the exact conditional model of a Gaussian mixture."""
 
+import math
+
 import pytest
 import torch
 from torch import Tensor
@@ -134,3 +136,37 @@ def test_classifier_errors_say_what_is_allowed(schedule):
         NoisyClassifier(2, out_channels=2, **SMALL)
     with pytest.raises(ValueError, match="needs the class labels"):
         noisy_classifier_loss(NoisyClassifier(2, **SMALL), schedule, torch.zeros(2, 1, 8, 8))
+
+
+def test_scale_s_moves_s_times_as_far_as_the_exact_conditional(schedule: NoiseSchedule) -> None:
+    """With the exact classifier, eps - sqrt(1 - abar) grad log p(y | x_t) is the conditional
+    eps_y (the s = 1 test), so eps - s sqrt(1 - abar) grad log p = eps + s (eps_y - eps)."""
+    mixture = GaussianMixture(MEANS, STD, WEIGHTS).optimal_noise_predictor(schedule)
+    x_t = 2 * torch.randn(12, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = torch.tensor([0, 10, 50, 100, 200, 300, 400, 500, 600, 700, 850, 999])
+    labels = torch.tensor([0, 1, 2] * 4)
+    log_prob = logits_log_prob(noisy_logits(schedule))
+    guided = ClassifierGuided(mixture, schedule, log_prob, labels, scale=2.5)(x_t, t)
+    unguided = mixture(x_t, t)
+    for k in range(3):
+        component = GaussianMixture(MEANS[k : k + 1], STD).optimal_noise_predictor(schedule)
+        rows = labels == k
+        expected = unguided[rows] + 2.5 * (component(x_t[rows], t[rows]) - unguided[rows])
+        # logits_log_prob works in float32: the gradients agree to about 1e-7, relatively
+        torch.testing.assert_close(guided[rows], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_classifier_loss_of_fixed_logits_is_the_closed_form_cross_entropy(
+    schedule: NoiseSchedule,
+) -> None:
+    """Logits (0, 2, 0) for every input: -log softmax = log(2 + e^2) - 2 [y = 1]; labels
+    (0, 1, 2, 1) average to log(2 + e^2) - 1, whatever the noise."""
+
+    class FixedLogits(torch.nn.Module):
+        def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+            return torch.tensor([0.0, 2.0, 0.0]).expand(x_t.shape[0], 3)
+
+    loss = noisy_classifier_loss(FixedLogits(), schedule, torch.zeros(4, 1, 2, 2),
+                                 labels=torch.tensor([0, 1, 2, 1]),
+                                 generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert loss.item() == pytest.approx(math.log(2 + math.e**2) - 1.0, rel=1e-6)

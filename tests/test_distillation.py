@@ -172,3 +172,18 @@ def test_a_teacher_in_training_mode_gives_targets_without_dropout_and_keeps_its_
     # v = -x: the half step of 1/4 goes to x_half = 1.25 x, and the mean slope is -1.125 x.
     torch.testing.assert_close(first, -1.125 * x_t)
     assert teacher.training
+
+
+def test_distillation_error_is_the_rms_gap_between_constant_velocity_flows() -> None:
+    """With a constant velocity c every Euler step count carries x_1 to x_1 - c exactly, so the
+    error is RMS(c_teacher - c_student) = sqrt((0.3^2 + 0.6^2) / 2) for every sample."""
+
+    def student(x: Tensor, time: Tensor) -> Tensor:
+        return torch.tensor([0.3, -0.2], dtype=x.dtype).expand_as(x)
+
+    def teacher(x: Tensor, time: Tensor) -> Tensor:
+        return torch.tensor([0.0, 0.4], dtype=x.dtype).expand_as(x)
+
+    error = distillation_error(student, teacher, FLOW, noise(5, 1), 3)
+    expected = torch.full((5,), 0.225**0.5, dtype=torch.float64)
+    torch.testing.assert_close(error, expected, rtol=1e-12, atol=1e-12)

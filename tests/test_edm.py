@@ -452,3 +452,47 @@ def test_bad_loss_calls_raise() -> None:
 def test_bad_sampler_arguments_raise(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         edm_sample(gaussian_denoiser, (2, 2), **kwargs)
+
+
+def test_churn_raises_each_level_by_gamma_capped_at_sqrt_2_minus_1() -> None:
+    """With D = 0 the ODE dx/dsigma = x / sigma gives x proportional to sigma, which Euler and
+    Heun follow exactly. With s_noise = 0 the churn only moves sigma to (1 + gamma) sigma, so a
+    step multiplies x by sigma_next / ((1 + gamma) sigma), with gamma = min(S_churn / N,
+    sqrt(2) - 1) inside [s_tmin, s_tmax] and 0 outside (Algorithm 2); N = 4 steps here."""
+    sigmas = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.0])
+    n = standard_normal(3, 2, 9)
+
+    def zero(x: Tensor, sigma: Tensor) -> Tensor:
+        return torch.zeros_like(x)
+
+    def states(**churn: float) -> Tensor:
+        _, trajectory = edm_sample(zero, n.shape, sigmas=sigmas, noise=n, s_noise=0.0,
+                                   generator=torch.Generator().manual_seed(0),
+                                   return_trajectory=True, **churn)  # fmt: skip
+        return trajectory.states
+
+    for s_churn, gamma in [(1.0, 0.25), (10.0, math.sqrt(2) - 1)]:
+        got = states(s_churn=s_churn)
+        for k in range(4):
+            torch.testing.assert_close(got[k], 8.0 * n * (0.5 / (1 + gamma)) ** k)
+        torch.testing.assert_close(got[4], torch.zeros_like(n), atol=1e-12, rtol=0)
+    got = states(s_churn=1.0, s_tmin=3.0)  # only sigma = 8 and 4 are churned
+    for k, factor in enumerate([1.0, 0.4, 0.4**2, 0.4**2 * 0.5]):
+        torch.testing.assert_close(got[k], 8.0 * n * factor)
+
+
+def test_churn_noise_has_the_standard_deviation_s_noise_sqrt_of_sigma_hat2_minus_sigma2() -> None:
+    """D = 0, gamma = sqrt(2) - 1 (sigma_hat^2 = 2 sigma^2): the variance obeys
+    V' = (V + s_noise^2 sigma^2) sigma_next^2 / (2 sigma^2); s_noise = 1 keeps V = sigma^2."""
+    count, sigmas = 20_000, torch.tensor([8.0, 4.0, 2.0, 1.0, 0.0])
+    for s_noise in (1.0, 0.5):
+        _, trajectory = edm_sample(lambda x, s: torch.zeros_like(x), (count, 1), sigmas=sigmas,
+                                   s_churn=10.0, s_noise=s_noise, device="cpu",
+                                   generator=torch.Generator().manual_seed(1),
+                                   return_trajectory=True)  # fmt: skip
+        variance = 64.0
+        for k in range(1, 4):
+            sigma, sigma_next = sigmas[k - 1].item(), sigmas[k].item()
+            variance = (variance + s_noise**2 * sigma**2) * sigma_next**2 / (2 * sigma**2)
+            measured = trajectory.states[k].double().var().item()
+            assert measured == pytest.approx(variance, rel=0.05)  # 5 standard errors

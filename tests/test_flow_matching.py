@@ -167,3 +167,21 @@ def test_smoke_mode_caps_the_steps(flow: RectifiedFlow, monkeypatch: pytest.Monk
     flow_sample(lambda x, t: calls.append(t) or x, flow, (2, 2), steps=100)
     assert len(calls) == 10
     assert math.isclose(float(calls[0][0]), 1000.0)
+
+
+@pytest.mark.parametrize("t_value", [0.25, 0.5, 0.9])
+def test_the_exact_velocity_leaves_the_conditional_variance_of_the_target(
+    flow: RectifiedFlow, t_value: float
+) -> None:
+    """For N(m, s^2 I) data, u = eps - x_0 and x_t = (1 - t) x_0 + t eps are jointly Gaussian:
+    Var u = 1 + s^2, Cov(u, x_t) = t - (1 - t) s^2, Var x_t = (1 - t)^2 s^2 + t^2, so the
+    minimum of the loss at time t is Var(u | x_t) = s^2 / ((1 - t)^2 s^2 + t^2) per entry."""
+    std, count = 0.5, 20_000
+    data = GaussianMixture(torch.tensor([[0.7, -0.7]]), std)
+    x0 = data.sample(count, torch.Generator().manual_seed(1)).double()
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    t = torch.full((count,), t_value, dtype=torch.float64)
+    loss = flow_matching_loss(data.optimal_velocity(flow), flow, x0, t=t, noise=noise)
+    expected = std**2 / ((1 - t_value) ** 2 * std**2 + t_value**2)
+    # 40,000 squared Gaussian residuals: a relative standard error of sqrt(2 / 40,000) = 0.7%
+    assert loss.item() == pytest.approx(expected, rel=0.03)

@@ -147,3 +147,18 @@ def test_smoke_mode_caps_the_steps(monkeypatch: pytest.MonkeyPatch) -> None:
         lambda x: -x, torch.zeros(1, 1), step_size=0.1, steps=10_000, return_trajectory=True
     )
     assert states.shape[0] < 10_001
+
+
+def test_each_level_steps_with_relative_step_times_one_minus_alpha_bar() -> None:
+    """One level, T = 1 with beta = 0.5 (alpha_bar = 0.5), data N(0, 0.5^2): q(x_t) = N(0, v),
+    v = 0.5 * 0.25 + 0.5 = 0.625. With h = 0.5 * (1 - alpha_bar) = 0.25 the chain's stationary
+    variance is v / (1 - h / (2 v)) = 0.78125 (h = relative_step alone would give 1.04)."""
+    schedule = NoiseSchedule(torch.tensor([0.5], dtype=torch.float64))
+    model = GaussianMixture(torch.zeros(1, 1), 0.5).optimal_noise_predictor(schedule)
+    samples = annealed_langevin_sample(
+        model, schedule, (20_000, 1), levels=1, steps_per_level=60, relative_step=0.5,
+        denoise=False, generator=torch.Generator().manual_seed(0), device="cpu",
+    ).double()  # fmt: skip
+    variance = 0.625 / (1 - 0.25 / (2 * 0.625))
+    assert abs(samples.mean().item()) < 4 * (variance / 20_000) ** 0.5
+    assert samples.var().item() == pytest.approx(variance, rel=0.04)  # 4 standard errors

@@ -11,6 +11,7 @@ from diffusion_lib.latent import (
     AutoencoderHistory,
     LatentAutoencoder,
     LatentScaler,
+    _autoencoder_loss,
     encode_dataset,
     train_autoencoder,
 )
@@ -276,3 +277,25 @@ def test_scaler_refuses_wrong_channels_and_too_little_data() -> None:
         scaler.fit(torch.zeros(1, 4, 1, 1))
     with pytest.raises(ValueError, match="finite"):
         scaler.fit(torch.full((2, 4, 2, 2), float("nan")))
+
+
+@pytest.mark.parametrize("latent_noise", [0.0, 0.7])
+def test_autoencoder_loss_of_constant_layers_is_its_closed_form(latent_noise: float) -> None:
+    """Zero the last encoder and decoder convolutions' weights: the raw latents are the encoder
+    bias b per channel and the reconstruction is the decoder bias beta everywhere, whatever the
+    latent noise. Then reconstruction = mean (x - beta)^2, latent_square = mean_c b_c^2 =
+    (1 + 4 + 0.25 + 9) / 4, and loss = reconstruction + penalty * latent_square."""
+    autoencoder = quick_autoencoder()
+    with torch.no_grad():
+        autoencoder.encoder[-1].weight.zero_()
+        autoencoder.encoder[-1].bias.copy_(torch.tensor([1.0, -2.0, 0.5, 3.0]))
+        autoencoder.decoder[-1].weight.zero_()
+        autoencoder.decoder[-1].bias.fill_(0.25)
+    x = blob_images(4)
+    loss, reconstruction, latent_square = _autoencoder_loss(
+        autoencoder, x, 0.1, latent_noise, torch.Generator().manual_seed(0)
+    )
+    expected_reconstruction = float(((x.double() - 0.25) ** 2).mean())
+    assert reconstruction.item() == pytest.approx(expected_reconstruction, rel=1e-6)
+    assert latent_square.item() == pytest.approx(14.25 / 4, rel=1e-6)
+    assert loss.item() == pytest.approx(expected_reconstruction + 0.1 * 14.25 / 4, rel=1e-6)
