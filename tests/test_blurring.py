@@ -136,6 +136,12 @@ def test_the_reverse_step_is_gaussian_conditioning_given_x0() -> None:
     expected = a_s * u0 + sigma_s**2 * alpha_ts / sigma_t**2 * (u_t - a_t * u0)
     torch.testing.assert_close(dct2(mean.double()), expected, atol=2e-4, rtol=0)
     torch.testing.assert_close(variance.double(), sigma_s**2 * variance_ts / sigma_t**2)
+    # The same step by Bayes' rule in precision form: prior N(a_s u_0, sigma_s^2), likelihood
+    # u_t | u_s ~ N(alpha_ts u_s, sigma_ts^2); precisions add, and the mean weighs by them.
+    precision_variance = 1 / (1 / sigma_s**2 + alpha_ts**2 / variance_ts)
+    precision_mean = precision_variance * (a_s * u0 / sigma_s**2 + alpha_ts * u_t / variance_ts)
+    torch.testing.assert_close(variance.double(), precision_variance, rtol=1e-5, atol=0)
+    torch.testing.assert_close(dct2(mean.double()), precision_mean, atol=2e-4, rtol=0)
     # At t = 0.2 little is blurred away, so dividing by a_t in float32 loses nothing.
     estimate = process.x0_estimate(x_t, t, noise).double()
     torch.testing.assert_close(estimate[2], x0[2], atol=1e-3, rtol=0)
@@ -286,30 +292,6 @@ def test_midway_the_blur_is_a_gaussian_of_s_max_sin_squared_and_keeps_d_min(
     gaussian = width**2 / (width**2 + 4.0) * bump(width**2 + 4.0)
     expected = (1 - min_scale) * gaussian + min_scale * bump(width**2)
     torch.testing.assert_close(blurred, expected, atol=1e-4, rtol=0)
-
-
-def test_the_reverse_variance_and_mean_are_bayes_in_precision_form() -> None:
-    """Prior u_s | u_0 ~ N(a_s u_0, sigma_s^2), likelihood u_t | u_s ~ N(alpha_ts u_s,
-    sigma_ts^2): precisions add, 1 / var = 1 / sigma_s^2 + alpha_ts^2 / sigma_ts^2, and
-    mean = var (a_s u_0 / sigma_s^2 + alpha_ts u_t / sigma_ts^2)."""
-    process = BlurringDiffusion(image_size=8, blur_sigma_max=4.0)
-    generator = torch.Generator().manual_seed(0)
-    x0 = torch.randn(2, 1, 8, 8, generator=generator)
-    noise = torch.randn(2, 1, 8, 8, generator=generator)
-    t, s = torch.tensor([0.6, 0.4]), torch.tensor([0.5, 0.3])
-    x_t = process.q_sample(x0, t, noise)
-    mean, variance = process.posterior_step(x_t, t, s, noise, clip_x0=None)
-    a_t, a_s = process.signal_scale(t).double(), process.signal_scale(s).double()
-    (_, sigma_t), (_, sigma_s) = process.alpha_sigma(t), process.alpha_sigma(s)
-    sigma_t, sigma_s = (v.double()[:, None, None, None] for v in (sigma_t, sigma_s))
-    alpha_ts = a_t / a_s
-    variance_ts = sigma_t**2 - alpha_ts**2 * sigma_s**2
-    expected_variance = 1 / (1 / sigma_s**2 + alpha_ts**2 / variance_ts)
-    expected_mean = expected_variance * (
-        a_s * dct2(x0.double()) / sigma_s**2 + alpha_ts * dct2(x_t.double()) / variance_ts
-    )
-    torch.testing.assert_close(variance.double(), expected_variance, rtol=1e-5, atol=0)
-    torch.testing.assert_close(dct2(mean.double()), expected_mean, atol=1e-4, rtol=0)
 
 
 def test_the_loss_of_a_constant_network_is_its_mean_squared_gap_to_the_noise() -> None:
