@@ -24,10 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_lib.flow_matching import uniform_times_and_noise
+from diffusion_lib.flow_matching import _check_times, uniform_times_and_noise
 from diffusion_lib.sampling import NoisePredictor, _evaluating, _randn, _start
 from diffusion_lib.smoke import cap_sampling_steps
-from diffusion_lib.validation import check_number, check_positive_int, check_same_shape
+from diffusion_lib.validation import (
+    check_clip_range,
+    check_number,
+    check_positive_int,
+    check_same_shape,
+)
 
 
 def dct_matrix(size: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -46,14 +51,25 @@ def _dct_on(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return dct_matrix(size, dtype).to(device)
 
 
+def _check_floating(name: str, x: Tensor) -> None:
+    """Refuse integer tensors, for which the DCT matrix would be rounded to zeros."""
+    if not x.dtype.is_floating_point:
+        raise ValueError(
+            f"{name} needs a floating-point tensor (..., H, W), got dtype {x.dtype}; "
+            "convert it with .float()"
+        )
+
+
 def dct2(x: Tensor) -> Tensor:
     """The 2-d orthonormal DCT of the last two dimensions: (..., H, W) -> (..., H, W)."""
+    _check_floating("dct2", x)
     rows, columns = (_dct_on(n, x.dtype, x.device) for n in x.shape[-2:])
     return rows @ x @ columns.T
 
 
 def idct2(u: Tensor) -> Tensor:
     """The inverse of :func:`dct2`: (..., H, W) coefficients -> (..., H, W) image."""
+    _check_floating("idct2", u)
     rows, columns = (_dct_on(n, u.dtype, u.device) for n in u.shape[-2:])
     return rows.T @ u @ columns
 
@@ -153,8 +169,11 @@ class BlurringDiffusion:
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """``x_t = IDCT(alpha_t d_t * DCT(x_0)) + sigma_t eps`` (B, C, H, W), eq. 8 in pixels.
 
-        The DCT is orthonormal, so noise that is white in pixels is white in frequencies."""
+        The DCT is orthonormal, so noise that is white in pixels is white in frequencies.
+        ``t`` (B,) holds float times in [0, 1], not the integer timesteps of a NoiseSchedule."""
         check_same_shape("noise", noise, "x0", x0)
+        if t.device.type == "cpu":  # reading the values of a GPU tensor would wait for it
+            _check_times(t, x0.shape[0])
         _, sigma = self.alpha_sigma(t)
         return idct2(self.signal_scale(t) * dct2(x0)) + sigma[:, None, None, None] * noise
 
@@ -191,7 +210,7 @@ class BlurringDiffusion:
         if clip_x0 is None:
             mean = (dct2(x_t) - variance_ts / sigma_t * dct2(eps)) / alpha_ts
             return idct2(mean), variance
-        u0 = dct2(self.x0_estimate(x_t, t, eps).clamp(*clip_x0))
+        u0 = dct2(self.x0_estimate(x_t, t, eps).clamp(*check_clip_range("clip_x0", clip_x0)))
         mean = alpha_ts * sigma_s**2 / sigma_t**2 * dct2(x_t) + a_s * variance_ts / sigma_t**2 * u0
         return idct2(mean), variance
 
@@ -306,7 +325,7 @@ def blurring_sample(
                 x = mean + idct2(variance.sqrt() * fresh)
             else:
                 x = process.x0_estimate(x, t, eps.to(x.dtype))
-                x = x if clip_x0 is None else x.clamp(*clip_x0)
+                x = x if clip_x0 is None else x.clamp(*check_clip_range("clip_x0", clip_x0))
             if return_states:
                 states.append(x.cpu())
     return (x, torch.stack(states)) if return_states else x

@@ -100,6 +100,10 @@ def read_checkpoint(
 ) -> dict[str, Any]:
     """Load and validate a checkpoint file; raise :class:`CheckpointError` naming what is wrong."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a folder; pass the checkpoint file inside it, {path / CHECKPOINT_NAME}"
+        )
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:

@@ -338,7 +338,11 @@ def draw_samples(plan: SamplingPlan, args: argparse.Namespace) -> tuple[torch.Te
     elif config.get("objective") == "edm":
         samples = edm_sample(model, shape, solver=plan.sampler, **options)
     else:
-        samples = NOISE_SAMPLERS[plan.sampler](model, plan.schedule, shape, **options)
+        # The x0 estimates are clipped to the range the checkpoint's images were trained in.
+        clip_x0 = tuple(config.get("value_range", (-1.0, 1.0)))
+        samples = NOISE_SAMPLERS[plan.sampler](
+            model, plan.schedule, shape, clip_x0=clip_x0, **options
+        )
     return samples.float().cpu(), variance
 
 

@@ -7,6 +7,7 @@ The data folder is read from the environment variable ``DIFFUSION_LIB_DATA`` (de
 
 from __future__ import annotations
 
+import operator
 import os
 from pathlib import Path
 
@@ -90,20 +91,40 @@ def load_images(
     Returns ``images`` (N, 1, 28, 28) float32 and ``labels`` (N,) int64, on the CPU.
     """
     name = dataset_name(name)
-    low, high = value_range
-    if not high > low:
-        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
+    low, high = check_value_range(value_range)
+    if not isinstance(train, bool):
+        raise ValueError(
+            f"train must be True (the training images) or False (the test images), got {train!r}"
+        )
+    if limit is not None:
+        limit = _check_limit(limit)
     dataset = _open(name, train, Path(root) if root is not None else data_root())
-    count = len(dataset.data) if limit is None else min(int(limit), len(dataset.data))
-    if count < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+    count = len(dataset.data) if limit is None else min(limit, len(dataset.data))
     if smoke_cap:
         count = cap_dataset_size(count)
     pixels = dataset.data[:count].unsqueeze(1).float() / 255.0
     return low + (high - low) * pixels, dataset.targets[:count].long().clone()
 
 
+def _check_limit(limit: object) -> int:
+    try:
+        limit = operator.index(limit)  # an int, or a NumPy integer
+    except TypeError:
+        raise ValueError(f"limit must be a whole number >= 1, got {limit!r}") from None
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    return limit
+
+
+def check_value_range(value_range: tuple[float, float]) -> tuple[float, float]:
+    """``value_range`` as ``(low, high)`` if ``high > low``, else ``ValueError``."""
+    low, high = value_range
+    if not high > low:
+        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
+    return low, high
+
+
 def to_unit_interval(images: Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> Tensor:
     """Map images from ``value_range`` back to [0, 1] for display, clamping stray values."""
-    low, high = value_range
+    low, high = check_value_range(value_range)
     return ((images - low) / (high - low)).clamp(0.0, 1.0)

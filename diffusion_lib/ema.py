@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from diffusion_lib.validation import check_number
+
 
 class ExponentialMovingAverage:
     """``theta_ema <- d theta_ema + (1 - d) theta`` after every step, on all tensors at once.
@@ -18,7 +20,7 @@ class ExponentialMovingAverage:
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
+        self.decay = check_number("decay", decay, 0.0, 1.0, low_open=False, high_open=False)
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         pairs = list(
             zip(

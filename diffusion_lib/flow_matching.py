@@ -30,7 +30,7 @@ from torch import Tensor
 from diffusion_lib.sampling import (
     NoisePredictor,
     Trajectory,
-    _check_labels,
+    _conditioning,
     _evaluating,
     _randn,
     _start,
@@ -183,10 +183,7 @@ def flow_sample(
     steps = cap_sampling_steps(check_positive_int("steps", steps))
     times = flow_times(steps)
     x = _start(model, shape, x_1, generator, device, name="x_1")
-    labels = _check_labels(labels, x.shape[0], x.device)
-    extra = (
-        {} if labels is None else {"labels": labels, "guidance": guidance, "null_label": null_label}
-    )
+    extra = _conditioning(labels, guidance, null_label, x.shape[0], x.device)
 
     def velocity(x: Tensor, t: float) -> Tensor:
         time = flow.model_time(torch.full((x.shape[0],), t, device=x.device))

@@ -178,6 +178,15 @@ def images_from_tokens(tokens: Tensor, num_classes: int = 2) -> Tensor:
     """Tokens (B, C, H, W) back to images in [-1, 1]; a masked symbol (``num_classes``) is drawn
     as mid-grey, 0."""
     num_classes = _check_num_classes(num_classes)
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be an integer tensor of classes, got dtype {tokens.dtype}")
+    low, high = (int(tokens.min()), int(tokens.max())) if tokens.numel() else (0, 0)
+    if low < 0 or high > num_classes:
+        raise ValueError(
+            f"tokens must lie in 0..{num_classes} ({num_classes} is the mask) for "
+            f"num_classes={num_classes}, got values from {low} to {high}: pass the num_classes "
+            "the tokens were made with"
+        )
     images = tokens.float() / (num_classes - 1) * 2.0 - 1.0
     return images.masked_fill(tokens == num_classes, 0.0)
 

@@ -13,6 +13,7 @@ on every device.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -23,7 +24,12 @@ from diffusion_lib.guidance import Guided
 from diffusion_lib.learned_variance import learned_log_variance, split_eps_and_v
 from diffusion_lib.schedules import NoiseSchedule, _betas_from_alphas_cumprod, _gather
 from diffusion_lib.smoke import cap_sampling_steps
-from diffusion_lib.validation import check_choice, check_positive_int, check_same_shape
+from diffusion_lib.validation import (
+    check_choice,
+    check_clip_range,
+    check_positive_int,
+    check_same_shape,
+)
 
 NoisePredictor = Callable[..., Tensor]
 VARIANCES = ("small", "large", "learned")
@@ -73,6 +79,7 @@ def predict_noise(
     :class:`~diffusion_lib.guidance.Guided`'s with the null label as the reference.
     """
     if labels is None:
+        _check_no_guidance(guidance)
         return model(x_t, t)
     if guidance == 0.0:
         return model(x_t, t, labels)
@@ -81,7 +88,18 @@ def predict_noise(
     return Guided(model, guidance, reference_label=null_label)(x_t, t, labels)
 
 
+def _check_no_guidance(guidance: float) -> None:
+    """Refuse a guidance weight without labels, which would otherwise be ignored."""
+    if guidance != 0.0:
+        raise ValueError(
+            f"guidance={guidance!r} needs labels: classifier-free guidance moves the estimate for "
+            "a class away from the one without a class; pass labels (B,) and null_label, or wrap "
+            "the model in Guided(model, w, reference_model=...) for autoguidance"
+        )
+
+
 def _clip(x0: Tensor, clip_x0: tuple[float, float] | None) -> Tensor:
+    clip_x0 = check_clip_range("clip_x0", clip_x0)
     return x0 if clip_x0 is None else x0.clamp(*clip_x0)
 
 
@@ -313,6 +331,7 @@ def _conditioning(
     """The keyword arguments :func:`predict_noise` needs for class conditioning, if any."""
     labels = _check_labels(labels, batch_size, device)
     if labels is None:
+        _check_no_guidance(guidance)
         return {}
     return {"labels": labels, "guidance": guidance, "null_label": null_label}
 
@@ -471,8 +490,10 @@ def ddim_sample(
 
     Returns the samples (B, C, H, W), or ``(samples, trajectory)`` when asked.
     """
-    if not eta >= 0.0:
-        raise ValueError(f"eta must be >= 0 (0 is deterministic DDIM, 1 is DDPM-like), got {eta}")
+    if not 0.0 <= eta < math.inf:
+        raise ValueError(
+            f"eta must be >= 0 and finite (0 is deterministic DDIM, 1 is DDPM-like), got {eta}"
+        )
     steps = cap_sampling_steps(steps)
     visited = ddim_timesteps(schedule.timesteps, steps, spacing)
     x = _start(model, shape, x_T, generator, device)

@@ -91,6 +91,24 @@ def check_number(
     return float(value)
 
 
+def check_clip_range(name: str, value: object) -> tuple[float, float] | None:
+    """``None``, or ``value`` as ``(low, high)`` if it is a pair of finite numbers with low < high."""
+    if value is None:
+        return None
+    try:
+        low, high = (float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name} must be None or a pair (low, high) such as (-1.0, 1.0), the data's range; "
+            f"got {value!r}"
+        ) from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(
+            f"{name} must be (low, high) with finite low < high, such as (-1.0, 1.0); got {value!r}"
+        )
+    return low, high
+
+
 def check_positive_int(name: str, value: object, maximum: int | None = None) -> int:
     """Return ``value`` if it is an int >= 1 (and <= ``maximum``), else raise ``ValueError``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

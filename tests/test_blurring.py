@@ -304,3 +304,18 @@ def test_the_loss_of_a_constant_network_is_its_mean_squared_gap_to_the_noise() -
     t, image = torch.rand(4, generator=generator), torch.randn(1, 1, 8, 8, generator=generator)
     loss = blurring_loss(Constant(image), process, x0, t=t, noise=noise)
     torch.testing.assert_close(loss, (image - noise).pow(2).mean())
+
+
+@pytest.mark.parametrize("transform", [dct2, idct2])
+def test_the_dct_refuses_integer_tensors(transform) -> None:
+    # The DCT matrix cast to an integer dtype is all zeros, and so was the transform.
+    with pytest.raises(ValueError, match="needs a floating-point tensor .* got dtype torch.uint8"):
+        transform(torch.full((1, 1, 4, 4), 200, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("t", [[250, 999], [-0.5, 0.5], [0.5, 1.5]])
+def test_q_sample_refuses_times_outside_the_unit_interval(t) -> None:
+    # Integer timesteps, a DDPM habit, used to give NaN images without an error.
+    process, x0 = BlurringDiffusion(image_size=8), torch.zeros(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"t must be a float tensor|times must lie in \[0, 1\]"):
+        process.q_sample(x0, torch.tensor(t), torch.zeros_like(x0))

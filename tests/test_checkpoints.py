@@ -170,3 +170,10 @@ def test_write_atomically_gives_the_permissions_of_a_plain_open(tmp_path) -> Non
     assert written.read_bytes() == b"y"
     assert (written.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["atomic.bin", "plain.bin"]
+
+
+def test_a_folder_is_named_as_such(tmp_path) -> None:
+    # The folder given to train(checkpoint_dir=...) used to be reported as "no checkpoint".
+    message = f"is a folder; pass the checkpoint file inside it, .*{CHECKPOINT_NAME}"
+    with pytest.raises(CheckpointError, match=message):
+        read_checkpoint(tmp_path)

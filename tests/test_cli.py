@@ -171,6 +171,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         ("plain", ["--steps", "0"], f"1..{TIMESTEPS}"),
         ("plain", ["--guidance", "2"], "--guidance needs --label"),
         ("plain", ["--sampler", "ddpm", "--eta", "0.5"], "ddim only"),
+        ("plain", ["--eta", "inf"], "eta must be >= 0 and finite"),
         ("labels", ["--label", "10"], r"0 \(0\), 1 \(1\)"),
         ("labels", ["--label", "-1"], "--label must be one of"),
         ("labels", ["--label", "2", "--guidance", "-1"], "guidance must be >= 0"),
@@ -1347,3 +1348,18 @@ def test_schedule_option_errors_are_clear(arguments, message, tmp_path, capsys) 
     assert status == 1
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_sample_clips_x0_to_the_checkpoints_value_range(tmp_path, monkeypatch) -> None:
+    # A checkpoint trained on pixels in [0, 1]: the sampler's default clip to [-1, 1] would let
+    # half of every x0 estimate leave the data's range.
+    with monkeypatch.context() as patch:
+        patch.setenv(SMOKE_VARIABLE, "1")
+        patch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
+        arguments = train_arguments(tmp_path / "unit", TINY_FC_UNET, "--value-range", "0", "1")
+        assert main(arguments) == 0
+    clips = record_calls(monkeypatch, sampling, "_clip")
+    checkpoint = str(tmp_path / "unit" / "checkpoint.pt")
+    output = str(tmp_path / "grid.png")
+    assert main(["sample", "--checkpoint", checkpoint, "--steps", "3", "--output", output]) == 0
+    assert clips and {tuple(call[1]) for call in clips} == {(0.0, 1.0)}

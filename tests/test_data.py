@@ -80,3 +80,11 @@ def test_bad_value_range_and_limit() -> None:
         load_images("mnist", value_range=(1.0, 0.0))
     with pytest.raises(ValueError, match="limit must be >= 1"):
         load_images("mnist", limit=0)
+
+
+def test_a_split_or_limit_of_the_wrong_kind_is_refused() -> None:
+    # train="test" used to load the training split, and limit=2.7 two images.
+    with pytest.raises(ValueError, match="train must be True .* or False .*, got 'test'"):
+        load_images("mnist", train="test")
+    with pytest.raises(ValueError, match="limit must be a whole number >= 1, got 2.7"):
+        load_images("mnist", limit=2.7)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -51,3 +52,9 @@ def test_float_buffers_are_averaged_and_integer_buffers_copied() -> None:
     average.update(0)  # d_0 = min(0.9, 1 / 10) = 0.1: 0.1 * 0 + 0.9 * 1
     torch.testing.assert_close(average.module.running_mean, torch.full((2,), 0.9))
     assert average.module.num_batches_tracked.item() == 7
+
+
+def test_a_decay_outside_zero_to_one_is_refused() -> None:
+    # decay = -1 used to extrapolate: one update from 0 towards 1 gave 2.
+    with pytest.raises(ValueError, match=r"decay must lie in \[0.0, 1.0\], got -1"):
+        ExponentialMovingAverage(nn.Linear(1, 1), -1)

@@ -720,3 +720,16 @@ def test_training_learns_half_white_images() -> None:
         compile=False,
     )
     assert mean_bound() < 0.15 * blind
+
+
+def test_images_from_tokens_refuses_tokens_of_more_classes() -> None:
+    # Tokens of four grey levels read with the default two: token 2 would be drawn as the mask's
+    # grey and token 3 as the pixel value 5.
+    tokens = tokens_from_images(torch.linspace(-1, 1, 4).view(1, 1, 1, 4), num_classes=4)
+    message = r"tokens must lie in 0..2 \(2 is the mask\) for num_classes=2, got values from 0 to 3"
+    with pytest.raises(ValueError, match=message):
+        images_from_tokens(tokens)
+    expected = torch.linspace(-1, 1, 4).view(1, 1, 1, 4)
+    torch.testing.assert_close(images_from_tokens(tokens, 4), expected)
+    with pytest.raises(ValueError, match="must be an integer tensor"):
+        images_from_tokens(torch.zeros(1, 1, 2, 2))

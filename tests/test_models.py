@@ -656,3 +656,20 @@ def test_toy_mlp_forward_by_hand() -> None:
     for block in model.blocks:
         h = h + _affine(block[3], F.silu(_affine(block[1], F.silu(h + embedding))))
     torch.testing.assert_close(model(x_t, t), _affine(model.project[1], F.silu(h)))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: FCUNet(image_size=8, widths=(16,)),
+        lambda: AttentionUNet(image_size=8, base_channels=8, channel_multipliers=(1, 2)),
+        lambda: DiffusionTransformer(
+            image_size=8, patch_size=2, hidden_size=16, depth=1, num_heads=2
+        ),
+    ],
+)
+def test_models_refuse_integer_images(build) -> None:
+    # Raw 0..255 pixels used to pass silently through the fully connected U-net.
+    images = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="expects floating-point images.*got dtype torch.uint8"):
+        build()(images, torch.zeros(2, dtype=torch.long))

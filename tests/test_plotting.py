@@ -215,3 +215,13 @@ def test_the_slider_and_the_plane_figures_are_importable_from_plotting_too():
     for name in ("plot_points", "plot_score_field", "plot_paths"):
         assert getattr(plotting, name) is getattr(plane, name)
     assert all(hasattr(plotting, name) for name in plotting.__all__)
+
+
+@pytest.mark.parametrize("value_range", [(1.0, -1.0), (0.0, 0.0)])
+def test_a_reversed_or_empty_value_range_is_refused(value_range) -> None:
+    images = torch.zeros(2, 1, 4, 4)
+    trajectory = Trajectory(torch.zeros(3, 1, 1, 4, 4), torch.tensor([2, 1, -1]))
+    with pytest.raises(ValueError, match=r"value_range must be \(low, high\) with high > low"):
+        show_grid(images, value_range=value_range)
+    with pytest.raises(ValueError, match=r"value_range must be \(low, high\) with high > low"):
+        plot_trajectory(trajectory, value_range=value_range)

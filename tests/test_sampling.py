@@ -13,11 +13,16 @@ from diffusion_lib import (
     DDIM_SPACINGS,
     NoiseFromPrediction,
     NoiseSchedule,
+    RectifiedFlow,
     ddim_encode,
     ddim_sample,
     ddim_timesteps,
     ddpm_sample,
+    dpm_solver_sample,
+    flow_sample,
+    heun_sample,
     p_mean_variance,
+    predict_noise,
     respace,
     slerp,
 )
@@ -467,3 +472,29 @@ def test_slerp_moves_along_the_great_circle_at_constant_speed(weight: float) -> 
     expected = torch.tensor([[math.cos(angle), math.sin(angle)]], dtype=torch.float64)
     torch.testing.assert_close(slerp(a, b, weight), expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(slerp(3 * a, 3 * b, weight), 3 * expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("clip_x0", [(1.0, -1.0), 1.0, (-1.0,), (0.0, math.nan)])
+@pytest.mark.parametrize("sampler", [ddpm_sample, ddim_sample, heun_sample, dpm_solver_sample])
+def test_a_bad_clip_range_is_refused(linear: NoiseSchedule, sampler, clip_x0) -> None:
+    model = GaussianOptimalPredictor(linear, 0.0, 1.0)
+    with pytest.raises(ValueError, match="clip_x0 must be"):
+        sampler(model, linear, (1, 1, 2, 2), steps=3, clip_x0=clip_x0)
+
+
+@pytest.mark.parametrize("guidance", [3.0, math.nan])
+def test_guidance_without_labels_is_refused(linear: NoiseSchedule, guidance: float) -> None:
+    # It used to be ignored: the samples came out as if no guidance had been asked for.
+    model = GaussianOptimalPredictor(linear, 0.0, 1.0)
+    with pytest.raises(ValueError, match="guidance=.* needs labels"):
+        ddim_sample(model, linear, (1, 1, 2, 2), steps=3, guidance=guidance)
+    with pytest.raises(ValueError, match="guidance=.* needs labels"):
+        predict_noise(model, torch.zeros(1, 1, 2, 2), torch.tensor([5]), guidance=guidance)
+    with pytest.raises(ValueError, match="guidance=.* needs labels"):
+        flow_sample(lambda x, t: torch.zeros_like(x), RectifiedFlow(), (1, 2), guidance=guidance)
+
+
+def test_an_infinite_eta_is_refused(linear: NoiseSchedule) -> None:
+    model = GaussianOptimalPredictor(linear, 0.0, 1.0)
+    with pytest.raises(ValueError, match="eta must be >= 0 and finite"):
+        ddim_sample(model, linear, (1, 1, 2, 2), steps=3, eta=math.inf)

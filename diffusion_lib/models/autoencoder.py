@@ -17,6 +17,11 @@ def check_image_batch(model_name: str, x: Tensor, channels: int, image_size: int
     if not isinstance(x, Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"{model_name} expects images of shape {expected}, got {shape}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(
+            f"{model_name} expects floating-point images (pixels scaled to [-1, 1], as "
+            f"load_images gives them), got dtype {x.dtype}"
+        )
     if x.shape[1] != channels:
         raise ValueError(
             f"{model_name} was built for {channels}-channel images, got {x.shape[1]} channels "
