@@ -24,6 +24,10 @@ from torch import Tensor, nn
 from diffusion_lib.validation import check_number, check_positive_int
 
 
+def _check_rank_and_alpha(rank: int, alpha: float) -> tuple[int, float]:
+    return check_positive_int("rank", rank), check_number("alpha", alpha, 0.0, low_open=True)
+
+
 class _LowRankUpdate(nn.Module):
     """A frozen layer ``base`` plus ``multiplier * (alpha / r) up(down(x))``; ``up`` starts at zero."""
 
@@ -71,6 +75,7 @@ class LoRALinear(_LowRankUpdate):
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+        rank, alpha = _check_rank_and_alpha(rank, alpha)
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         down = nn.Linear(base.in_features, rank, bias=False, **factory)
         up = nn.Linear(rank, base.out_features, bias=False, **factory)
@@ -86,6 +91,7 @@ class LoRAConv2d(_LowRankUpdate):
     """
 
     def __init__(self, base: nn.Conv2d, rank: int, alpha: float) -> None:
+        rank, alpha = _check_rank_and_alpha(rank, alpha)
         if not _ordinary_convolution(base):
             raise ValueError(
                 "LoRA adapts ordinary convolutions only (groups=1, padding_mode='zeros'); "

@@ -149,7 +149,7 @@ def flow_matching_loss(
 
 def flow_times(steps: int) -> Tensor:
     """The ``steps + 1`` times an ODE solver visits, evenly spaced from 1 (noise) to 0 (data)."""
-    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return torch.linspace(1.0, 0.0, check_positive_int("steps", steps) + 1, dtype=torch.float64)
 
 
 def flow_sample(

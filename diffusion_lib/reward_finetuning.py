@@ -157,6 +157,10 @@ def reward_advantages(rewards: Tensor, clip: float = 5.0) -> Tensor:
     without biasing it (much, for a batch mean); dividing by the spread makes the learning rate
     independent of the reward's units (Black et al. 2024, sec. 4.3 and appendix).
     """
+    if not isinstance(rewards, Tensor):
+        raise ValueError(f"rewards must be a tensor (B,), one number per sample; got {rewards!r}")
+    if not rewards.dtype.is_floating_point:  # a bool or 0/1 reward ("the classifier says 7")
+        rewards = rewards.float()
     check_finite("rewards", rewards)
     if rewards.dim() != 1 or rewards.numel() < 2:
         raise ValueError(

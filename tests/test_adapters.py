@@ -171,3 +171,14 @@ def test_a_scale_between_zero_and_one_scales_the_update_and_merging_keeps_it() -
     _randomise_adapters(model, seed=1)
     a, b = model[0].down.weight, model[0].up.weight
     torch.testing.assert_close(model(x), x @ (weight + b @ a).T + bias)
+
+
+@pytest.mark.parametrize(
+    ("rank", "alpha", "message"), [(0, 1.0, "rank must be"), (2, -1.0, "alpha")]
+)
+def test_an_adapter_built_directly_checks_its_rank_and_alpha(rank, alpha, message) -> None:
+    # rank = 0 used to fail with a ZeroDivisionError, and alpha = -1 turned the update around.
+    with pytest.raises(ValueError, match=message):
+        LoRALinear(nn.Linear(4, 3), rank=rank, alpha=alpha)
+    with pytest.raises(ValueError, match=message):
+        LoRAConv2d(nn.Conv2d(2, 3, 3), rank=rank, alpha=alpha)

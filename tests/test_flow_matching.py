@@ -185,3 +185,9 @@ def test_the_exact_velocity_leaves_the_conditional_variance_of_the_target(
     expected = std**2 / ((1 - t_value) ** 2 * std**2 + t_value**2)
     # 40,000 squared Gaussian residuals: a relative standard error of sqrt(2 / 40,000) = 0.7%
     assert loss.item() == pytest.approx(expected, rel=0.03)
+
+
+@pytest.mark.parametrize("steps", [0, -3, 2.5])
+def test_flow_times_needs_a_positive_whole_number_of_steps(steps) -> None:
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        flow_times(steps)

@@ -673,3 +673,9 @@ def test_models_refuse_integer_images(build) -> None:
     images = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
     with pytest.raises(ValueError, match="expects floating-point images.*got dtype torch.uint8"):
         build()(images, torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("num_heads", [0, -1])
+def test_attention_refuses_a_number_of_heads_below_one(num_heads: int) -> None:
+    with pytest.raises(ValueError, match=f"num_heads must be an integer >= 1, got {num_heads}"):
+        AttentionUNet(num_heads=num_heads)

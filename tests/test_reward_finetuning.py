@@ -335,3 +335,14 @@ def test_ppo_clipped_loss_value_by_hand() -> None:
     advantages = torch.tensor([1.0, 1.0, -1.0, -1.0])
     loss = ppo_clipped_loss(log_probs, torch.zeros(4), advantages, 0.2)
     assert loss.item() == pytest.approx(0.025, abs=1e-6)
+
+
+def test_bool_and_integer_rewards_are_standardised_like_floats() -> None:
+    # A reward such as "the classifier says 7" is a bool; mean() of a bool tensor used to fail.
+    expected = reward_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    torch.testing.assert_close(
+        reward_advantages(torch.tensor([True, False, True, False])), expected
+    )
+    torch.testing.assert_close(reward_advantages(torch.tensor([1, 0, 1, 0])), expected)
+    with pytest.raises(ValueError, match="rewards must be a tensor"):
+        reward_advantages([1.0, 0.0])

@@ -74,7 +74,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, channels: int, num_heads: int, groups: int) -> None:
         super().__init__()
-        if channels % num_heads:
+        if channels % check_positive_int("num_heads", num_heads):
             raise ValueError(
                 f"num_heads={num_heads} must divide the {channels} channels of every attention layer"
             )
@@ -114,7 +114,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, channels: int, context_dim: int, num_heads: int, groups: int) -> None:
         super().__init__()
-        if channels % num_heads:
+        if channels % check_positive_int("num_heads", num_heads):
             raise ValueError(
                 f"num_heads={num_heads} must divide the {channels} channels of every attention layer"
             )
