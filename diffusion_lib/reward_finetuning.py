@@ -45,7 +45,14 @@ from diffusion_lib.sampling import (
 )
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import cap_sampling_steps
-from diffusion_lib.validation import check_choice, check_finite, check_number, check_positive_int
+from diffusion_lib.validation import (
+    check_choice,
+    check_finite,
+    check_number,
+    check_positive_int,
+    check_same_shape,
+    check_timesteps,
+)
 
 Clip = tuple[float, float] | None
 
@@ -94,6 +101,8 @@ def ancestral_log_prob(
     gradients to the model's parameters (Black et al. 2024, sec. 4.3).
     """
     check_choice("variance", variance, VARIANCES)
+    check_timesteps(t, schedule.timesteps, x_t.shape[0], values=None)
+    check_same_shape("x_prev", x_prev, "x_t", x_t)
     if bool((t == 0).any()):
         raise ValueError("t must be >= 1: the step at t = 0 returns the mean and has no density")
     mean, _, log_variance, _ = p_mean_variance(

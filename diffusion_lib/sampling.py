@@ -29,6 +29,7 @@ from diffusion_lib.validation import (
     check_clip_range,
     check_positive_int,
     check_same_shape,
+    check_timesteps,
 )
 
 NoisePredictor = Callable[..., Tensor]
@@ -186,6 +187,7 @@ def p_mean_variance(
     variance and log-variance broadcast against it.
     """
     check_choice("variance", variance, VARIANCES)
+    check_timesteps(t, schedule.timesteps, x_t.shape[0], values=None)  # no GPU wait per step
     if variance == "learned":
         _check_terminal_estimate(model, schedule, t)
         eps, v_raw = split_eps_and_v(predict_noise(model, x_t, t, **model_kwargs), x_t.shape[1])

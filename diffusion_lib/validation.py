@@ -9,12 +9,13 @@ from torch import Tensor
 
 
 def check_timesteps(
-    t: Tensor, timesteps: int, batch_size: int | None = None, *, values: bool = True
+    t: Tensor, timesteps: int, batch_size: int | None = None, *, values: bool | None = True
 ) -> None:
     """Raise ``ValueError`` unless ``t`` is an integer tensor of shape (B,) with values in 0..T-1.
 
     ``values=False`` checks only dtype and shape: reading the values of a GPU tensor makes the
     CPU wait for the GPU, which a model's forward pass should not do at every training step.
+    ``values=None`` reads them only where that costs nothing, on the CPU.
     """
     if not isinstance(t, Tensor):
         raise ValueError(f"t must be an int64 tensor of shape (B,), got {type(t).__name__}")
@@ -26,6 +27,8 @@ def check_timesteps(
         raise ValueError(
             f"t has {t.shape[0]} entries but the batch has {batch_size}; give one timestep per sample"
         )
+    if values is None:
+        values = t.device.type == "cpu"
     if values and t.numel() and (int(t.min()) < 0 or int(t.max()) >= timesteps):
         raise ValueError(
             f"timesteps must lie in 0..{timesteps - 1} (0-based, T={timesteps}); "

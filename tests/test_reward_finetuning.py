@@ -346,3 +346,16 @@ def test_bool_and_integer_rewards_are_standardised_like_floats() -> None:
     torch.testing.assert_close(reward_advantages(torch.tensor([1, 0, 1, 0])), expected)
     with pytest.raises(ValueError, match="rewards must be a tensor"):
         reward_advantages([1.0, 0.0])
+
+
+def test_ancestral_log_prob_checks_t_and_x_prev() -> None:
+    # An int t failed with an AttributeError, and a mis-shaped x_prev was broadcast silently.
+    schedule, x = NoiseSchedule.from_name("linear", 10), torch.zeros(2, 1, 4, 4)
+
+    def model(x_t: Tensor, t: Tensor) -> Tensor:
+        return torch.zeros_like(x_t)
+
+    with pytest.raises(ValueError, match="t must be an int64 tensor of shape"):
+        ancestral_log_prob(model, schedule, x, 5, x)
+    with pytest.raises(ValueError, match=r"x_prev must have the shape of x_t"):
+        ancestral_log_prob(model, schedule, x, torch.tensor([5, 5]), x[:1])

@@ -498,3 +498,15 @@ def test_an_infinite_eta_is_refused(linear: NoiseSchedule) -> None:
     model = GaussianOptimalPredictor(linear, 0.0, 1.0)
     with pytest.raises(ValueError, match="eta must be >= 0 and finite"):
         ddim_sample(model, linear, (1, 1, 2, 2), steps=3, eta=math.inf)
+
+
+@pytest.mark.parametrize(
+    ("t", "message"),
+    [([-1, 0], r"0\.\.999"), ([0, 1000], r"0\.\.999"), ([0.5, 1.0], "integer"), ([0, 0, 0], "3")],
+)
+def test_p_mean_variance_checks_its_timesteps(linear: NoiseSchedule, t: list, message: str) -> None:
+    # t = -1 used to give the last step's mean without a word, and t = 1000 an IndexError.
+    with pytest.raises(ValueError, match=message):
+        p_mean_variance(
+            lambda x, step: torch.zeros_like(x), linear, torch.zeros(2, 1, 2, 2), torch.tensor(t)
+        )
