@@ -28,9 +28,9 @@ from diffusion_lib.flow_matching import _check_times, uniform_times_and_noise
 from diffusion_lib.sampling import NoisePredictor, _evaluating, _randn, _start
 from diffusion_lib.smoke import cap_sampling_steps
 from diffusion_lib.validation import (
-    check_clip_range,
     check_number,
     check_positive_int,
+    check_range,
     check_same_shape,
 )
 
@@ -210,7 +210,7 @@ class BlurringDiffusion:
         if clip_x0 is None:
             mean = (dct2(x_t) - variance_ts / sigma_t * dct2(eps)) / alpha_ts
             return idct2(mean), variance
-        u0 = dct2(self.x0_estimate(x_t, t, eps).clamp(*check_clip_range("clip_x0", clip_x0)))
+        u0 = dct2(self.x0_estimate(x_t, t, eps).clamp(*check_range("clip_x0", clip_x0)))
         mean = alpha_ts * sigma_s**2 / sigma_t**2 * dct2(x_t) + a_s * variance_ts / sigma_t**2 * u0
         return idct2(mean), variance
 
@@ -309,6 +309,7 @@ def blurring_sample(
     and the samples last.
     """
     steps = cap_sampling_steps(check_positive_int("steps", steps))
+    clip_x0 = None if clip_x0 is None else check_range("clip_x0", clip_x0)
     x = _start(model, shape, x_1, generator, device, name="x_1")
     process = process.to(x.device)
     times = torch.linspace(1.0, 0.0, steps + 1).tolist()
@@ -325,7 +326,7 @@ def blurring_sample(
                 x = mean + idct2(variance.sqrt() * fresh)
             else:
                 x = process.x0_estimate(x, t, eps.to(x.dtype))
-                x = x if clip_x0 is None else x.clamp(*check_clip_range("clip_x0", clip_x0))
+                x = x if clip_x0 is None else x.clamp(*clip_x0)
             if return_states:
                 states.append(x.cpu())
     return (x, torch.stack(states)) if return_states else x

@@ -15,6 +15,7 @@ from torch import Tensor
 from torchvision import datasets
 
 from diffusion_lib.smoke import cap_dataset_size
+from diffusion_lib.validation import check_range
 
 DATA_VARIABLE = "DIFFUSION_LIB_DATA"
 DATASETS = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
@@ -91,7 +92,7 @@ def load_images(
     Returns ``images`` (N, 1, 28, 28) float32 and ``labels`` (N,) int64, on the CPU.
     """
     name = dataset_name(name)
-    low, high = check_value_range(value_range)
+    low, high = check_range("value_range", value_range)
     if not isinstance(train, bool):
         raise ValueError(
             f"train must be True (the training images) or False (the test images), got {train!r}"
@@ -116,15 +117,7 @@ def _check_limit(limit: object) -> int:
     return limit
 
 
-def check_value_range(value_range: tuple[float, float]) -> tuple[float, float]:
-    """``value_range`` as ``(low, high)`` if ``high > low``, else ``ValueError``."""
-    low, high = value_range
-    if not high > low:
-        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
-    return low, high
-
-
 def to_unit_interval(images: Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> Tensor:
     """Map images from ``value_range`` back to [0, 1] for display, clamping stray values."""
-    low, high = check_value_range(value_range)
+    low, high = check_range("value_range", value_range)
     return ((images - low) / (high - low)).clamp(0.0, 1.0)

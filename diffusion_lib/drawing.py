@@ -16,7 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import StepPatch
 from torch import Tensor
 
-from diffusion_lib.data import check_value_range, to_unit_interval
+from diffusion_lib.data import to_unit_interval
+from diffusion_lib.validation import check_range
 
 HISTOGRAM_LIMITS = (-4.0, 4.0)
 
@@ -39,7 +40,7 @@ def _image_display(image: Tensor, value_range: tuple[float, float]) -> tuple[np.
     """
     options = {"interpolation": "nearest"}  # crisp pixels, and PNGs that compress well
     if image.shape[0] == 1:
-        low, high = check_value_range(value_range)
+        low, high = check_range("value_range", value_range)
         return image[0].numpy(), {**options, "cmap": "gray", "vmin": low, "vmax": high}
     return to_unit_interval(image, value_range).permute(1, 2, 0).numpy(), options
 

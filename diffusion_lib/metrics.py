@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from diffusion_lib.checkpoints import write_atomically
 from diffusion_lib.data import CLASS_NAMES, dataset_name, load_images
-from diffusion_lib.validation import check_finite
+from diffusion_lib.validation import check_finite, check_range
 
 CACHE_VARIABLE = "DIFFUSION_LIB_CACHE"
 #: Names the classifier's network, training and seed. Change it whenever either changes:
@@ -360,9 +360,7 @@ def _check_images(images: Tensor, value_range: tuple[float, float]) -> None:
     if images.shape[0] < 2:
         raise ValueError(f"need at least 2 images to fit a covariance, got {images.shape[0]}")
     check_finite("images", images)
-    low, high = value_range
-    if not high > low:
-        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
+    check_range("value_range", value_range)
 
 
 def to_classifier_range(images: Tensor, value_range: tuple[float, float]) -> Tensor:

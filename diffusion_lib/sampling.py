@@ -26,8 +26,8 @@ from diffusion_lib.schedules import NoiseSchedule, _betas_from_alphas_cumprod, _
 from diffusion_lib.smoke import cap_sampling_steps
 from diffusion_lib.validation import (
     check_choice,
-    check_clip_range,
     check_positive_int,
+    check_range,
     check_same_shape,
     check_timesteps,
 )
@@ -100,8 +100,7 @@ def _check_no_guidance(guidance: float) -> None:
 
 
 def _clip(x0: Tensor, clip_x0: tuple[float, float] | None) -> Tensor:
-    clip_x0 = check_clip_range("clip_x0", clip_x0)
-    return x0 if clip_x0 is None else x0.clamp(*clip_x0)
+    return x0 if clip_x0 is None else x0.clamp(*check_range("clip_x0", clip_x0))
 
 
 _ZERO_SNR_HINT = (

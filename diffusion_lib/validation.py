@@ -94,20 +94,19 @@ def check_number(
     return float(value)
 
 
-def check_clip_range(name: str, value: object) -> tuple[float, float] | None:
-    """``None``, or ``value`` as ``(low, high)`` if it is a pair of finite numbers with low < high."""
-    if value is None:
-        return None
+def check_range(name: str, value: object) -> tuple[float, float]:
+    """``value`` as ``(low, high)`` if it is a pair of finite numbers with high > low, such as a
+    pixel range or the range x_0 is clipped to; else ``ValueError``."""
     try:
         low, high = (float(v) for v in value)  # type: ignore[union-attr]
     except (TypeError, ValueError):
         raise ValueError(
-            f"{name} must be None or a pair (low, high) such as (-1.0, 1.0), the data's range; "
-            f"got {value!r}"
+            f"{name} must be a pair (low, high) such as (-1.0, 1.0); got {value!r}"
         ) from None
-    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+    if not (math.isfinite(low) and math.isfinite(high) and high > low):
         raise ValueError(
-            f"{name} must be (low, high) with finite low < high, such as (-1.0, 1.0); got {value!r}"
+            f"{name} must be (low, high) with high > low, both finite, such as (-1.0, 1.0); "
+            f"got {value!r}"
         )
     return low, high
 
