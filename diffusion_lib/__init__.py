@@ -30,7 +30,7 @@ from diffusion_lib.consistency import (
     consistency_sample,
 )
 from diffusion_lib.data import CLASS_NAMES, DATA_VARIABLE, DataNotFoundError, data_root, load_images
-from diffusion_lib.devices import exact_float32
+from diffusion_lib.devices import exact_float32, timed
 from diffusion_lib.distillation import ProgressiveDistillation, distillation_error
 from diffusion_lib.editing import repaint, repaint_schedule, sdedit
 from diffusion_lib.edm import (
@@ -290,6 +290,7 @@ __all__ = [
     "load_checkpoint",
     "select_device",
     "exact_float32",
+    "timed",
     "train",
     "QualityScore",
     "ReferenceClassifier",

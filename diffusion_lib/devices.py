@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 DEVICE_TYPES = ("cuda", "mps", "cpu")
+Result = TypeVar("Result")
 
 
 def _mps_available() -> bool:
@@ -112,6 +115,36 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def timed(
+    work: Callable[[], Result], device: str | torch.device, warm_up: bool | None = None
+) -> tuple[Result, float]:
+    """Run ``work()`` once and return its result and the wall-clock seconds it took.
+
+    The device is synchronised before the clock starts and after ``work`` returns, so the
+    figure counts the GPU work that ``work`` queued, and none queued before it. With
+    ``warm_up``, ``work`` first runs once untimed: the first call of a computation on a GPU
+    also pays one-off costs (loading kernels, growing the memory pool, choosing algorithms for
+    a new shape) that would otherwise be charged to whatever is timed first. The random state
+    of the CPU and of a CUDA ``device`` is put back after the warm-up, so the timed call draws the
+    same numbers as a lone call would (generators created inside ``work`` are fresh each time;
+    one created outside is advanced by the warm-up). ``None`` (the default) warms up on an
+    accelerator only: on a CPU the first call costs no more than the others, and a warm-up
+    would double the time taken.
+    """
+    device = torch.device(device)
+    if warm_up is None:
+        warm_up = device.type != "cpu"
+    if warm_up:
+        forked = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=forked, device_type=device.type):
+            work()
+    synchronize(device)
+    start = time.perf_counter()
+    result = work()
+    synchronize(device)
+    return result, time.perf_counter() - start
 
 
 def _precision_switches() -> list[tuple[object, str, object]]:

@@ -29,6 +29,7 @@ library's engine, and ``edm_sample(result.ema_model, shape)`` samples.
 from __future__ import annotations
 
 import math
+import numbers
 from itertools import pairwise
 from typing import NamedTuple
 
@@ -267,7 +268,7 @@ def _churn(sigmas: list[float], s_churn: float, s_tmin: float, s_tmax: float) ->
     """``gamma_i`` of Algorithm 2: ``min(S_churn / N, sqrt(2) - 1)`` within [S_tmin, S_tmax]."""
     s_churn = check_number("s_churn", s_churn, 0.0, low_open=False)
     s_tmin = check_number("s_tmin", s_tmin, 0.0, low_open=False)
-    if isinstance(s_tmax, bool) or not isinstance(s_tmax, int | float) or not s_tmax >= s_tmin:
+    if isinstance(s_tmax, bool) or not isinstance(s_tmax, numbers.Real) or not s_tmax >= s_tmin:
         raise ValueError(f"s_tmax must be a number >= s_tmin ({s_tmin}), got {s_tmax!r}")
     gamma = min(s_churn / (len(sigmas) - 1), math.sqrt(2) - 1)
     return [gamma if s_tmin <= sigma <= s_tmax else 0.0 for sigma in sigmas[:-1]]

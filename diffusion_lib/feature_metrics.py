@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from diffusion_lib.metrics import feature_statistics, frechet_distance
-from diffusion_lib.validation import check_finite
+from diffusion_lib.validation import check_finite, is_integer
 
 # Entries per block of a distance or kernel matrix: 2^24 float64 numbers are 128 MiB.
 MAX_BLOCK_ENTRIES = 2**24
@@ -147,7 +147,7 @@ def kernel_distance(
     """
     features_a = _features("features_a", features_a)
     features_b = _features("features_b", features_b, dim=features_a.shape[1])
-    if not isinstance(num_subsets, int) or num_subsets < 1:
+    if not is_integer(num_subsets) or num_subsets < 1:
         raise ValueError(f"num_subsets must be a positive integer, got {num_subsets!r}")
     subset_size = min(len(features_a), len(features_b)) // num_subsets
     if subset_size < 2:
@@ -214,11 +214,12 @@ def frechet_distance_at_infinity(
     if sizes is None:
         sizes = tuple(sorted({round(1 / s) for s in torch.linspace(5 / n, 1 / n, 15).tolist()}))
     sizes = tuple(sizes)
-    if len(set(sizes)) < 2 or not all(isinstance(s, int) and 2 <= s <= n for s in sizes):
+    if len(set(sizes)) < 2 or not all(is_integer(s) and 2 <= s <= n for s in sizes):
         raise ValueError(
             f"sizes must hold at least two distinct integers in 2..{n} (the number of "
             f"features), got {sizes}"
         )
+    sizes = tuple(int(s) for s in sizes)
     distances = []
     for size in sizes:
         subset = features[torch.randperm(n, generator=generator)[:size]]
@@ -255,7 +256,7 @@ def nearest_neighbour_radii(features: Tensor, k: int) -> Tensor:
     itself (distance 0) is not counted as its own neighbour.
     """
     features = _features("features", features)
-    if not isinstance(k, int) or not 1 <= k < len(features):
+    if not is_integer(k) or not 1 <= k < len(features):
         raise ValueError(
             f"k must be an integer in 1..{len(features) - 1} (fewer than the {len(features)} "
             f"points), got {k!r}"

@@ -78,7 +78,7 @@ class Guided(nn.Module):
             raise ValueError(
                 f"weight must be a finite number (0 means no guidance), got {weight!r}"
             )
-        if not isinstance(rescale, int | float) or not 0.0 <= rescale <= 1.0:
+        if not isinstance(rescale, numbers.Real) or not 0.0 <= rescale <= 1.0:
             raise ValueError(
                 f"rescale must be a number in [0, 1] (0.7 is typical), got {rescale!r}"
             )

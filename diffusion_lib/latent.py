@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from diffusion_lib.devices import select_device
 from diffusion_lib.models.autoencoder import check_image_batch
 from diffusion_lib.smoke import cap_training_steps
-from diffusion_lib.validation import check_finite, check_positive_int
+from diffusion_lib.validation import check_finite, check_positive_int, is_integer
 
 __all__ = [
     "AutoencoderHistory",
@@ -133,9 +133,9 @@ class LatentAutoencoder(nn.Module):
         if not hidden:
             raise ValueError("hidden must hold at least one channel count, e.g. (32, 64)")
         widths = [check_positive_int("hidden", width) for width in hidden]
-        if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        if not is_integer(padding) or padding < 0:
             raise ValueError(f"padding must be an integer >= 0, got {padding!r}")
-        self.padding = padding
+        self.padding = int(padding)
         padded, factor = image_size + 2 * padding, 2 ** len(widths)
         if padded % factor:
             raise ValueError(

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from diffusion_lib.sampling import Trajectory, _evaluating, _model_device
 from diffusion_lib.smoke import cap_sampling_steps
-from diffusion_lib.validation import check_choice, check_positive_int
+from diffusion_lib.validation import check_choice, check_positive_int, is_integer
 
 MASKING_SCHEDULES = ("linear", "cosine")
 # Which masked symbols a sampling step reveals: each with the posterior's probability, or
@@ -152,9 +152,9 @@ def _real_dtype(*devices: torch.device) -> torch.dtype:
 
 
 def _check_num_classes(num_classes: object) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+    if not is_integer(num_classes) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    return num_classes
+    return int(num_classes)
 
 
 def tokens_from_images(images: Tensor, num_classes: int = 2) -> Tensor:
@@ -306,8 +306,9 @@ def masked_sample(
     """
     steps = cap_sampling_steps(check_positive_int("steps", steps))
     check_choice("order", order, REVEAL_ORDERS)
-    if len(shape) < 2 or any(not isinstance(n, int) or n < 1 for n in shape):
+    if len(shape) < 2 or any(not is_integer(n) or n < 1 for n in shape):
         raise ValueError(f"shape must be (B, ...) of positive integers, got {shape}")
+    shape = tuple(int(n) for n in shape)
     device = _model_device(model)
     times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     x = torch.full(shape, process.mask_id, dtype=torch.long, device=device)

@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from diffusion_lib.losses import diffusion_loss
 from diffusion_lib.schedules import NoiseSchedule
-from diffusion_lib.validation import check_number, check_positive_int
+from diffusion_lib.validation import check_number, check_positive_int, is_integer
 
 TABLE = "label_embedding.weight"  # where conditional networks keep their label table
 
@@ -103,7 +103,7 @@ def learn_class_embedding(
     """
     table = _label_table(model)
     classes = table.num_embeddings - 1
-    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < classes:
+    if not is_integer(label) or not 0 <= label < classes:
         raise ValueError(f"label must be a class of the model, 0..{classes - 1}; got {label!r}")
     steps = check_positive_int("steps", steps)
     batch_size = check_positive_int("batch_size", batch_size)

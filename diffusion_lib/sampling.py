@@ -30,6 +30,7 @@ from diffusion_lib.validation import (
     check_range,
     check_same_shape,
     check_timesteps,
+    is_integer,
 )
 
 NoisePredictor = Callable[..., Tensor]
@@ -303,10 +304,10 @@ def _start(
             )
         device = device if device is not None else _parameter_device(model)
         return x_T.to(device) if device is not None else x_T
-    if len(shape) < 2 or any(not isinstance(n, int) or n < 1 for n in shape):
+    if len(shape) < 2 or any(not is_integer(n) or n < 1 for n in shape):
         raise ValueError(f"shape must be positive integers (B, C, H, W), got {tuple(shape)}")
     device = torch.device(device) if device is not None else _model_device(model)
-    return _randn(tuple(shape), generator, device)
+    return _randn(tuple(int(n) for n in shape), generator, device)
 
 
 def _check_labels(labels: Tensor | None, batch_size: int, device: torch.device) -> Tensor | None:

@@ -15,7 +15,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffusion_lib.validation import check_finite, check_same_shape, check_timesteps
+from diffusion_lib.validation import (
+    check_finite,
+    check_number,
+    check_same_shape,
+    check_timesteps,
+    is_integer,
+)
 
 
 def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -109,8 +115,7 @@ def shift_snr(betas: Tensor, scale: float) -> Tensor:
     ``betas``: (T,); ``scale > 0`` (above 1 adds noise). Returns float64 (T,).
     """
     betas = _checked_betas(betas)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    scale = check_number("scale", scale, 0.0, low_open=True)
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
     log_snr = torch.log(alphas_cumprod) - torch.log1p(-alphas_cumprod) - 2 * math.log(scale)
     return _betas_from_alphas_cumprod(torch.sigmoid(log_snr))
@@ -193,15 +198,17 @@ class NoiseSchedule:
             raise ValueError(
                 f"unknown schedule {name!r}; choose one of {', '.join(sorted(SCHEDULES))}"
             )
-        if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps < 1:
+        if not is_integer(timesteps) or timesteps < 1:
             raise ValueError(f"timesteps must be an integer >= 1, got {timesteps!r}")
+        timesteps = int(timesteps)
         if not isinstance(zero_terminal_snr, bool):
             raise ValueError(f"zero_terminal_snr must be True or False, got {zero_terminal_snr!r}")
         try:
             betas = SCHEDULES[name](timesteps, **kwargs)
         except TypeError as error:
             raise ValueError(f"bad keyword arguments for the {name!r} schedule: {error}") from None
-        if isinstance(snr_scale, bool) or snr_scale != 1.0:
+        snr_scale = check_number("snr_scale", snr_scale, 0.0, low_open=True)
+        if snr_scale != 1.0:
             betas = shift_snr(betas, snr_scale)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)

@@ -37,7 +37,13 @@ class GaussianMixture:
         if means.dim() != 2 or means.shape[0] < 1:
             raise ValueError(f"means must have shape (K, D) with K >= 1, got {tuple(means.shape)}")
         components = means.shape[0]
-        stds = torch.as_tensor(stds, dtype=torch.float64).expand(components).clone()
+        stds = torch.as_tensor(stds, dtype=torch.float64)
+        if stds.dim() > 1 or stds.numel() not in (1, components):
+            raise ValueError(
+                f"stds must be one number or one per component ({components}), "
+                f"got shape {tuple(stds.shape)}"
+            )
+        stds = stds.expand(components).clone()
         if not bool(torch.isfinite(stds).all()) or bool((stds <= 0).any()):
             raise ValueError(f"stds must be positive and finite, got {stds.tolist()}")
         if weights is None:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from diffusion_lib.devices import ProcessGroup
 from diffusion_lib.smoke import cap_training_steps
-from diffusion_lib.validation import check_number
+from diffusion_lib.validation import check_number, is_integer
 
 AUTO_COMPILE = "auto"  # train(compile=...): compile where CUDA graphs apply, if the run is long
 
@@ -76,9 +76,9 @@ def _check_data(images: Tensor, labels: Tensor | None, noise: Tensor | None) -> 
 
 
 def _check_integer(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_integer(value) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _total_steps(steps: int | None, epochs: float | None, steps_per_epoch: int) -> int:

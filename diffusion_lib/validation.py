@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
+
+
+def is_integer(value: object) -> bool:
+    """Whether ``value`` is an integer, a Python or a NumPy one, and not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_timesteps(
@@ -84,7 +90,7 @@ def check_number(
 ) -> float:
     """``value`` as a float if it is a finite number between ``low`` and ``high``, else
     ``ValueError``; ``low_open`` and ``high_open`` say whether each end is excluded."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a number and finite, got {value!r}")
     below = value <= low if low_open else value < low
     above = value >= high if high_open else value > high
@@ -112,12 +118,12 @@ def check_range(name: str, value: object) -> tuple[float, float]:
 
 
 def check_positive_int(name: str, value: object, maximum: int | None = None) -> int:
-    """Return ``value`` if it is an int >= 1 (and <= ``maximum``), else raise ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """``value`` as an int if it is an integer >= 1 (and <= ``maximum``), else ``ValueError``."""
+    if not is_integer(value) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if maximum is not None and value > maximum:
         raise ValueError(f"{name} must be at most {maximum}, got {value}")
-    return value
+    return int(value)
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...] | list[str]) -> str:

@@ -411,10 +411,14 @@ def test_averaging_blocks_raises_the_snr_by_their_size_and_the_shift_undoes_it()
 
 
 def test_bad_shift_and_zero_snr_options() -> None:
-    with pytest.raises(ValueError, match="scale must be a positive number"):
+    with pytest.raises(ValueError, match=r"scale must lie in \(0.0, inf\), got 0.0"):
         shift_snr(linear_betas(10), 0.0)
-    with pytest.raises(ValueError, match="scale must be a positive number"):
+    with pytest.raises(ValueError, match="scale must be a number and finite, got inf"):
+        shift_snr(linear_betas(10), math.inf)
+    with pytest.raises(ValueError, match="snr_scale must be a number and finite, got True"):
         NoiseSchedule.from_name("linear", 10, snr_scale=True)
+    with pytest.raises(ValueError, match=r"snr_scale must lie in \(0.0, inf\), got -2"):
+        NoiseSchedule.from_name("linear", 10, snr_scale=-2)
     with pytest.raises(ValueError, match="zero_terminal_snr must be True or False"):
         NoiseSchedule.from_name("linear", 10, zero_terminal_snr="yes")
 

@@ -130,6 +130,8 @@ def test_ring_places_means_on_a_circle() -> None:
     [
         ({"means": torch.zeros(3), "stds": 1.0}, "shape"),
         ({"means": torch.zeros(2, 2), "stds": -1.0}, "positive"),
+        ({"means": torch.zeros(2, 2), "stds": [1.0, 1.0, 1.0]}, r"one per component \(2\)"),
+        ({"means": torch.zeros(2, 2), "stds": torch.ones(2, 1)}, r"got shape \(2, 1\)"),
         ({"means": torch.zeros(2, 2), "stds": 1.0, "weights": torch.ones(3)}, "2 non-negative"),
         (
             {"means": torch.zeros(2, 2), "stds": 1.0, "weights": torch.tensor([1.0, -1.0])},

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from diffusion_lib import devices
 from diffusion_lib import trainer as trainer_module
 from diffusion_lib import training_loop as loop_module
-from diffusion_lib.devices import ProcessGroup, exact_float32
+from diffusion_lib.devices import ProcessGroup, exact_float32, timed
 from diffusion_lib.flow_matching import RectifiedFlow
 from diffusion_lib.losses import diffusion_loss
 from diffusion_lib.models import ToyMLP
@@ -620,3 +620,30 @@ def test_exact_float32_turns_tf32_off_inside_the_block_and_restores_the_settings
     with pytest.raises(RuntimeError, match="inside"), exact_float32():
         raise RuntimeError("raised inside the block")
     assert [getattr(backend, name) for backend, name, _ in switches] == before
+
+
+def test_timed_returns_the_result_and_the_seconds_of_the_timed_call_only() -> None:
+    calls = []
+
+    def work() -> int:
+        calls.append(time.perf_counter())
+        time.sleep(0.3 if len(calls) == 1 else 0.05)  # only the first call is slow
+        return len(calls)
+
+    result, seconds = timed(work, "cpu", warm_up=True)
+    assert result == 2 and len(calls) == 2  # the warm-up ran, then the timed call
+    assert 0.05 <= seconds < 0.25  # the slow first call is not counted
+    calls.clear()
+    result, seconds = timed(work, "cpu")  # on a CPU no warm-up by default
+    assert result == 1 and seconds >= 0.3
+
+
+def test_timed_puts_the_random_state_back_after_the_warm_up() -> None:
+    torch.manual_seed(3)
+    alone = torch.rand(4)
+    torch.manual_seed(3)
+    drawn, _ = timed(lambda: torch.rand(4), "cpu", warm_up=True)
+    torch.testing.assert_close(drawn, alone, rtol=0, atol=0)
+    after = torch.rand(1)  # the warm-up's draws were undone: the timed call's were not
+    torch.manual_seed(3)
+    torch.testing.assert_close(after, torch.rand(5)[4:], rtol=0, atol=0)
