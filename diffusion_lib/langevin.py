@@ -29,7 +29,7 @@ from diffusion_lib.sampling import (
 )
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import cap_sampling_steps
-from diffusion_lib.validation import check_number, check_positive_int
+from diffusion_lib.validation import check_number, check_positive_int, check_same_shape
 
 
 def langevin_sample(
@@ -59,7 +59,9 @@ def langevin_sample(
     states = [x.cpu()]
     for _ in range(steps):
         noise = _randn(tuple(x.shape), generator, x.device).to(x.dtype)
-        x = x + step_size * score(x) + (2.0 * step_size) ** 0.5 * noise
+        drift = score(x)
+        check_same_shape("score(x)", drift, "x", x, hint="one gradient per coordinate of x")
+        x = x + step_size * drift + (2.0 * step_size) ** 0.5 * noise
         if return_trajectory:
             states.append(x.cpu())
     return (x, torch.stack(states)) if return_trajectory else x
@@ -73,7 +75,7 @@ def langevin_timesteps(schedule: NoiseSchedule, levels: int) -> Tensor:
     far beyond the scale of the data. In the variance-preserving process the noise saturates at
     1 while the signal fades, so the natural variable is ``log SNR(t)`` (Kingma et al. 2021),
     which changes evenly over both the noisy end, where the modes of the data merge, and the
-    clean end, where the noise falls from 0.2 to 0.01 within the first 50 steps. Each target
+    clean end, where the noise falls from 0.2 to 0.01 within the first 60 steps. Each target
     is rounded to the nearest timestep, and repeats are kept once.
     """
     check_positive_int("levels", levels, maximum=schedule.timesteps)

@@ -209,6 +209,12 @@ class TokenDenoiser(nn.Module):
         self.num_classes = MaskedDiffusion(num_classes).num_classes
 
     def forward(self, x_t: Tensor) -> Tensor:
+        if x_t.dim() != 4 or x_t.dtype.is_floating_point or x_t.dtype == torch.bool:
+            raise ValueError(
+                f"x_t must be tokens, an integer tensor (B, C, H, W) with values in "
+                f"0..{self.num_classes} ({self.num_classes} is the mask); got dtype {x_t.dtype} "
+                f"and shape {tuple(x_t.shape)} (tokens_from_images makes tokens of images)"
+            )
         batch, channels, height, width = x_t.shape
         one_hot = F.one_hot(x_t, self.num_classes + 1).permute(0, 1, 4, 2, 3)
         inputs = one_hot.reshape(batch, channels * (self.num_classes + 1), height, width)

@@ -225,6 +225,10 @@ class ClassConditionalNoisePredictor:
 
     def __call__(self, x_t: Tensor, t: Tensor, labels: Tensor) -> Tensor:
         labels = torch.as_tensor(labels).reshape(-1)
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise ValueError(
+                f"labels must be integer classes in 0..{self.null_label}, got dtype {labels.dtype}"
+            )
         if labels.shape[0] != x_t.shape[0] or bool(
             ((labels < 0) | (labels > self.null_label)).any()
         ):

@@ -68,6 +68,14 @@ def test_bad_arguments_raise(kwargs: dict, message: str) -> None:
         langevin_sample(lambda x: -x, torch.zeros(2, 2), **arguments)
 
 
+def test_a_score_of_another_shape_is_refused_rather_than_broadcast() -> None:
+    # -x.sum(0) has shape (2,): it would broadcast over the batch of two points without a word.
+    with pytest.raises(
+        ValueError, match=r"score\(x\) must have the shape of x, \(2, 2\); got \(2,\)"
+    ):
+        langevin_sample(lambda x: -x.sum(0), torch.zeros(2, 2), step_size=0.1, steps=3)
+
+
 def test_levels_are_evenly_spaced_in_log_snr_from_the_last_step_to_the_first() -> None:
     schedule = NoiseSchedule.from_name("linear")
     timesteps = langevin_timesteps(schedule, 20)

@@ -658,6 +658,15 @@ def test_token_denoiser_names_the_channels_it_needs() -> None:
         TokenDenoiser(TimeIgnoringNet(6, 3))(torch.zeros(2, 2, 3, 3, dtype=torch.long))
 
 
+@pytest.mark.parametrize(
+    "x_t",
+    [torch.zeros(2, 1, 3, 3), torch.zeros(2, 3, 3, dtype=torch.long), torch.zeros(2, 1, 3, 3) > 0],
+)
+def test_token_denoiser_refuses_images_in_place_of_tokens(x_t: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match=r"x_t must be tokens, an integer tensor \(B, C, H, W\)"):
+        TokenDenoiser(TimeIgnoringNet(3, 2))(x_t)
+
+
 # ----------------------------------------------------------------------------- errors
 def test_bad_arguments_are_refused() -> None:
     for classes in (1, True, 2.0):

@@ -261,5 +261,8 @@ def test_class_conditional_predictor_rejects_unknown_labels(schedule: NoiseSched
     exact = ClassConditionalNoisePredictor(_two_classes(), schedule)
     with pytest.raises(ValueError, match=r"one class in 0\.\.2 per point"):
         exact(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), torch.tensor([0, 3]))
+    # 0.5 lies in 0..2 but is no class: it used to leave its row of the output unwritten.
+    with pytest.raises(ValueError, match="integer classes in 0..2, got dtype torch.float32"):
+        exact(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), torch.tensor([0.0, 0.5]))
     with pytest.raises(ValueError, match="class_weights must be 2 positive numbers"):
         pooled_mixture(_two_classes(), torch.tensor([1.0, 0.0]))
