@@ -124,8 +124,9 @@ def add_lora(
     Args:
         model: any network; its linear layers and ordinary (groups=1) convolutions can be adapted.
         rank: r, the rank of every update (Hu et al. use 1 to 64; a few suffice for small nets).
-        alpha: the update is scaled by alpha / r, so that changing r does not change the
-            step size the optimiser needs (Hu et al. 2022, sec. 4.1). ``None`` means alpha = r.
+        alpha: the update is scaled by alpha / r. With alpha held fixed while r changes, this
+            keeps the step size the optimiser needs about the same (Hu et al. 2022, sec. 4.1).
+            ``None`` means alpha = r, a factor of 1.
         targets: qualified names of the layers to adapt (as in ``model.named_modules()``), or
             ``None`` for every ``nn.Linear`` and ordinary ``nn.Conv2d`` (exactly those types).
 
