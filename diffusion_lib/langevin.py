@@ -104,7 +104,8 @@ def annealed_langevin_sample(
     At each level t of :func:`langevin_timesteps` it runs ``steps_per_level`` Langevin steps
     with score ``-model(x, t) / sqrt(1 - alpha_bar_t)`` and step
     ``h_t = relative_step * (1 - alpha_bar_t)``: Song & Ermon's rule ``h ∝ sigma^2``, which
-    moves a point the same fraction of the way towards a mode at every level. With
+    moves a point the same fraction of the way towards a mode at every level where the noise
+    is much wider than the mode (at the cleanest levels the fraction is smaller). With
     ``denoise`` the last level is followed by one jump to the model's estimate of x_0
     (Tweedie's formula), which removes the noise of the smallest level.
 
