@@ -636,6 +636,9 @@ def test_timed_returns_the_result_and_the_seconds_of_the_timed_call_only() -> No
     calls.clear()
     result, seconds = timed(work, "cpu")  # on a CPU no warm-up by default
     assert result == 1 and seconds >= 0.3
+    calls.clear()
+    result, seconds = timed(work, "meta")  # elsewhere (the meta device stands in for a GPU) one
+    assert result == 2 and seconds < 0.25
 
 
 def test_timed_puts_the_random_state_back_after_the_warm_up() -> None:
