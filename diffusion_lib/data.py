@@ -7,7 +7,6 @@ The data folder is read from the environment variable ``DIFFUSION_LIB_DATA`` (de
 
 from __future__ import annotations
 
-import operator
 import os
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from torch import Tensor
 from torchvision import datasets
 
 from diffusion_lib.smoke import cap_dataset_size
-from diffusion_lib.validation import check_range
+from diffusion_lib.validation import check_range, is_integer
 
 DATA_VARIABLE = "DIFFUSION_LIB_DATA"
 DATASETS = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
@@ -108,13 +107,11 @@ def load_images(
 
 
 def _check_limit(limit: object) -> int:
-    try:
-        limit = operator.index(limit)  # an int, or a NumPy integer
-    except TypeError:
-        raise ValueError(f"limit must be a whole number >= 1, got {limit!r}") from None
+    if not is_integer(limit):  # an int, or a NumPy integer
+        raise ValueError(f"limit must be a whole number >= 1, got {limit!r}")
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    return limit
+    return int(limit)
 
 
 def to_unit_interval(images: Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> Tensor:

@@ -37,7 +37,12 @@ from torch import Tensor, nn
 
 from diffusion_lib.sampling import Trajectory, _evaluating, _model_device
 from diffusion_lib.smoke import cap_sampling_steps
-from diffusion_lib.validation import check_choice, check_positive_int, is_integer
+from diffusion_lib.validation import (
+    check_choice,
+    check_positive_int,
+    is_integer,
+    is_integer_tensor,
+)
 
 MASKING_SCHEDULES = ("linear", "cosine")
 # Which masked symbols a sampling step reveals: each with the posterior's probability, or
@@ -115,7 +120,7 @@ class MaskedDiffusion:
         return x0.masked_fill(hidden, self.mask_id)
 
     def _check_tokens(self, tokens: Tensor, *, masks_allowed: bool = False) -> Tensor:
-        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.dim() < 2:
+        if not is_integer_tensor(tokens) or tokens.dim() < 2:
             raise ValueError(
                 "tokens must be an integer tensor (B, ...) of class indices; turn images into "
                 "tokens with tokens_from_images"
@@ -178,7 +183,7 @@ def images_from_tokens(tokens: Tensor, num_classes: int = 2) -> Tensor:
     """Tokens (B, C, H, W) back to images in [-1, 1]; a masked symbol (``num_classes``) is drawn
     as mid-grey, 0."""
     num_classes = _check_num_classes(num_classes)
-    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+    if not is_integer_tensor(tokens):
         raise ValueError(f"tokens must be an integer tensor of classes, got dtype {tokens.dtype}")
     low, high = (int(tokens.min()), int(tokens.max())) if tokens.numel() else (0, 0)
     if low < 0 or high > num_classes:
@@ -209,7 +214,7 @@ class TokenDenoiser(nn.Module):
         self.num_classes = MaskedDiffusion(num_classes).num_classes
 
     def forward(self, x_t: Tensor) -> Tensor:
-        if x_t.dim() != 4 or x_t.dtype.is_floating_point or x_t.dtype == torch.bool:
+        if x_t.dim() != 4 or not is_integer_tensor(x_t):
             raise ValueError(
                 f"x_t must be tokens, an integer tensor (B, C, H, W) with values in "
                 f"0..{self.num_classes} ({self.num_classes} is the mask); got dtype {x_t.dtype} "

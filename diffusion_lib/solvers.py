@@ -44,7 +44,12 @@ from diffusion_lib.sampling import (
 )
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import cap_sampling_steps
-from diffusion_lib.validation import check_choice, check_positive_int, check_timesteps
+from diffusion_lib.validation import (
+    check_choice,
+    check_positive_int,
+    check_timesteps,
+    is_integer_tensor,
+)
 
 ORDERS = (1, 2)
 SPACINGS = ("logsnr", "time")
@@ -121,7 +126,7 @@ def _grid(
     if timesteps is None:
         return ode_timesteps(schedule, cap_sampling_steps(steps), spacing).flip(0)
     grid = torch.as_tensor(timesteps).cpu()
-    if grid.dim() != 1 or grid.numel() < 1 or grid.dtype == torch.bool or grid.is_floating_point():
+    if grid.dim() != 1 or grid.numel() < 1 or not is_integer_tensor(grid):
         raise ValueError(f"timesteps must be a 1-D tensor of integers, got {grid!r}")
     grid = grid.long()
     check_timesteps(grid, schedule.timesteps, grid.numel())

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from diffusion_lib.flow_matching import RectifiedFlow, _check_times
 from diffusion_lib.schedules import NoiseSchedule, _gather
-from diffusion_lib.validation import check_positive_int, check_timesteps
+from diffusion_lib.validation import check_positive_int, check_timesteps, is_integer_tensor
 
 
 class GaussianMixture:
@@ -225,7 +225,7 @@ class ClassConditionalNoisePredictor:
 
     def __call__(self, x_t: Tensor, t: Tensor, labels: Tensor) -> Tensor:
         labels = torch.as_tensor(labels).reshape(-1)
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        if not is_integer_tensor(labels):
             raise ValueError(
                 f"labels must be integer classes in 0..{self.null_label}, got dtype {labels.dtype}"
             )

@@ -14,6 +14,11 @@ def is_integer(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_integer_tensor(x: Tensor) -> bool:
+    """Whether ``x`` holds integers: neither floating-point, complex nor bool."""
+    return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
+
+
 def check_timesteps(
     t: Tensor, timesteps: int, batch_size: int | None = None, *, values: bool | None = True
 ) -> None:
@@ -25,7 +30,7 @@ def check_timesteps(
     """
     if not isinstance(t, Tensor):
         raise ValueError(f"t must be an int64 tensor of shape (B,), got {type(t).__name__}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+    if not is_integer_tensor(t):
         raise ValueError(f"t must hold integer timesteps (int64), got dtype {t.dtype}")
     if t.dim() != 1:
         raise ValueError(f"t must have shape (B,), got shape {tuple(t.shape)}")

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from diffusion_lib.validation import check_positive_int
+from diffusion_lib.validation import check_positive_int, is_integer_tensor
 
 
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -122,7 +122,7 @@ def _check_labels(labels: Tensor, null_label: int, batch: int) -> None:
         raise ValueError(
             f"labels must be an int64 tensor of shape (B,), got {type(labels).__name__}"
         )
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+    if not is_integer_tensor(labels):
         raise ValueError(
             f"labels must hold integer class indices (int64), got dtype {labels.dtype}"
         )
