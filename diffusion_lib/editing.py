@@ -226,8 +226,8 @@ def repaint(
             ``steps * resamplings`` calls of the model.
         variance: as for :func:`~diffusion_lib.sampling.ddpm_sample`, but ``"large"`` by
             default: every walk of a respaced chain with the small variance narrows the spread
-            a little more (Gaussian data of std 0.5 came out at 0.45 after 100 steps with 3
-            walks, and at 0.50 with the large variance).
+            a little more (Gaussian data of std 0.5 comes out at 0.458 after 100 steps with 3
+            walks, and at 0.505 with the large variance).
         clip_x0, labels, guidance, null_label: as for
             :func:`~diffusion_lib.sampling.ddpm_sample`.
 

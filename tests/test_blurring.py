@@ -103,7 +103,7 @@ def test_the_clipped_step_conditions_on_the_clipped_estimate_of_x0() -> None:
     noise = torch.randn(2, 1, 8, 8)
     t, s = torch.tensor([0.3, 0.15]), torch.tensor([0.25, 0.1])
     x_t = process.q_sample(x0, t, noise)
-    clipped, variance = process.posterior_step(x_t, t, s, noise)
+    clipped, variance = process.posterior_step(x_t, t, s, noise, clip_x0=(-1.0, 1.0))
     plain, same_variance = process.posterior_step(x_t, t, s, noise, clip_x0=None)
     torch.testing.assert_close(clipped, plain, atol=1e-4, rtol=0)
     torch.testing.assert_close(variance, same_variance)
@@ -113,8 +113,11 @@ def test_the_clipped_step_conditions_on_the_clipped_estimate_of_x0() -> None:
     sigma_t, sigma_s = sigma_t[:, None, None, None], sigma_s[:, None, None, None]
     alpha_ts = a_t / a_s
     variance_ts = sigma_t**2 - alpha_ts**2 * sigma_s**2
+    # Bayes' rule in precision form, with the clipped x_0 as the known u_0: prior
+    # N(a_s u_0, sigma_s^2), likelihood u_t | u_s ~ N(alpha_ts u_s, sigma_ts^2).
     u0 = dct2(x0.clamp(-0.5, 0.5))
-    expected = alpha_ts * sigma_s**2 / sigma_t**2 * dct2(x_t) + a_s * variance_ts / sigma_t**2 * u0
+    precision_variance = 1 / (1 / sigma_s**2 + alpha_ts**2 / variance_ts)
+    expected = precision_variance * (a_s * u0 / sigma_s**2 + alpha_ts * dct2(x_t) / variance_ts)
     torch.testing.assert_close(dct2(narrow), expected, atol=1e-4, rtol=0)
     assert (x0.abs() > 0.5).any()  # the clip changed x_0
 

@@ -52,7 +52,12 @@ def test_polynomial_kernel_matches_its_formula_pair_by_pair() -> None:
     )
 
 
-def test_unbiased_mmd_matches_the_u_statistic_written_as_loops() -> None:
+@pytest.mark.parametrize("block_entries", [None, 12])  # 12: kernel blocks of 1 or 2 rows
+def test_unbiased_mmd_matches_the_u_statistic_written_as_loops(
+    block_entries: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if block_entries is not None:
+        monkeypatch.setattr(feature_metrics, "MAX_BLOCK_ENTRIES", block_entries)
     x, y = _gaussian(7, 3, 2), _gaussian(5, 3, 3, mean=0.5)
     kernel = PolynomialKernel(degree=2, gamma=0.7, coef0=0.3)
 
@@ -274,7 +279,12 @@ def test_bad_input_is_refused_with_a_clear_message(call, message: str) -> None:
         call()
 
 
-def test_ratios_match_a_direct_computation():
+@pytest.mark.parametrize("block_entries", [None, 120])  # 120: blocks of 2 queries
+def test_ratios_match_a_direct_computation(
+    block_entries: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if block_entries is not None:
+        monkeypatch.setattr(feature_metrics, "MAX_BLOCK_ENTRIES", block_entries)
     generator = torch.Generator().manual_seed(5)
     queries, references = (
         torch.randn((30, 7), generator=generator),

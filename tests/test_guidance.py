@@ -40,8 +40,13 @@ def inputs(batch: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def test_default_reference_is_classifier_free_guidance() -> None:
     model, (x_t, t, labels) = network(), inputs()
     guided = Guided(model, 2.5)(x_t, t, labels)
-    expected = predict_noise(model, x_t, t, labels, guidance=2.5, null_label=model.null_label)
+    unconditional = model(x_t, t, torch.full_like(labels, model.null_label))
+    expected = (1 + 2.5) * model(x_t, t, labels) - 2.5 * unconditional  # Ho & Salimans, eq. 6
     torch.testing.assert_close(guided, expected)
+    sampler_estimate = predict_noise(
+        model, x_t, t, labels, guidance=2.5, null_label=model.null_label
+    )
+    torch.testing.assert_close(sampler_estimate, expected)
     assert not torch.allclose(guided, model(x_t, t, labels))
 
 
@@ -116,9 +121,10 @@ def test_learned_variance_channels_are_the_conditional_ones() -> None:
     model = perturb(AttentionUNet(**UNET, out_channels=2)).eval()
     x_t, t, labels = inputs()
     out = Guided(model, 1.5)(x_t, t, labels)
-    expected = predict_noise(model, x_t, t, labels, guidance=1.5, null_label=model.null_label)
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(out[:, 1:], model(x_t, t, labels)[:, 1:])
+    conditional = model(x_t, t, labels)
+    unconditional = model(x_t, t, torch.full_like(labels, model.null_label))
+    torch.testing.assert_close(out[:, :1], 2.5 * conditional[:, :1] - 1.5 * unconditional[:, :1])
+    torch.testing.assert_close(out[:, 1:], conditional[:, 1:])
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from diffusion_lib import (
     langevin_sample,
     langevin_timesteps,
 )
-from diffusion_lib.smoke import SMOKE_VARIABLE
+from diffusion_lib.smoke import MAX_SAMPLING_STEPS, SMOKE_VARIABLE
 
 
 def test_chain_on_a_gaussian_reaches_the_discretised_stationary_law() -> None:
@@ -154,7 +154,7 @@ def test_smoke_mode_caps_the_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     _, states = langevin_sample(
         lambda x: -x, torch.zeros(1, 1), step_size=0.1, steps=10_000, return_trajectory=True
     )
-    assert states.shape[0] < 10_001
+    assert states.shape[0] == MAX_SAMPLING_STEPS + 1  # the start and one state per step
 
 
 def test_each_level_steps_with_relative_step_times_one_minus_alpha_bar() -> None:

@@ -389,6 +389,22 @@ def test_shift_divides_every_snr_by_the_square_of_the_scale(scale: float) -> Non
     torch.testing.assert_close(same.betas, shifted.betas)
 
 
+def test_shift_then_rescale_when_both_are_asked_for() -> None:
+    """from_name shifts the SNR first, then rescales to zero terminal SNR: by hand, each
+    alpha-bar becomes abar / (abar + s^2 (1 - abar)) (SNR divided by s^2), then Algorithm 1."""
+    scale = 2.0
+    original = NoiseSchedule.from_name("linear", 300)
+    alphas_bar = [float(a) for a in original.alphas_cumprod]
+    shifted_bar = [a / (a + scale**2 * (1 - a)) for a in alphas_bar]
+    shifted_betas = [1 - shifted_bar[0]] + [
+        1 - b / a for a, b in zip(shifted_bar[:-1], shifted_bar[1:], strict=True)
+    ]
+    expected = torch.tensor(_rescaled_by_hand(shifted_betas), dtype=torch.float64)
+    both = NoiseSchedule.from_name("linear", 300, snr_scale=scale, zero_terminal_snr=True)
+    torch.testing.assert_close(both.betas, expected, rtol=1e-9, atol=1e-12)
+    assert both.zero_terminal_snr is True
+
+
 def test_averaging_blocks_raises_the_snr_by_their_size_and_the_shift_undoes_it() -> None:
     """Monte Carlo: a 4x-upsampled image, noised and then average-pooled over 4x4 blocks, has
     4^2 times the SNR of the image noised at 28x28; shifting the schedule by 4 restores it."""
