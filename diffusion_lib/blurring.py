@@ -6,7 +6,7 @@ The heat equation ``dx/dtau = Laplacian(x)`` on an H x W image with reflecting b
 each DCT basis image and shrinks it by ``exp(-lambda_ij tau)``, with
 ``lambda_ij = pi^2 (i^2 / H^2 + j^2 / W^2)`` (Rissanen et al. 2023, eq. 4); ``tau = s^2 / 2``
 blurs like a Gaussian kernel of standard deviation s pixels. In the DCT coefficients
-``u = DCT(x)`` the forward process is
+``u = DCT(x)`` the forward process is ::
 
     q(u_t | u_0) = N(alpha_t d_t * u_0, sigma_t^2 I),   d_t = (1 - d_min) exp(-lambda tau_t) + d_min
 
@@ -224,7 +224,7 @@ class BlurringDiffusion:
 
 class FrequencySkip(nn.Module):
     """A noise predictor that adds a network's output to the best linear estimate, frequency by
-    frequency: ``eps_u = w * eps_lin + (1 - w) * DCT(F(x_t, t))`` in the DCT basis, with
+    frequency: ``eps_u = w * eps_lin + (1 - w) * DCT(F(x_t, t))`` in the DCT basis, with ::
 
         eps_lin = (u_t - a_t m) / sigma_t,   w = sigma_t^2 / (a_t^2 v + sigma_t^2),
 

@@ -1,13 +1,13 @@
 """Classifier guidance (Dhariwal & Nichol 2021): an unconditional model steered by a classifier.
 
-Bayes' rule, differentiated in x_t, splits the score of the noised conditional distribution:
+Bayes' rule, differentiated in x_t, splits the score of the noised conditional distribution::
 
     grad log p_t(x_t | y) = grad log p_t(x_t) + grad log p_t(y | x_t).
 
 The unconditional model gives the first term through ``eps = -sqrt(1 - abar_t) grad log p_t``
 (chapter 9); a classifier ``p_phi(y | x_t, t)`` trained on noisy images gives the second. Their
 sum, with the classifier's term scaled by s, is the guided noise estimate of Dhariwal & Nichol
-(2021, eq. 14 and Algorithm 2):
+(2021, eq. 14 and Algorithm 2)::
 
     eps_guided(x_t, t) = eps_theta(x_t, t) - s sqrt(1 - abar_t) grad_{x_t} log p_phi(y | x_t, t).
 

@@ -7,7 +7,7 @@ samples. It is characterised by two properties: the boundary condition ``f(x, 0)
 self-consistency, ``f(x_t, t) = f(x_s, s)`` for two points of the same trajectory.
 
 On the straight path ``x_t = (1 - t) x_0 + t eps`` of :mod:`diffusion_lib.flow_matching` we
-write the function through a velocity network,
+write the function through a velocity network, ::
 
     f_theta(x_t, t) = x_t - t v_theta(x_t, t),
 

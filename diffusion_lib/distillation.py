@@ -7,12 +7,12 @@ so every round halves the number of steps: 64, 32, ..., 1.
 On the straight path ``x_t = (1 - t) x_0 + t eps`` of :mod:`diffusion_lib.flow_matching`, the
 deterministic DDIM step is Euler's method, ``x_{t-h} = x_t - h v(x_t, t)``. With the student's
 step ``h = 1 / N``, the teacher takes two half steps from a point ``x_t`` of the student's grid
-``t in {1/N, 2/N, ..., 1}``:
+``t in {1/N, 2/N, ..., 1}``::
 
     x_{t-h/2} = x_t - (h/2) v_teacher(x_t, t),
     x_{t-h}   = x_{t-h/2} - (h/2) v_teacher(x_{t-h/2}, t - h/2),
 
-and the one Euler step from ``x_t`` that lands on ``x_{t-h}`` has the slope
+and the one Euler step from ``x_t`` that lands on ``x_{t-h}`` has the slope ::
 
     v_target = (x_t - x_{t-h}) / h = (v_teacher(x_t, t) + v_teacher(x_{t-h/2}, t - h/2)) / 2.
 

@@ -203,7 +203,7 @@ def repaint(
     """Fill in the pixels where ``mask`` is 0 so that they fit the kept ones (Lugmayr et al. 2022).
 
     Algorithm 1 of RePaint, with the jumps of its sec. 4.2. Every denoising step from level n
-    to n - 1 combines two states of level n - 1 (eq. 8):
+    to n - 1 combines two states of level n - 1 (eq. 8)::
 
         x_{n-1} = m * x_known + (1 - m) * x_unknown,
         x_known ~ q(x_{n-1} | x_0 = known)           (the forward process, eq. 4),

@@ -1,6 +1,6 @@
 """The design space of Karras et al. (2022), "EDM": noise levels, preconditioning, loss and sampler.
 
-EDM writes every diffusion model in one variable, the noise level sigma: a noisy point is
+EDM writes every diffusion model in one variable, the noise level sigma: a noisy point is ::
 
     x = y + sigma n,        y ~ data,  n ~ N(0, I),
 
@@ -9,7 +9,7 @@ The DDPM chain of the earlier chapters is this process scaled by ``alpha_t = sqr
 ``x_t / alpha_t = x_0 + (sigma_t / alpha_t) eps``, so its noise level is
 ``sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t)``, the ``rho`` of :mod:`diffusion_lib.solvers`.
 With the score ``grad log p(x; sigma) = (D(x; sigma) - x) / sigma^2`` (eq. 3), the
-probability-flow ODE with ``sigma(t) = t`` reads (eq. 1)
+probability-flow ODE with ``sigma(t) = t`` reads (eq. 1) ::
 
     dx / dsigma = (x - D(x; sigma)) / sigma.
 

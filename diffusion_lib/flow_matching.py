@@ -1,10 +1,10 @@
 """Flow matching on the straight path between data and noise (rectified flow).
 
-Instead of a Markov chain, connect each data point x_0 to a noise vector eps by a straight line,
+Instead of a Markov chain, connect each data point x_0 to a noise vector eps by a straight line, ::
 
     x_t = (1 - t) x_0 + t eps,        t in [0, 1]   (t = 0 data, t = 1 noise),
 
-and regress a network on the line's constant velocity ``dx_t / dt = eps - x_0``:
+and regress a network on the line's constant velocity ``dx_t / dt = eps - x_0``::
 
     L_FM = E_{x_0, eps, t ~ U(0, 1)} || v_theta(x_t, t) - (eps - x_0) ||^2.
 

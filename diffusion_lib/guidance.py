@@ -1,7 +1,7 @@
 """Guidance beyond the plain classifier-free rule: what it pushes away from, where, and how far.
 
 Classifier-free guidance (Ho & Salimans 2021, eq. 6) moves a conditional noise estimate away
-from the unconditional one. Written with a general reference estimate eps_ref,
+from the unconditional one. Written with a general reference estimate eps_ref, ::
 
     eps_tilde(x_t, t, c) = eps(x_t, t, c) + w [eps(x_t, t, c) - eps_ref(x_t, t)],
 

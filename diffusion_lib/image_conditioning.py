@@ -3,7 +3,7 @@
 A condition image ``c`` (B, C_c, H, W), such as an upsampled low-resolution copy or an
 edge map, comes with each training image x_0. A network that sees it learns the noise of
 ``p(x_t | c)``, and the samplers then draw from ``p(x_0 | c)``. The objective is the
-simplified loss with the condition as an extra input (Saharia et al. 2022):
+simplified loss with the condition as an extra input (Saharia et al. 2022)::
 
     E_{x_0, c, t, eps} || eps - eps_theta(x_t, c, t) ||^2,   x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps.
 

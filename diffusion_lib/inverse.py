@@ -3,7 +3,7 @@
 An image x_0 is seen only through a linear measurement ``y = A x_0 + sigma_y n`` with
 n ~ N(0, I): a few kept pixels, a low-resolution copy. An unconditional model of p(x_0) can
 draw from the posterior p(x_0 | y) without retraining, because the score of the noised
-posterior splits in two (Bayes' rule, differentiated in x_t):
+posterior splits in two (Bayes' rule, differentiated in x_t)::
 
     grad log p(x_t | y) = grad log p(x_t) + grad log p(y | x_t).
 
@@ -257,7 +257,7 @@ def dps_sample(
     """Diffusion posterior sampling (Chung et al. 2023, Algorithm 1, Gaussian noise).
 
     Each ancestral step is followed by a step down the gradient of the measurement error of
-    the model's estimate of x_0, taken per sample:
+    the model's estimate of x_0, taken per sample::
 
         x'_{t-1} ~ q(x_{t-1} | x_t, x0_hat(x_t))                    (Ho et al. 2020, Alg. 2)
         x_{t-1}  = x'_{t-1} - zeta_t grad_{x_t} ||y - A x0_hat(x_t)||^2,
@@ -344,7 +344,7 @@ def pigdm_sample(
     (PiGDM, Song et al. 2023).
 
     With ``p(x_0 | x_t) ~ N(x0_hat(x_t), r_t^2 I)`` (:func:`posterior_variance_of_x0`), the
-    measurement ``y = A x_0 + sigma_y n`` is Gaussian given x_t:
+    measurement ``y = A x_0 + sigma_y n`` is Gaussian given x_t::
 
         log p(y | x_t) ~ -1/2 (y - A x0_hat)^T (sigma_y^2 I + r_t^2 A A^T)^-1 (y - A x0_hat) + c,
 

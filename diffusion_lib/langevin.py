@@ -1,6 +1,6 @@
 """Langevin dynamics: sampling from a density when only its score is known.
 
-The unadjusted Langevin algorithm (Roberts & Tweedie 1996) repeats
+The unadjusted Langevin algorithm (Roberts & Tweedie 1996) repeats ::
 
     x <- x + h grad log p(x) + sqrt(2 h) z,    z ~ N(0, I),
 

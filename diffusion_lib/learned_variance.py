@@ -2,7 +2,7 @@
 
 Ho et al. fix the variance of p_theta(x_{t-1} | x_t) at beta_t or at the posterior variance
 beta_tilde_t. Nichol & Dhariwal let the network choose, per pixel, a point between the two on a
-log scale (eq. 15):
+log scale (eq. 15)::
 
     Sigma_theta(x_t, t) = exp(v log beta_t + (1 - v) log beta_tilde_t).
 

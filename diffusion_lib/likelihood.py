@@ -4,11 +4,11 @@ Deterministic sampling follows an ordinary differential equation, and an ODE mov
 density like a normalising flow. In the variables ``x_bar = x / alpha`` and ``rho = sigma / alpha``
 of :mod:`diffusion_lib.solvers` the ODE reads ``d x_bar / d rho = eps_theta(alpha x_bar, t)``, and
 the instantaneous change of variables (Chen et al. 2018, theorem 1) says how the log-density
-changes along a solution:
+changes along a solution::
 
     d log p(x_bar(rho)) / d rho = -div_{x_bar} eps_theta = -alpha div_x eps_theta.
 
-Integrating from the data (t = 0) to pure noise (t = T - 1) gives Song et al. (2021, eq. 39):
+Integrating from the data (t = 0) to pure noise (t = T - 1) gives Song et al. (2021, eq. 39)::
 
     log p_0(x_0) = log p_T(x_T) + integral of alpha div_x eps_theta d rho + D log(alpha_T / alpha_0),
 
@@ -170,7 +170,7 @@ def ode_bits_per_dim(
 
     Each pixel of ``images`` (8-bit values scaled to [-1, 1]) stands for a bin of width
     ``bin_width``; its probability is the integral of the model's density over the bin, and by
-    Jensen's inequality, with u uniform over the bin,
+    Jensen's inequality, with u uniform over the bin, ::
 
         -log P(x) <= -E_u log p_0(x + u) - D log(bin_width).
 

@@ -1,6 +1,6 @@
 """Training objectives: the simplified noise-prediction loss and the terms of the variational bound.
 
-Ho et al. 2020 write the negative ELBO as (eq. 5)
+Ho et al. 2020 write the negative ELBO as (eq. 5) ::
 
     L = L_T + sum_{t>1} L_{t-1} + L_0,
     L_T     = KL(q(x_T | x_0) || p(x_T))                 (prior term, no parameters)

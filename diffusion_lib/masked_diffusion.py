@@ -3,7 +3,7 @@ state"; Sahoo et al. 2024, MDLM; Shi et al. 2024, MD4).
 
 Data are D symbols, each one of K classes (K = 2 for black-and-white pixels). The forward
 process hides each symbol independently behind an extra class, the mask ``m = K``, and a hidden
-symbol stays hidden. At time t in [0, 1] a symbol is still visible with probability alpha_t:
+symbol stays hidden. At time t in [0, 1] a symbol is still visible with probability alpha_t::
 
     q(x_t^i | x_0^i) = alpha_t [x_t^i = x_0^i] + (1 - alpha_t) [x_t^i = m],
 

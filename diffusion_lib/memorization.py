@@ -4,7 +4,7 @@ Training minimises the simplified loss ``E ||eps - eps_theta(x_t, t)||^2`` over 
 images ``x^1 .. x^N``, that is, over the empirical distribution ``(1/N) sum_i delta(x_0 - x^i)``.
 Its exact minimiser is ``E[eps | x_t]`` under that distribution. With ``a = sqrt(abar_t)``,
 ``s = sqrt(1 - abar_t)``, the noised distribution is a mixture of N Gaussians
-``N(a x^i, s^2 I)``, and
+``N(a x^i, s^2 I)``, and ::
 
     E[x_0 | x_t] = sum_i w_i(x_t) x^i,   w_i = softmax_i(-||x_t - a x^i||^2 / (2 s^2)),
     E[eps | x_t] = (x_t - a E[x_0 | x_t]) / s

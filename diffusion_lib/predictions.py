@@ -1,14 +1,14 @@
 """What the network predicts (the noise, the clean data or the velocity) and how the loss weighs time.
 
 Write ``alpha = sqrt(alpha_bar_t)`` and ``sigma = sqrt(1 - alpha_bar_t)``, so that
-``x_t = alpha x_0 + sigma eps`` and ``alpha^2 + sigma^2 = 1``. Given x_t, any one of
+``x_t = alpha x_0 + sigma eps`` and ``alpha^2 + sigma^2 = 1``. Given x_t, any one of ::
 
     eps,    x_0,    v = alpha eps - sigma x_0      (Salimans & Ho 2022, sec. 4)
 
 determines the other two, so a network may be trained to output any of them. The choices
 differ in how an error is weighed. If the noise estimate is off by ``e``, the data estimate
 ``x_0 = (x_t - sigma eps) / alpha`` is off by ``-(sigma / alpha) e`` and the velocity by ``e /
-alpha``; with ``SNR = alpha^2 / sigma^2`` (Kingma et al. 2021, eq. 2),
+alpha``; with ``SNR = alpha^2 / sigma^2`` (Kingma et al. 2021, eq. 2), ::
 
     ||eps - eps_hat||^2 = SNR       ||x_0 - x0_hat||^2,
     ||v - v_hat||^2     = (SNR + 1) ||x_0 - x0_hat||^2.

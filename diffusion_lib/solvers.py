@@ -2,7 +2,7 @@
 
 Deterministic DDIM integrates an ordinary differential equation. In the variables
 ``x_bar = x / alpha_t`` and ``rho_t = sigma_t / alpha_t`` (with ``alpha_t = sqrt(alpha_bar_t)``
-and ``sigma_t = sqrt(1 - alpha_bar_t)``) it reads (Song et al. 2021, eq. 14)
+and ``sigma_t = sqrt(1 - alpha_bar_t)``) it reads (Song et al. 2021, eq. 14) ::
 
     d x_bar / d rho = eps_theta(x, t),
 
@@ -177,7 +177,7 @@ def heun_sample(
 
     With ``d_i = eps_theta(x_i, t_i)`` and ``rho_i = sigma_i / alpha_i``, each step first takes
     DDIM's Euler step ``x_bar' = x_bar_i + (rho_{i+1} - rho_i) d_i``, evaluates the model there,
-    and then redoes the step with the mean of the two slopes:
+    and then redoes the step with the mean of the two slopes::
 
         x_bar_{i+1} = x_bar_i + (rho_{i+1} - rho_i) (d_i + d') / 2.
 
@@ -245,7 +245,7 @@ def dpm_solver_sample(
     In ``lambda = log(alpha / sigma)`` the ODE's solution from t_i to t_{i+1} is exactly
     ``x_{i+1} = (sigma_{i+1} / sigma_i) x_i + sigma_{i+1} integral of e^lambda x0_theta d lambda``
     (the paper's exact solution for a data-predicting model). With ``h = lambda_{i+1} - lambda_i`` and the model's x_0 estimate ``D`` held fixed
-    over the step, the integral gives the first-order update
+    over the step, the integral gives the first-order update ::
 
         x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (e^{-h} - 1) D,
 

@@ -2,7 +2,7 @@
 
 A caption y is split into words, each word becomes a token index, and a text encoder
 ``tau_theta`` turns the sequence into L token vectors. The U-net reads them through
-cross-attention at its low resolutions (Rombach et al. 2022, sec. 3.3, eq. 3):
+cross-attention at its low resolutions (Rombach et al. 2022, sec. 3.3, eq. 3)::
 
     Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V,
     Q = W_Q phi(x_t),   K = W_K tau_theta(y),   V = W_V tau_theta(y),

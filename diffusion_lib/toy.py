@@ -2,7 +2,7 @@
 
 If the data are a mixture of isotropic Gaussians, ``q(x_0) = sum_k w_k N(mu_k, s^2 I)``, then
 every noised marginal of the forward process is one as well (Ho et al. 2020, eq. 4 convolves
-each component with ``N(0, (1 - alpha_bar_t) I)`` after scaling it by ``sqrt(alpha_bar_t)``):
+each component with ``N(0, (1 - alpha_bar_t) I)`` after scaling it by ``sqrt(alpha_bar_t)``)::
 
     q(x_t) = sum_k w_k N(sqrt(alpha_bar_t) mu_k, (alpha_bar_t s^2 + 1 - alpha_bar_t) I).
 
@@ -266,7 +266,7 @@ class OptimalNoisePredictor:
     """``eps*(x_t, t) = E[eps | x_t]`` for data drawn from a :class:`GaussianMixture`.
 
     It minimises the simplified loss (Ho et al. 2020, eq. 14) at every t, so it is what a
-    perfect network would learn. Given component k, x_0 and x_t are jointly Gaussian and
+    perfect network would learn. Given component k, x_0 and x_t are jointly Gaussian and ::
 
         E[eps | x_t, k] = sigma_t (x_t - alpha_t mu_k) / (alpha_t^2 s_k^2 + sigma_t^2),
 
@@ -298,7 +298,7 @@ class OptimalVelocity:
 
     It minimises the flow-matching loss at every t (Lipman et al. 2023, Theorem 2). Given
     component k, x_0 and ``x_t = a x_0 + b eps`` (a = 1 - t, b = t) are jointly Gaussian, and with
-    ``V_k = a^2 s_k^2 + b^2`` and ``r = x_t - a mu_k``:
+    ``V_k = a^2 s_k^2 + b^2`` and ``r = x_t - a mu_k``::
 
         E[x_0 | x_t, k] = mu_k + a s_k^2 r / V_k,     E[eps | x_t, k] = b r / V_k,
 

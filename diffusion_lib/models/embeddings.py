@@ -2,7 +2,7 @@
 and which class it should draw.
 
 The sinusoidal embedding is the position encoding of Vaswani et al. (2017, sec. 3.5), used
-for diffusion timesteps by Ho et al. (2020, appendix B). A timestep ``t`` becomes the vector
+for diffusion timesteps by Ho et al. (2020, appendix B). A timestep ``t`` becomes the vector ::
 
     [sin(t * w_0), ..., sin(t * w_{h-1}), cos(t * w_0), ..., cos(t * w_{h-1})],
     w_i = max_period^(-i / h),   h = dim // 2,
