@@ -7,6 +7,7 @@ label, and every notebook carries the outputs of a real, error-free run.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -242,6 +243,70 @@ def test_cell_sources_hold_no_control_characters(path: Path) -> None:
             f"{path.name}, cell {index}: control character {found.group()!r} in "
             f"{cell.source[max(found.start() - 30, 0) : found.end() + 30]!r}"
         )
+
+
+@pytest.mark.parametrize("path", book_sources(), ids=lambda path: path.stem)
+def test_no_line_of_inline_math_starts_a_markdown_block(path: Path) -> None:
+    """Markdown reads a line that starts with "+ ", "- ", "1) ", "> " or "# " as a new list,
+    quote or heading even inside ``$...$``: the formula splits and shows as raw LaTeX."""
+    block_start = re.compile(r"^\s*([+\-*>#]|\d+[.)])\s|^\s*[-=]+\s*$")
+    for paragraph in re.split(r"\n\s*\n", page_text(path)):
+        dollars = 0
+        for line in paragraph.split("\n"):
+            assert dollars % 2 == 0 or not block_start.match(line), (
+                f"{path.name}: a line inside inline math starts a Markdown block: {line!r}"
+            )
+            dollars += line.replace("$$", "").count("$") - line.count("\\$")
+
+
+def test_printed_markdown_renders_tables_and_math_and_streams_merge() -> None:
+    """Chapters print result tables with Markdown(...); CommonMark, MyST-NB's default for such
+    outputs, has no tables or dollar math. One cell's prints belong in one output block."""
+    sphinx_config = load_yaml(BOOK / "_config.yml")["sphinx"]["config"]
+    assert sphinx_config["nb_render_markdown_format"] == "myst"
+    assert sphinx_config["nb_merge_streams"] is True
+
+
+SECTION_HEADER = re.compile(
+    r"^(Args|Returns|Raises|Yields|Shapes|Examples?|Notes?|Attributes):\s*$"
+)
+
+
+def quoted_blocks(docstring: str) -> list[str]:
+    """Paragraphs of a cleaned docstring that an indented block follows without "::" (reST
+    then makes the block a quote). Google-style sections, indented by design, are skipped."""
+    lines, found, in_section = docstring.split("\n"), [], False
+    for index, line in enumerate(lines):
+        if SECTION_HEADER.match(line):
+            in_section = True
+        elif line.strip() and not line.startswith(" "):
+            in_section = False
+        starts_block = index >= 2 and line.startswith(" ") and not lines[index - 1].strip()
+        paragraph = lines[index - 2] if index >= 2 else ""
+        follows_prose = paragraph.strip() and paragraph[0] != " "
+        if starts_block and not in_section and follows_prose and not paragraph.endswith("::"):
+            found.append(paragraph.strip())
+    return found
+
+
+def test_docstring_formulas_are_literal_blocks() -> None:
+    """An indented formula in a docstring must follow a paragraph ending in "::"; otherwise
+    the API appendix shows it as a block quote whose line breaks and alignment are lost."""
+    offenders = []
+    for module in sorted((ROOT / "diffusion_lib").rglob("*.py")):
+        for node in ast.walk(ast.parse(module.read_text("utf-8"))):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef):
+                docstring = ast.get_docstring(node, clean=True) or ""
+                offenders += [f"{module.name}: {text[:60]!r}" for text in quoted_blocks(docstring)]
+    assert not offenders, offenders
+
+
+def test_the_docstring_check_finds_a_quoted_formula() -> None:
+    quoted = "The bound is\n\n    L = L_T + L_0,\n\nin bits."
+    literal = "The bound is ::\n\n    L = L_T + L_0,\n\nin bits."
+    arguments = "Args:\n    x: the input.\n\n        More about x."
+    assert quoted_blocks(quoted) == ["The bound is"]
+    assert quoted_blocks(literal) == [] and quoted_blocks(arguments) == []
 
 
 # ---------------------------------------------------------------------------- references
