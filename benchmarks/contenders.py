@@ -40,7 +40,7 @@ from diffusion_lib.models import AttentionUNet, FCUNet, count_parameters
 from diffusion_lib.predictions import PREDICTIONS, NoiseFromPrediction
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.training import TrainingResult, train
-from diffusion_lib.validation import check_choice
+from diffusion_lib.validation import check_choice, check_number, check_positive_int
 
 TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
@@ -184,6 +184,10 @@ class Contender:
     def parameter_count(self) -> int:
         raise NotImplementedError
 
+    def batch_size(self, settings: RunSettings) -> int:
+        """Images per step: the run's shared batch unless the contender has a recipe of its own."""
+        return settings.batch_size
+
     def images_per_second(self, data: TrainingData, settings: RunSettings) -> float:
         """Training throughput after ``warmup_steps``, over ``timed_steps`` synchronised steps."""
         raise NotImplementedError
@@ -207,18 +211,34 @@ class EngineContender(Contender):
     compiled (``True``) or as ``train`` decides by default (``"auto"``)."""
 
     def __init__(
-        self, model: str, compile: bool | str, prediction: str = "epsilon", **model_options: object
+        self,
+        model: str,
+        compile: bool | str,
+        prediction: str = "epsilon",
+        *,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        **model_options: object,
     ) -> None:
         if model not in ENGINE_MODELS:
             raise ValueError(f"unknown model {model!r}; choose one of {', '.join(ENGINE_MODELS)}")
         self.model, self.compile, self.model_options = model, compile, model_options
         self.prediction = check_choice("prediction", prediction, PREDICTIONS)
+        # A recipe of its own (batch and learning rate) instead of the shared batch of 128 and
+        # train()'s default learning rate; None keeps those.
+        self.own_batch_size = (
+            None if batch_size is None else check_positive_int("batch_size", batch_size)
+        )
+        self.lr = None if lr is None else check_number("lr", lr, 0.0, low_open=True)
         self.schedule = NoiseSchedule.from_name("linear", TIMESTEPS)
         suffix, label = COMPILE_VARIANTS[compile]
         target = "" if prediction == "epsilon" else f"-{prediction}"
         target_label = "" if prediction == "epsilon" else f", predicting {prediction}"
-        self.key = f"engine-{model.split('_')[0]}{target}{suffix}"
-        self.label = f"diffusion_lib engine{label}{target_label}"
+        recipe = "" if batch_size is None else f"-b{batch_size}"
+        recipe_label = "" if batch_size is None else f", batch {batch_size}"
+        recipe_label += "" if lr is None else f", lr {lr:g}"
+        self.key = f"engine-{model.split('_')[0]}{target}{recipe}{suffix}"
+        self.label = f"diffusion_lib engine{label}{target_label}{recipe_label}"
         self.library = "diffusion_lib"
         self.model_name = MODEL_LABELS[model]
         self.precision = "bf16 autocast (CUDA), fp32 elsewhere"
@@ -226,6 +246,9 @@ class EngineContender(Contender):
 
     def build(self) -> nn.Module:
         return ENGINE_MODELS[self.model](**self.model_options)
+
+    def batch_size(self, settings: RunSettings) -> int:
+        return self.own_batch_size or settings.batch_size
 
     def parameter_count(self) -> int:
         return count_parameters(self.build())
@@ -242,11 +265,13 @@ class EngineContender(Contender):
     ) -> TrainingResult:
         if self.prediction != "epsilon":
             options["loss"] = functools.partial(diffusion_loss, prediction=self.prediction)
+        if self.lr is not None:
+            options["lr"] = self.lr
         return train(
             model,
             self.schedule,
             images,
-            batch_size=settings.batch_size,
+            batch_size=self.batch_size(settings),
             device=settings.device,
             compile=self.compile,
             seed=settings.seed,
@@ -579,6 +604,9 @@ def all_contenders(**model_options: dict[str, object]) -> dict[str, Contender]:
         EngineContender("fc_unet", compile=True, **fc_options),
         EngineContender("fc_unet", compile="auto", **fc_options),
         EngineContender("fc_unet", compile="auto", prediction="x0", **fc_options),
+        EngineContender(
+            "fc_unet", compile="auto", prediction="x0", batch_size=1024, lr=1e-3, **fc_options
+        ),
         PlainLoopContender("fc_unet", **fc_options),
         EngineContender("attention_unet", compile=False, **attention_options),
         EngineContender("attention_unet", compile=True, **attention_options),

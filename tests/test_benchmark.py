@@ -132,6 +132,24 @@ def test_engine_contender_with_the_clean_image_as_target(train_calls: list[dict]
         torch.testing.assert_close(trained.noise_predictor(x_t, t), by_hand, rtol=1e-4, atol=1e-4)
 
 
+def test_engine_contender_with_a_recipe_of_its_own(train_calls: list[dict]) -> None:
+    """Its batch and learning rate replace the run's shared batch and train()'s default."""
+    contender = contenders.EngineContender(
+        "fc_unet", compile="auto", prediction="x0", batch_size=16, lr=1e-3, **TINY_FC
+    )
+    assert contender.key == "engine-fc-x0-b16-auto"
+    assert contender.label.endswith("predicting x0, batch 16, lr 0.001")
+    assert contender.batch_size(tiny_settings()) == 16
+    contender.train_for(0.001, random_data(), tiny_settings())
+    [options] = train_calls
+    assert options["batch_size"] == 16 and options["lr"] == 1e-3
+    plain = contenders.EngineContender("fc_unet", compile="auto", **TINY_FC)
+    assert plain.batch_size(tiny_settings()) == 8
+    assert "engine-fc-x0-b1024-auto" in contenders.all_contenders(fc_unet=TINY_FC)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        contenders.EngineContender("fc_unet", compile="auto", batch_size=0)
+
+
 def test_engine_contender_rejects_an_unknown_target() -> None:
     with pytest.raises(
         ValueError, match="unknown prediction .noise.; choose one of epsilon, x0, v"
