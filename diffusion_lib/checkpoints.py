@@ -235,6 +235,21 @@ def training_state(
     }
 
 
+START_AFRESH = (
+    "start afresh with resume=False (--no-resume on the command line) or another checkpoint folder"
+)
+
+
+def _config_differences(stored: dict[str, Any], current: dict[str, Any]) -> str:
+    """The keys of two run configs that differ, as ``key: stored -> this run`` (JSON values)."""
+    keys = sorted(set(stored) | set(current))
+    return ", ".join(
+        f"{key}: {json.dumps(stored.get(key))} in the checkpoint, {json.dumps(current.get(key))} now"
+        for key in keys
+        if stored.get(key) != current.get(key)
+    )
+
+
 def restore_training_state(
     path: str | os.PathLike,
     *,
@@ -254,13 +269,16 @@ def restore_training_state(
     a CPU and back.
     """
     state = read_checkpoint(path)
-    check_state_dict_fits(path, state["model"], model)
-    check_state_dict_fits(path, state["ema"], ema_model)
+    try:
+        check_state_dict_fits(path, state["model"], model)
+        check_state_dict_fits(path, state["ema"], ema_model)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}; {START_AFRESH}") from None
     stored = state.get("config")
     if stored is not None and config is not None and stored != config:
         raise CheckpointError(
-            f"checkpoint {path} was written with config {json.dumps(stored)}, but this run has "
-            f"{json.dumps(config)}; pass resume=False or another checkpoint folder to start afresh"
+            f"checkpoint {path} was written for another run: {_config_differences(stored, config)}; "
+            f"{START_AFRESH}"
         )
     if "torch" not in state.get("rng", {}):
         raise CheckpointError(f"checkpoint {path} lacks the random state that resuming needs")

@@ -10,7 +10,7 @@ import copy
 from typing import Any
 
 from diffusion_lib.cli_sample import read_checkpoint, rebuild
-from diffusion_lib.cli_train import engine_options
+from diffusion_lib.cli_train import engine_options, report_training
 from diffusion_lib.command_line import CommandError
 from diffusion_lib.data import load_images
 from diffusion_lib.devices import select_device
@@ -64,9 +64,5 @@ def run_distill(args: argparse.Namespace) -> None:
         **engine_options(args),
         config={**config, "distilled_steps": args.student_steps},
     )
-    final = result.history.loss[-1] if result.history.loss else float("nan")
-    print(
-        f"distilled {result.steps} steps in {result.seconds:.1f} s, final loss {final:.3g}; "
-        f"the student samples in {args.student_steps} steps"
-    )
-    print(f"checkpoint written to {result.checkpoint_path}")
+    note = f"; the student samples in {args.student_steps} steps"
+    report_training(result, args.time_limit, done="distilled", note=note)

@@ -36,7 +36,7 @@ from diffusion_lib.losses import diffusion_loss, hybrid_loss
 from diffusion_lib.masked_diffusion import MaskedDiffusion, TokenDenoiser, masked_diffusion_loss
 from diffusion_lib.models import MODELS, build_model, count_parameters
 from diffusion_lib.schedules import NoiseSchedule
-from diffusion_lib.training import train
+from diffusion_lib.training import TrainingResult, train
 
 
 def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -323,8 +323,23 @@ def run_train(args: argparse.Namespace) -> None:
         **engine_options(args),
         config=config,
     )
-    final = result.history.loss[-1] if result.history.loss else float("nan")
-    print(f"trained {result.steps} steps in {result.seconds:.1f} s, final loss {final:.4f}")
+    report_training(result, args.time_limit)
+
+
+def report_training(
+    result: TrainingResult, time_limit: float | None, done: str = "trained", note: str = ""
+) -> None:
+    """What this call did: trained from scratch, resumed and went on, or found nothing to do.
+    ``done`` names the work ("trained", "distilled"); ``note`` ends its line."""
+    taken = result.steps - result.start_step
+    if taken == 0:
+        print(f"nothing to do: {result.checkpoint_path} is already at step {result.steps}")
+        return
+    resumed = f"resumed at step {result.start_step}, " if result.start_step else ""
+    print(
+        f"{resumed}{done} {taken} step{'s' if taken != 1 else ''} in {result.seconds:.1f} s "
+        f"(now at step {result.steps}), final loss {result.history.loss[-1]:.4g}{note}"
+    )
     print(f"checkpoint written to {result.checkpoint_path}")
-    if args.time_limit is not None and result.seconds >= args.time_limit:
+    if time_limit is not None and result.seconds >= time_limit:
         print("stopped at the time limit; the same command continues from the checkpoint")

@@ -250,7 +250,11 @@ COMPILE_CHOICES = {"auto": "auto", "on": True, "off": False}
 
 def _add_optimisation_options(group: argparse._ArgumentGroup) -> None:
     length = group.add_mutually_exclusive_group(required=True)
-    length.add_argument("--steps", type=int, help="optimisation steps")
+    length.add_argument(
+        "--steps",
+        type=int,
+        help="optimisation steps in all, counting those of a resumed checkpoint",
+    )
     length.add_argument("--epochs", type=float, help="passes over the data (may be fractional)")
     group.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
     group.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default: 2e-4)")
@@ -288,7 +292,8 @@ def _add_output_options(group: argparse._ArgumentGroup) -> None:
         "--resume",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="continue from DIR/checkpoint.pt if it exists (default: yes)",
+        help="continue from DIR/checkpoint.pt if it exists, with this command's learning rate "
+        "(default: yes)",
     )
     group.add_argument(
         "--checkpoint-every",
@@ -302,8 +307,9 @@ def _add_output_options(group: argparse._ArgumentGroup) -> None:
 def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "train",
-        help="train a noise predictor and write DIR/checkpoint.pt",
-        description="Train a noise predictor with the simplified loss (Ho et al. 2020).",
+        help="train a diffusion model and write DIR/checkpoint.pt",
+        description="Train a diffusion model: a noise predictor with the simplified loss (Ho et al. "
+        "2020) by default, or a flow, EDM, hybrid or masked model (--objective).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

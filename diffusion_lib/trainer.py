@@ -277,6 +277,25 @@ class _Trainer:
             config=self.settings.config,
         )
         self.last_saved_step = self.step
+        self._use_this_calls_optimiser_settings(path)
+
+    def _use_this_calls_optimiser_settings(self, path: Path) -> None:
+        """A checkpoint's optimiser state carries the learning rate and weight decay it was
+        trained with; the values this call asked for replace them, with a warning if they
+        differ, so that a resumed run can go on with, say, a smaller learning rate."""
+        lr, weight_decay = self.settings.lr, self.settings.weight_decay
+        saved_lr = self.lr_scheduler.base_lrs[0]
+        saved_decay = self.optimizer.param_groups[0]["weight_decay"]
+        if (saved_lr, saved_decay) != (lr, weight_decay):
+            warnings.warn(
+                f"resuming {path} with lr={lr:g} and weight_decay={weight_decay:g}; the checkpoint "
+                f"was trained with lr={saved_lr:g} and weight_decay={saved_decay:g}",
+                stacklevel=4,
+            )
+        factor = _warmup_factor(self.lr_scheduler.last_epoch, self.settings.warmup_steps)
+        self.lr_scheduler.base_lrs = [lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=lr, lr=lr * factor, weight_decay=weight_decay)
 
 
 def _compile_mode(device: torch.device, group: ProcessGroup) -> str | None:

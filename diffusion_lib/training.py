@@ -87,6 +87,8 @@ class TrainingResult:
         steps: optimisation steps taken in total (including those before a resume).
         checkpoint_path: the checkpoint file, or None when ``checkpoint_dir`` was not given.
         device: where the model lives.
+        start_step: the step this call resumed from (0 for a fresh run); this call took
+            ``steps - start_step`` steps.
     """
 
     model: nn.Module
@@ -96,6 +98,7 @@ class TrainingResult:
     steps: int
     checkpoint_path: Path | None
     device: torch.device
+    start_step: int = 0
 
 
 def train(
@@ -264,6 +267,7 @@ def _train(
         _seed_global_generators(settings.seed, group.rank, device)
         trainer = _Trainer(model, schedule, *data, settings, device, group)
         trainer.resume()
+        start_step = trainer.step
         trainer.wrap()
         bar = tqdm(
             total=settings.total_steps,
@@ -286,4 +290,5 @@ def _train(
         steps=trainer.step,
         checkpoint_path=settings.checkpoint_path,
         device=device,
+        start_step=start_step,
     )

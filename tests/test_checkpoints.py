@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -45,11 +46,15 @@ def run(folder, model: nn.Module | None = None, steps: int = 6, **kwargs) -> Tra
     )  # fmt: skip
 
 
+def trained_config() -> dict:
+    return {"model": {"name": "small", "kwargs": {"hidden": 16}}, "value_range": (-1, 1)}
+
+
 @pytest.fixture
 def trained(tmp_path) -> TrainingResult:
     return run(
         tmp_path,
-        config={"model": {"name": "small", "kwargs": {"hidden": 16}}, "value_range": (-1, 1)},
+        config=trained_config(),
     )
 
 
@@ -128,15 +133,32 @@ def test_a_different_architecture_is_named_and_the_good_checkpoint_kept(tmp_path
     before = path.read_bytes()
     with pytest.raises(CheckpointError, match=r"different architecture.*net\.0\.weight") as caught:
         run(tmp_path, SmallDenoiser(hidden=24), steps=9)
-    assert str(path) in str(caught.value)
+    assert str(path) in str(caught.value) and "--no-resume" in str(caught.value)
     assert path.read_bytes() == before
     with pytest.raises(CheckpointError, match="different architecture"):
         load_checkpoint(path, nn.Linear(3, 3))
 
 
-def test_a_different_config_is_refused_on_resume(tmp_path, trained) -> None:
-    with pytest.raises(CheckpointError, match="config"):
-        run(tmp_path, steps=9, config={"model": {"name": "other"}})
+def test_a_different_config_is_refused_on_resume_naming_what_differs(tmp_path, trained) -> None:
+    with pytest.raises(CheckpointError) as caught:
+        run(tmp_path, steps=9, config={"model": {"name": "other"}, "value_range": [-1, 1]})
+    message = str(caught.value)
+    assert 'model: {"name": "small", "kwargs": {"hidden": 16}} in the checkpoint' in message
+    assert '{"name": "other"} now' in message and "value_range" not in message
+    assert "resume=False (--no-resume on the command line)" in message
+
+
+def test_a_resumed_run_takes_this_calls_learning_rate_and_says_so(tmp_path, trained) -> None:
+    """The optimiser state in the checkpoint holds lr 2e-4; resuming with 1e-3 warns and goes on
+    with 1e-3, still inside the warm-up of 100 steps: at step 9 the rate is 1e-3 * 10 / 100."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same settings resume without a word
+        run(tmp_path, steps=7, config=trained_config())
+    with pytest.warns(UserWarning, match=r"with lr=0.001 .* trained with lr=0.0002"):
+        run(tmp_path, steps=9, lr=1e-3, weight_decay=0.01, config=trained_config())
+    [group] = torch.load(trained.checkpoint_path, weights_only=True)["optimizer"]["param_groups"]
+    assert group["initial_lr"] == 1e-3 and group["weight_decay"] == 0.01
+    assert group["lr"] == pytest.approx(1e-3 * 10 / 100)
 
 
 def test_a_checkpoint_without_random_state_is_refused_before_the_weights_change(

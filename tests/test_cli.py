@@ -454,9 +454,15 @@ def test_a_time_limit_reaches_the_engine_and_a_stop_says_how_to_go_on(
     arguments = train_arguments(tmp_path / "run", TINY_FC_UNET, "--time-limit", "1e-9")
     assert main(arguments) == 0
     output = capsys.readouterr().out
-    assert "trained 1 steps" in output and "stopped at the time limit" in output
+    assert "trained 1 step in" in output and "stopped at the time limit" in output
     assert main(arguments[:-2]) == 0  # the same run without a limit finishes its 3 steps
-    assert "trained 3 steps" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert "resumed at step 1, trained 2 steps in" in output and "(now at step 3)" in output
+    assert "time limit" not in output
+    assert main(arguments) == 0  # finished: a limit changes nothing, and it says so
+    output = capsys.readouterr().out
+    assert "nothing to do:" in output and "already at step 3" in output
+    assert "time limit" not in output
 
 
 def record_calls(monkeypatch: pytest.MonkeyPatch, module, name: str) -> list[tuple]:
