@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import tempfile
@@ -17,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import benchmark  # noqa: E402
 import contenders  # noqa: E402
+import fc_recipes  # noqa: E402
 
 from diffusion_lib.data import DataNotFoundError, load_images  # noqa: E402
 from diffusion_lib.metrics import QualityScore  # noqa: E402
@@ -426,3 +428,27 @@ def test_sections_produce_rows_at_tiny_sizes(tmp_path: Path) -> None:
     assert all(row["images_per_second"] > 0 for row in rows[4:])
     report = benchmark.render_report([{**_run(config), "id": 1}], [{**r, "run": 1} for r in rows])
     assert "## 2. Quality at equal GPU time" in report and "## 3. Sampling" in report
+
+
+def test_an_fc_recipe_trains_samples_and_writes_one_json_line(tmp_path, monkeypatch) -> None:
+    try:
+        load_images("mnist", train=False, limit=4)
+    except DataNotFoundError:
+        pytest.skip("MNIST is not in DIFFUSION_LIB_DATA")
+    scored: list[torch.Tensor] = []
+
+    def score(images: torch.Tensor) -> QualityScore:
+        scored.append(images)
+        return QualityScore(12.0, 0.9, 0.95, class_counts=(4,), n=len(images), dataset="mnist")
+
+    monkeypatch.setattr(fc_recipes, "score_samples", score)
+    output = tmp_path / "recipes.jsonl"
+    arguments = ["--prediction", "x0", "--batch-size", "16", "--lr", "3e-3", "--steps", "2"]
+    arguments += ["--samples", "4", "--device", "cpu", "--output", str(output)]
+    assert fc_recipes.main(arguments) == 0
+    [line] = output.read_text().splitlines()
+    row = json.loads(line)
+    assert row["prediction"] == "x0" and row["lr"] == 3e-3 and row["images_seen"] == 32
+    assert row["frechet_distance"] == 12.0 and math.isfinite(row["last_loss"])
+    [samples] = scored
+    assert samples.shape == (4, 1, 28, 28) and bool(samples.isfinite().all())
