@@ -290,7 +290,7 @@ class _Trainer:
             warnings.warn(
                 f"resuming {path} with lr={lr:g} and weight_decay={weight_decay:g}; the checkpoint "
                 f"was trained with lr={saved_lr:g} and weight_decay={saved_decay:g}",
-                stacklevel=4,
+                stacklevel=5,  # the caller of train()
             )
         factor = _warmup_factor(self.lr_scheduler.last_epoch, self.settings.warmup_steps)
         self.lr_scheduler.base_lrs = [lr for _ in self.optimizer.param_groups]

@@ -172,7 +172,9 @@ def train(
         amp: bf16 autocast, on CUDA only.
         checkpoint_dir: folder for ``checkpoint.pt``, written every ``checkpoint_every`` steps
             and at the end (see :mod:`diffusion_lib.checkpoints`); ``None`` writes nothing.
-        resume: continue from an existing checkpoint in ``checkpoint_dir``.
+        resume: continue from an existing checkpoint in ``checkpoint_dir``. ``steps`` counts
+            the checkpoint's steps too; ``lr`` and ``weight_decay`` are this call's, with a
+            warning when they differ from the checkpoint's.
         seed: fixes the data order, timesteps, noise and label dropout of every step; the same
             seed on a CPU gives the same losses, and a resumed run those of an uninterrupted one.
         progress: show a progress bar with the loss and images per second.
