@@ -297,10 +297,19 @@ class EngineContender(Contender):
         result = self._train(
             self.build(), data.images, settings, steps=UNBOUNDED_STEPS, time_limit=seconds
         )
-        noise_predictor = result.ema_model
-        if self.prediction != "epsilon":  # the samplers ask for the noise
-            noise_predictor = NoiseFromPrediction(noise_predictor, self.schedule, self.prediction)
-        return TrainedModel(noise_predictor, result.seconds, result.steps)
+        return TrainedModel(self.noise_predictor(result), result.seconds, result.steps)
+
+    def train_steps(self, steps: int, images: Tensor, settings: RunSettings) -> TrainingResult:
+        """Train a fresh network for ``steps`` steps (``benchmarks/fc_recipes.py``)."""
+        self._check_compile(settings)
+        torch.manual_seed(settings.seed)
+        return self._train(self.build(), images, settings, steps=steps)
+
+    def noise_predictor(self, result: TrainingResult) -> nn.Module:
+        """A run's EMA network as the noise predictor that the samplers ask for."""
+        if self.prediction == "epsilon":
+            return result.ema_model
+        return NoiseFromPrediction(result.ema_model, self.schedule, self.prediction)
 
 
 class _LoopState:

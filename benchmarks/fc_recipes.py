@@ -1,9 +1,10 @@
 """Training recipes for the fully connected U-net at an equal number of training images.
 
 Each recipe trains a fresh ``FCUNet`` on MNIST for ``--steps`` steps of ``--batch-size`` images,
-then draws ``--samples`` images with ancestral sampling over the chain respaced to 100 steps
-(the quality section's default sampler) from the EMA weights and scores them with
-:func:`diffusion_lib.metrics.score_samples`. One JSON line per recipe goes to ``--output``.
+then draws ``--samples`` images from the EMA weights with ancestral sampling over the chain
+respaced to 100 steps, as the quality section of ``benchmark.py`` does (its ``generate``, bf16
+autocast on CUDA), and scores them with :func:`diffusion_lib.metrics.score_samples`. One JSON
+line per recipe goes to ``--output``.
 It answers, on any device, which target, learning rate and batch make the network learn
 fastest per image seen; ``benchmark.py`` then asks what a time budget buys on a GPU.
 
@@ -13,20 +14,19 @@ fastest per image seen; ``benchmark.py`` then asks what a time budget buys on a 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+from benchmark import generate, parse_sampler
+from contenders import EngineContender, RunSettings
 
-from diffusion_lib import FCUNet, NoiseSchedule, ddpm_sample, load_images, train
-from diffusion_lib.losses import diffusion_loss
+from diffusion_lib import load_images, select_device
 from diffusion_lib.metrics import score_samples
-from diffusion_lib.predictions import NoiseFromPrediction
 
-SAMPLING_STEPS = 100
+SAMPLER = "ddpm-100"  # the quality section's default
+SAMPLING_SEED = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,28 +45,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_recipe(args: argparse.Namespace) -> dict:
     """Train one recipe, sample it and score it; the row that goes to the output."""
-    schedule = NoiseSchedule.from_name("linear", 1000)
-    torch.manual_seed(0)
-    model = FCUNet(time_embedding=args.time_embedding, layer_norm=args.layer_norm)
-    loss = None
-    if args.prediction != "epsilon":
-        loss = functools.partial(diffusion_loss, prediction=args.prediction)
+    contender = EngineContender(
+        "fc_unet",
+        compile="auto",
+        prediction=args.prediction,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        time_embedding=args.time_embedding,
+        layer_norm=args.layer_norm,
+    )
+    settings = RunSettings(device=select_device(args.device))
     images, _ = load_images("mnist")
-    result = train(model, schedule, images, steps=args.steps, batch_size=args.batch_size,
-                   lr=args.lr, loss=loss, device=args.device, progress=False)  # fmt: skip
-    noise_predictor = result.ema_model
-    if args.prediction != "epsilon":
-        noise_predictor = NoiseFromPrediction(noise_predictor, schedule, args.prediction)
-    generator = torch.Generator(device=result.device).manual_seed(2)
-    samples = ddpm_sample(noise_predictor, schedule, (args.samples, 1, 28, 28),
-                          steps=SAMPLING_STEPS, generator=generator)  # fmt: skip
-    score = score_samples(samples.cpu())
+    result = contender.train_steps(args.steps, images, settings)
+    samples, _ = generate(contender.noise_predictor(result), parse_sampler(SAMPLER), args.samples,
+                          args.samples, settings.device, SAMPLING_SEED)  # fmt: skip
+    score = score_samples(samples)
+    last_losses = result.history.loss[-50:]
     return {
         **{key: value for key, value in vars(args).items() if key != "output"},
         "device": str(result.device),
         "images_seen": result.steps * args.batch_size,
         "train_seconds": round(result.seconds, 1),
-        "last_loss": sum(result.history.loss[-50:]) / len(result.history.loss[-50:]),
+        "last_loss": sum(last_losses) / len(last_losses),
         "frechet_distance": score.frechet_distance,
         "confident_share": score.confident_share,
         "class_entropy": score.class_entropy,
