@@ -80,6 +80,7 @@ QUALITY_CONTENDERS = (  # the engine as a user runs it: compiled where and when 
     "engine-fc-auto",
     "engine-fc-x0-auto",  # the same network with the clean image as its target (chapter 4)
     "engine-fc-x0-b1024-auto",  # and with a batch of 1024, which costs a GPU little more time
+    "engine-fc-x0-sinln-b1024-auto",  # and with sinusoidal time features and LayerNorm
     "plain-fc",
     "engine-attention-auto",
     "plain-attention",

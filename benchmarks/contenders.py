@@ -218,6 +218,7 @@ class EngineContender(Contender):
         *,
         batch_size: int | None = None,
         lr: float | None = None,
+        variant: str | None = None,
         **model_options: object,
     ) -> None:
         if model not in ENGINE_MODELS:
@@ -237,7 +238,12 @@ class EngineContender(Contender):
         recipe = "" if batch_size is None else f"-b{batch_size}"
         recipe_label = "" if batch_size is None else f", batch {batch_size}"
         recipe_label += "" if lr is None else f", lr {lr:g}"
-        self.key = f"engine-{model.split('_')[0]}{target}{recipe}{suffix}"
+        # A network other than the book's default gets a name in the key; its options are
+        # spelled out in the label.
+        variant_key = "" if variant is None else f"-{variant}"
+        if variant is not None:
+            recipe_label += "".join(f", {name} {value}" for name, value in model_options.items())
+        self.key = f"engine-{model.split('_')[0]}{target}{variant_key}{recipe}{suffix}"
         self.label = f"diffusion_lib engine{label}{target_label}{recipe_label}"
         self.library = "diffusion_lib"
         self.model_name = MODEL_LABELS[model]
@@ -615,6 +621,15 @@ def all_contenders(**model_options: dict[str, object]) -> dict[str, Contender]:
         EngineContender("fc_unet", compile="auto", prediction="x0", **fc_options),
         EngineContender(
             "fc_unet", compile="auto", prediction="x0", batch_size=1024, lr=1e-3, **fc_options
+        ),
+        EngineContender(
+            "fc_unet",
+            compile="auto",
+            prediction="x0",
+            batch_size=1024,
+            lr=1e-3,
+            variant="sinln",
+            **{**fc_options, "time_embedding": "sinusoidal", "layer_norm": True},
         ),
         PlainLoopContender("fc_unet", **fc_options),
         EngineContender("attention_unet", compile=False, **attention_options),

@@ -147,7 +147,14 @@ def test_engine_contender_with_a_recipe_of_its_own(train_calls: list[dict]) -> N
     assert options["batch_size"] == 16 and options["lr"] == 1e-3
     plain = contenders.EngineContender("fc_unet", compile="auto", **TINY_FC)
     assert plain.batch_size(tiny_settings()) == 8
-    assert "engine-fc-x0-b1024-auto" in contenders.all_contenders(fc_unet=TINY_FC)
+    catalogue = contenders.all_contenders(fc_unet=TINY_FC)
+    assert "engine-fc-x0-b1024-auto" in catalogue
+    best_per_image = catalogue["engine-fc-x0-sinln-b1024-auto"]
+    assert "batch 1024, lr 0.001" in best_per_image.label
+    assert best_per_image.label.endswith("time_embedding sinusoidal, layer_norm True")
+    network = best_per_image.build()
+    assert network.time_embedding == "sinusoidal"
+    assert any(isinstance(layer, nn.LayerNorm) for layer in network.modules())
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         contenders.EngineContender("fc_unet", compile="auto", batch_size=0)
 
