@@ -30,6 +30,7 @@ from torch import Tensor
 from diffusion_lib.sampling import (
     NoisePredictor,
     Trajectory,
+    _check_network_dtype,
     _conditioning,
     _evaluating,
     _randn,
@@ -37,9 +38,19 @@ from diffusion_lib.sampling import (
     predict_noise,
 )
 from diffusion_lib.smoke import cap_sampling_steps
-from diffusion_lib.validation import check_choice, check_positive_int, check_same_shape
+from diffusion_lib.validation import (
+    check_choice,
+    check_generator,
+    check_positive_int,
+    check_same_shape,
+    check_schedule,
+)
 
 SOLVERS = ("euler", "heun")
+_FLOW_HINT = (
+    "the second argument, after the model; for a NoiseSchedule use ddpm_sample, ddim_sample "
+    "or the solvers, and diffusion_loss"
+)
 
 
 def _check_times(t: Tensor, batch_size: int) -> None:
@@ -114,6 +125,7 @@ def uniform_times_and_noise(
 ) -> tuple[Tensor, Tensor]:
     """``t`` (B,) and ``noise`` (like ``x0``) as given, or drawn: t ~ U(0, 1) per sample and
     standard normal noise, both from ``generator`` on its own device."""
+    check_generator(generator)
     if t is None:
         source = generator.device if generator is not None else x0.device
         t = torch.rand((x0.shape[0],), generator=generator, device=source).to(x0.device)
@@ -139,6 +151,10 @@ def flow_matching_loss(
     that reflow trains on (Liu et al. 2023, sec. 2.3). ``labels`` (B,) go to a conditional
     model as ``model(x_t, t, labels)``. Returns a scalar float32 tensor.
     """
+    check_schedule(flow, RectifiedFlow, name="flow", hint=_FLOW_HINT)
+    for name, value in (("x0", x0), ("noise", noise)):
+        if isinstance(value, Tensor):
+            _check_network_dtype(model, name, value)
     t, noise = uniform_times_and_noise(x0, t, noise, generator)
     x_t = flow.interpolate(x0, noise, t)
     time = flow.model_time(t)
@@ -179,6 +195,7 @@ def flow_sample(
     Returns the samples, or ``(samples, trajectory)`` where ``trajectory.timesteps`` (S + 1,)
     holds the float times t of the states, 1.0 first and 0.0 for the finished sample.
     """
+    check_schedule(flow, RectifiedFlow, name="flow", hint=_FLOW_HINT)
     check_choice("solver", solver, SOLVERS)
     steps = cap_sampling_steps(check_positive_int("steps", steps))
     times = flow_times(steps)

@@ -372,7 +372,7 @@ def pigdm_sample(
     noise_std = check_number("noise_std", noise_std, 0.0, low_open=False)
     data_std = check_number("data_std", data_std, 0.0, low_open=True)
     if eta is not None:
-        eta = check_number("eta", eta, 0.0, low_open=False)
+        eta = check_number("eta", eta, 0.0, 1.0, low_open=False, high_open=False)
 
     def step(
         model: NoisePredictor, schedule: NoiseSchedule, x: Tensor, t: Tensor, index: int

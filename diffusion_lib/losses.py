@@ -24,11 +24,21 @@ from torch import Tensor
 
 from diffusion_lib.learned_variance import split_eps_and_v
 from diffusion_lib.predictions import PREDICTIONS, _min_snr_weight, prediction_target
-from diffusion_lib.sampling import NoisePredictor, _evaluating, _randn, p_mean_variance
+from diffusion_lib.sampling import (
+    NoisePredictor,
+    _check_model_and_schedule,
+    _check_network_dtype,
+    _evaluating,
+    _randn,
+    p_mean_variance,
+)
 from diffusion_lib.schedules import NoiseSchedule, _gather
 from diffusion_lib.validation import (
     check_choice,
     check_finite,
+    check_floating,
+    check_generator,
+    check_noise,
     check_number,
     check_same_shape,
     check_timesteps,
@@ -43,7 +53,15 @@ def _noisy_batch(
     generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(t, noise, x_t)`` for a training batch ``x0`` (B, ...): a uniform random timestep and
-    fresh noise per sample where not given, and x_t ~ q(x_t | x_0) (Ho et al. 2020, eq. 4)."""
+    fresh noise per sample where not given, and x_t ~ q(x_t | x_0) (Ho et al. 2020, eq. 4).
+
+    NaN or inf in ``x0`` is refused on the CPU only: on an accelerator, looking would make
+    every training step wait for the device.
+    """
+    check_floating("x0", x0)
+    check_generator(generator)
+    if x0.device.type == "cpu":
+        check_finite("x0", x0)
     if t is None:
         source = generator.device if generator is not None else x0.device
         t = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=generator, device=source)
@@ -53,8 +71,20 @@ def _noisy_batch(
     if noise is None:
         noise = _randn(tuple(x0.shape), generator, x0.device, x0.dtype)
     else:
-        check_same_shape("noise", noise, "x0", x0)
+        check_noise(noise, x0)
     return t, noise, schedule._q_sample(x0, t, noise)
+
+
+def _check_loss_inputs(
+    model: NoisePredictor, schedule: NoiseSchedule, x0: Tensor, noise: Tensor | None
+) -> None:
+    """The checks of a loss before the batch is noised: the schedule's type, the model's T,
+    and, for the library's networks, data and noise in the dtype of their weights (unless
+    autocast casts them)."""
+    _check_model_and_schedule(model, schedule)
+    for name, value in (("x0", x0), ("noise", noise)):
+        if isinstance(value, Tensor):
+            _check_network_dtype(model, name, value)
 
 
 def diffusion_loss(
@@ -84,6 +114,7 @@ def diffusion_loss(
     check_choice("prediction", prediction, PREDICTIONS)
     if snr_gamma is not None:
         snr_gamma = check_number("snr_gamma", snr_gamma, 0.0, low_open=True)
+    _check_loss_inputs(model, schedule, x0, noise)
     t, noise, x_t = _noisy_batch(schedule, x0, t, noise, generator)
     output = model(x_t, t) if labels is None else model(x_t, t, labels)
     check_same_shape("the model's output", output, "x0", x0)
@@ -239,6 +270,7 @@ def hybrid_loss(
     :func:`~diffusion_lib.training.train` as ``loss=hybrid_loss``.
     """
     vlb_weight = check_number("vlb_weight", vlb_weight, 0.0, low_open=False)
+    _check_loss_inputs(model, schedule, x0, noise)
     t, noise, x_t = _noisy_batch(schedule, x0, t, noise, generator)
     output = model(x_t, t) if labels is None else model(x_t, t, labels)
     eps, v_raw = split_eps_and_v(output, x0.shape[1])

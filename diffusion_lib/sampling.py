@@ -13,7 +13,7 @@ on every device.
 from __future__ import annotations
 
 import contextlib
-import math
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -26,14 +26,21 @@ from diffusion_lib.schedules import NoiseSchedule, _betas_from_alphas_cumprod, _
 from diffusion_lib.smoke import cap_sampling_steps
 from diffusion_lib.validation import (
     check_choice,
+    check_generator,
+    check_model_timesteps,
     check_positive_int,
     check_range,
     check_same_shape,
+    check_schedule,
     check_timesteps,
+    check_weights_dtype,
     is_integer,
 )
 
 NoisePredictor = Callable[..., Tensor]
+_SCHEDULE_HINT = (
+    "the second argument, after the model; for a flow model use flow_sample with a RectifiedFlow"
+)
 VARIANCES = ("small", "large", "learned")
 DDIM_SPACINGS = ("leading", "trailing", "linspace")
 _LEARNED_HINT = (
@@ -278,6 +285,36 @@ def _model_device(model: NoisePredictor) -> torch.device:
     return _parameter_device(model) or torch.device("cpu")
 
 
+def _parameter_dtype(model: NoisePredictor) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter; ``None`` if it has none."""
+    if isinstance(model, nn.Module):
+        for parameter in model.parameters():
+            if parameter.dtype.is_floating_point:
+                return parameter.dtype
+    return None
+
+
+def _check_network_dtype(model: NoisePredictor, name: str, x: Tensor) -> None:
+    """Refuse ``x`` in another dtype than the weights of one of the library's networks.
+
+    Those record their T (an int ``timesteps``) and need their inputs in their weights' dtype;
+    other callables, and modules whose scalar parameters promote a float64 input, are left
+    alone. ``name`` is the argument ``x`` came in as.
+    """
+    if not is_integer(getattr(model, "timesteps", None)) or not x.dtype.is_floating_point:
+        return
+    weights = _parameter_dtype(model)
+    if weights is not None:
+        check_weights_dtype(type(model).__name__, name, x, weights)
+
+
+def _check_model_and_schedule(model: NoisePredictor, schedule: NoiseSchedule) -> None:
+    """Refuse what is not a :class:`NoiseSchedule` as ``schedule``, and a network built for
+    fewer timesteps than it has; called before any respacing, on the pair the user gave."""
+    check_schedule(schedule, NoiseSchedule, hint=_SCHEDULE_HINT)
+    check_model_timesteps(model, schedule.timesteps)
+
+
 def _randn(
     shape: tuple[int, ...],
     generator: torch.Generator | None,
@@ -285,6 +322,7 @@ def _randn(
     dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Standard normal noise drawn on the generator's device, so a seed gives the same images anywhere."""
+    check_generator(generator)
     source = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=source, dtype=dtype).to(device)
 
@@ -297,11 +335,20 @@ def _start(
     device: torch.device | str | None,
     name: str = "x_T",
 ) -> Tensor:
+    """The starting state: ``x_T`` checked and moved to the sampling device, or standard
+    normal noise of ``shape`` drawn from ``generator``. ``name`` is what the sampler calls it."""
+    if not isinstance(shape, (tuple, list)):
+        raise ValueError(f"shape must be a tuple such as (16, 1, 28, 28); got {shape!r}")
+    check_generator(generator)
     if x_T is not None:
+        if not isinstance(x_T, Tensor) or not x_T.dtype.is_floating_point:
+            kind = x_T.dtype if isinstance(x_T, Tensor) else type(x_T).__name__
+            raise ValueError(f"{name} must be a floating-point tensor, got {kind}")
         if tuple(x_T.shape) != tuple(shape):
             raise ValueError(
                 f"{name} must have the requested shape {tuple(shape)}, got {tuple(x_T.shape)}"
             )
+        _check_network_dtype(model, name, x_T)
         device = device if device is not None else _parameter_device(model)
         return x_T.to(device) if device is not None else x_T
     if len(shape) < 2 or any(not is_integer(n) or n < 1 for n in shape):
@@ -406,6 +453,7 @@ def ddpm_sample(
 
     Returns the samples (B, C, H, W), or ``(samples, trajectory)``.
     """
+    _check_model_and_schedule(model, schedule)
     check_choice("variance", variance, VARIANCES)
     steps = cap_sampling_steps(schedule.timesteps if steps is None else steps)
     x = _start(model, shape, x_T, generator, device)
@@ -463,6 +511,16 @@ def _ddim_update(
     return x
 
 
+def _check_eta(eta: object) -> float:
+    """``eta`` as a float if it is a number in [0, 1], else ``ValueError``."""
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= eta <= 1.0:
+        raise ValueError(
+            "eta must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM's variance); "
+            f"got {eta!r}"
+        )
+    return float(eta)
+
+
 def ddim_sample(
     model: NoisePredictor,
     schedule: NoiseSchedule,
@@ -485,17 +543,16 @@ def ddim_sample(
     For consecutive visited timesteps t > s (and alpha-bar_s = 1 after the last one):
     ``x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z``, with
     ``sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)`` (eq. 16).
-    ``eta = 0`` is deterministic DDIM; ``eta = 1`` matches DDPM's posterior variance.
+    ``eta = 0`` is deterministic DDIM; ``eta = 1`` matches DDPM's posterior variance; eta lies
+    in [0, 1], beyond which sigma^2 would exceed the ``1 - abar_s`` that eq. 12 shares out.
     When x0_hat is clipped, eps_hat is recomputed from it so that both stay consistent.
     ``spacing`` picks the visited timesteps (:func:`ddim_timesteps`); ``"trailing"`` starts
     at t = T - 1, as a schedule with zero terminal SNR needs.
 
     Returns the samples (B, C, H, W), or ``(samples, trajectory)`` when asked.
     """
-    if not 0.0 <= eta < math.inf:
-        raise ValueError(
-            f"eta must be >= 0 and finite (0 is deterministic DDIM, 1 is DDPM-like), got {eta}"
-        )
+    _check_model_and_schedule(model, schedule)
+    eta = _check_eta(eta)
     steps = cap_sampling_steps(steps)
     visited = ddim_timesteps(schedule.timesteps, steps, spacing)
     x = _start(model, shape, x_T, generator, device)
@@ -538,6 +595,8 @@ def ddim_encode(
     steps, ``ddim_sample(..., x_T=ddim_encode(...))`` gives back x_0 up to discretisation error.
     ``x0``: (B, C, H, W). Returns x_T of the same shape, or ``(x_T, trajectory)``.
     """
+    _check_model_and_schedule(model, schedule)
+    _check_network_dtype(model, "x0", x0)
     steps = cap_sampling_steps(steps)
     visited = ddim_timesteps(schedule.timesteps, steps, spacing)
     schedule = schedule.to(x0.device)
@@ -567,6 +626,11 @@ def slerp(x0: Tensor, x1: Tensor, weight: float | Tensor) -> Tensor:
     ``x0``, ``x1``: same shape (..., D...) with the first dimension as batch; ``weight`` in [0, 1].
     """
     check_same_shape("x1", x1, "x0", x0)
+    if x0.dim() < 2:
+        raise ValueError(
+            "slerp interpolates batches: x0 and x1 must have shape (B, ...) with the batch "
+            f"first, e.g. (1, {x0.numel()}) for a single vector; got {tuple(x0.shape)}"
+        )
     flat0, flat1 = x0.flatten(1), x1.flatten(1)
     cosine = (flat0 * flat1).sum(1) / (flat0.norm(dim=1) * flat1.norm(dim=1))
     theta = torch.arccos(cosine.clamp(-1.0, 1.0)).reshape(-1, *([1] * (x0.dim() - 1)))

@@ -17,6 +17,9 @@ from torch import Tensor
 
 from diffusion_lib.validation import (
     check_finite,
+    check_floating,
+    check_generator,
+    check_noise,
     check_number,
     check_same_shape,
     check_timesteps,
@@ -29,6 +32,7 @@ def linear_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.0
 
     Returns a float64 tensor of shape (T,).
     """
+    _check_beta_range(beta_start, beta_end)
     return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
 
 
@@ -37,10 +41,23 @@ def quadratic_betas(timesteps: int, beta_start: float = 1e-4, beta_end: float = 
 
     Returns a float64 tensor of shape (T,).
     """
+    _check_beta_range(beta_start, beta_end)
     roots = torch.linspace(
         math.sqrt(beta_start), math.sqrt(beta_end), timesteps, dtype=torch.float64
     )
     return roots**2
+
+
+def _check_beta_range(beta_start: float, beta_end: float) -> None:
+    """Refuse betas outside (0, 1] and a range that runs backwards: noise is added ever faster
+    along the chain, so beta_start <= beta_end (the two are equal for a constant schedule)."""
+    check_number("beta_start", beta_start, 0.0, 1.0, low_open=True, high_open=False)
+    check_number("beta_end", beta_end, 0.0, 1.0, low_open=True, high_open=False)
+    if beta_start > beta_end:
+        raise ValueError(
+            f"beta_start must not exceed beta_end (the betas grow along the chain, e.g. 1e-4 "
+            f"to 0.02); got beta_start={beta_start!r}, beta_end={beta_end!r}"
+        )
 
 
 def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
@@ -48,8 +65,10 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> T
 
     ``alpha_bar(u) = cos^2(((u + s) / (1 + s)) * pi / 2)`` for ``u = t / T``, and
     ``beta_t = 1 - alpha_bar(t / T) / alpha_bar((t - 1) / T)``, clipped at ``max_beta`` so
-    that the last steps stay well defined. Returns a float64 tensor of shape (T,).
+    that the last steps stay well defined. ``max_beta`` lies in (0, 1]. Returns a float64
+    tensor of shape (T,).
     """
+    check_number("max_beta", max_beta, 0.0, 1.0, low_open=True, high_open=False)
     u = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
     f = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
     alphas_cumprod = f / f[0]
@@ -255,6 +274,7 @@ class NoiseSchedule:
         Ho et al. 2020, eq. 4. ``x0``: (B, ...), ``t``: (B,) int64. Returns two tensors,
         the mean of ``x0``'s shape and the variance broadcastable to it.
         """
+        check_floating("x0", x0)
         check_finite("x0", x0)
         check_timesteps(t, self.timesteps, x0.shape[0])
         mean = _gather(self.sqrt_alphas_cumprod, t, x0) * x0
@@ -274,12 +294,14 @@ class NoiseSchedule:
         Ho et al. 2020, eq. 4 (reparameterised as in eq. 9). ``x0``: (B, ...), ``t``: (B,) int64
         in 0..T-1, ``noise``: like ``x0`` (drawn from N(0, I) when omitted). Returns x_t, like ``x0``.
         """
+        check_floating("x0", x0)
         check_finite("x0", x0)
         check_timesteps(t, self.timesteps, x0.shape[0])
         if noise is None:
+            check_generator(generator)
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         else:
-            check_same_shape("noise", noise, "x0", x0)
+            check_noise(noise, x0)
             check_finite("noise", noise)
         return self._q_sample(x0, t, noise)
 

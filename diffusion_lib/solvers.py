@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from diffusion_lib.sampling import (
     NoisePredictor,
     Trajectory,
+    _check_model_and_schedule,
     _conditioning,
     _evaluating,
     _noise_and_x0,
@@ -199,6 +200,7 @@ def heun_sample(
 
     Returns the samples (B, ...), or ``(samples, trajectory)``.
     """
+    _check_model_and_schedule(model, schedule)
     grid = _grid(schedule, steps, spacing, timesteps)
     alphas, sigmas = _coefficients(schedule, grid)
     x = _start(model, shape, x_T, generator, device)
@@ -274,6 +276,7 @@ def dpm_solver_sample(
 
     Returns the samples (B, ...), or ``(samples, trajectory)``.
     """
+    _check_model_and_schedule(model, schedule)
     if order not in ORDERS or isinstance(order, bool):
         raise ValueError(f"order must be 1 (DDIM) or 2 (DPM-Solver++(2M)), got {order!r}")
     grid = _grid(schedule, steps, spacing, timesteps)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -30,8 +31,12 @@ def check_timesteps(
     """
     if not isinstance(t, Tensor):
         raise ValueError(f"t must be an int64 tensor of shape (B,), got {type(t).__name__}")
-    if not is_integer_tensor(t):
-        raise ValueError(f"t must hold integer timesteps (int64), got dtype {t.dtype}")
+    if not is_integer_tensor(t) or t.dtype == torch.uint8:
+        # Indexing with a uint8 tensor selects by mask, so it cannot stand for timesteps either.
+        mask = (
+            " (a uint8 tensor indexes as a mask); pass t.long()" if t.dtype == torch.uint8 else ""
+        )
+        raise ValueError(f"t must hold integer timesteps (int64), got dtype {t.dtype}{mask}")
     if t.dim() != 1:
         raise ValueError(f"t must have shape (B,), got shape {tuple(t.shape)}")
     if batch_size is not None and t.shape[0] != batch_size:
@@ -47,21 +52,122 @@ def check_timesteps(
         )
 
 
-def check_model_times(t: Tensor, timesteps: int, batch_size: int, *, values: bool = True) -> None:
+def check_model_times(
+    t: Tensor, timesteps: int, batch_size: int, *, values: bool | None = True
+) -> None:
     """What a network accepts as its time input: 0-based integer timesteps (see
-    :func:`check_timesteps`) or real times in [0, T], such as a flow's ``1000 t``."""
-    if not (isinstance(t, Tensor) and t.dtype.is_floating_point):
+    :func:`check_timesteps`) or real times in [0, T], such as a flow's ``1000 t``.
+
+    ``values`` as for :func:`check_timesteps`: ``None`` reads the values on the CPU only.
+    """
+    if not isinstance(t, Tensor):
+        raise ValueError(
+            f"t must be a tensor of shape (B,), one timestep per image, e.g. "
+            f"torch.full(({batch_size},), {timesteps // 2}); got {type(t).__name__}"
+        )
+    if not t.dtype.is_floating_point:
         check_timesteps(t, timesteps, batch_size, values=values)
         return
     if t.shape != (batch_size,):
         raise ValueError(
             f"t must have shape ({batch_size},), one time per sample; got {tuple(t.shape)}"
         )
+    if values is None:
+        values = t.device.type == "cpu"
     if values and t.numel() and (float(t.min()) < 0 or float(t.max()) > timesteps):
         raise ValueError(
             f"real-valued times must lie in [0, {timesteps}]; "
             f"got values from {float(t.min())} to {float(t.max())}"
         )
+
+
+def check_model_timesteps(model: object, timesteps: int) -> None:
+    """Raise ``ValueError`` if ``model`` was built for fewer timesteps than the schedule has.
+
+    Only networks that record their T (an int attribute ``timesteps``) are checked; wrappers
+    without one pass. Such a network refuses every t >= its T, so a longer schedule cannot
+    work. A shorter schedule runs (chapter 3 samples a toy network on a 10-step schedule).
+    """
+    built_for = getattr(model, "timesteps", None)
+    if is_integer(built_for) and built_for < timesteps:
+        raise ValueError(
+            f"the model was built for T={built_for} timesteps but the schedule has "
+            f"T={timesteps}; build both with the same timesteps"
+        )
+
+
+def check_schedule(schedule: object, expected: type, *, name: str = "schedule", hint: str) -> None:
+    """Raise ``ValueError`` unless ``schedule`` is an ``expected``; ``hint`` says what else to use.
+
+    The type is passed in, so that this module imports none of the ones it checks.
+    """
+    if not isinstance(schedule, expected):
+        raise ValueError(
+            f"{name} must be a {expected.__name__} ({hint}); got {type(schedule).__name__}"
+        )
+
+
+def check_generator(generator: object) -> None:
+    """Raise ``ValueError`` unless ``generator`` is ``None`` or a ``torch.Generator``."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(
+            "generator must be a torch.Generator, e.g. torch.Generator().manual_seed(0); "
+            f"got {type(generator).__name__}"
+        )
+
+
+def check_floating(name: str, x: object) -> None:
+    """Raise ``ValueError`` unless ``x`` is a floating-point tensor, as data to be noised is."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a floating-point tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(
+            f"{name} must be floating point (pixels scaled to [-1, 1], as load_images gives "
+            f"them); got {x.dtype}"
+        )
+
+
+def check_noise(noise: object, x0: Tensor) -> None:
+    """Raise ``ValueError`` unless ``noise`` is a tensor of ``x0``'s shape."""
+    if not isinstance(noise, Tensor):
+        hint = (
+            "; pass a generator by keyword, generator=..."
+            if isinstance(noise, torch.Generator)
+            else ""
+        )
+        raise ValueError(
+            f"noise must be a tensor of x0's shape {tuple(x0.shape)}, got "
+            f"{type(noise).__name__}{hint}"
+        )
+    check_same_shape("noise", noise, "x0", x0)
+
+
+def is_autocasting(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (never on devices without autocast, like meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+_CASTS = {
+    torch.float32: "float()",
+    torch.float64: "double()",
+    torch.float16: "half()",
+    torch.bfloat16: "bfloat16()",
+}
+
+
+def check_weights_dtype(owner: str, name: str, x: Tensor, weights: torch.dtype) -> None:
+    """Raise ``ValueError`` unless ``x`` has the dtype of ``owner``'s weights.
+
+    Under autocast, which casts inputs and weights itself, anything goes.
+    """
+    if x.dtype == weights or is_autocasting(x.device.type):
+        return
+    numpy = " (NumPy arrays become float64)" if x.dtype == torch.float64 else ""
+    cast = _CASTS.get(weights, f"to({weights})")
+    raise ValueError(
+        f"{owner}'s weights are {str(weights).removeprefix('torch.')} but {name} is "
+        f"{str(x.dtype).removeprefix('torch.')}{numpy}; pass {name}.{cast}"
+    )
 
 
 def check_finite(name: str, x: Tensor) -> None:
@@ -120,6 +226,22 @@ def check_range(name: str, value: object) -> tuple[float, float]:
             f"got {value!r}"
         )
     return low, high
+
+
+def check_tuple(name: str, value: object, example: str) -> tuple:
+    """``value`` as a tuple if it is a tuple, a list or another iterable other than a string,
+    else ``ValueError`` showing ``example``, such as ``"(2000, 1000, 500)"``."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(f"{name} must be a tuple such as {example}; got {value!r}")
+    return tuple(value)
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` if it is ``True`` or ``False``, else ``ValueError``: a string such as ``"no"``
+    would otherwise count as true."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def check_positive_int(name: str, value: object, maximum: int | None = None) -> int:

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from diffusion_lib import (
+    FCUNet,
     GaussianMixture,
+    NoiseSchedule,
     RectifiedFlow,
     flow_matching_loss,
     flow_sample,
@@ -79,6 +81,36 @@ def test_loss_draws_times_uniformly_from_the_generator(flow: RectifiedFlow) -> N
 def test_bad_loss_arguments_raise(flow: RectifiedFlow, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         flow_matching_loss(lambda x, t: x, flow, torch.zeros(4, 2), **kwargs)
+
+
+@pytest.mark.parametrize("flow_like", [NoiseSchedule.from_name("linear", 10), "flow", None])
+def test_a_noise_schedule_in_the_flows_place_is_refused(flow_like: object) -> None:
+    # It used to fail with "'NoiseSchedule' object has no attribute 'model_time'".
+    message = "flow must be a RectifiedFlow .*for a NoiseSchedule use ddpm_sample"
+    with pytest.raises(ValueError, match=message):
+        flow_sample(lambda x, t: x, flow_like, (3, 2))
+    with pytest.raises(ValueError, match=message):
+        flow_matching_loss(lambda x, t: x, flow_like, torch.zeros(4, 2))
+
+
+def test_a_seed_instead_of_a_generator_is_refused(flow: RectifiedFlow) -> None:
+    message = r"generator must be a torch\.Generator, e\.g\. torch\.Generator\(\)\.manual_seed"
+    with pytest.raises(ValueError, match=message):
+        flow_sample(lambda x, t: x, flow, (3, 2), generator=0)
+    with pytest.raises(ValueError, match=message):
+        flow_matching_loss(lambda x, t: x, flow, torch.zeros(4, 2), generator=0)
+
+
+def test_a_network_refuses_data_in_another_dtype_than_its_weights(flow: RectifiedFlow) -> None:
+    network = FCUNet(image_size=2, widths=(4,))
+    x = torch.zeros(3, 1, 2, 2, dtype=torch.float64)
+    message = r"FCUNet's weights are float32 but {} is float64 \(NumPy arrays become float64\)"
+    with pytest.raises(ValueError, match=message.format("x_1")):
+        flow_sample(network, flow, x.shape, steps=2, x_1=x)
+    with pytest.raises(ValueError, match=message.format("x0")):
+        flow_matching_loss(network, flow, x)
+    with pytest.raises(ValueError, match=message.format("noise")):
+        flow_matching_loss(network, flow, x.float(), noise=x)
 
 
 def test_bad_time_scale_raises() -> None:

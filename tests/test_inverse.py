@@ -363,6 +363,7 @@ def restore(method: str = "dps", operator=None, y: Tensor | None = None, **optio
         (lambda: restore("pigdm", noise_std=0.1, data_std=0), "data_std"),
         (lambda: restore("pigdm", noise_std=-0.1), "noise_std"),
         (lambda: restore("pigdm", noise_std=0.1, eta=-1.0), "eta"),
+        (lambda: restore("pigdm", noise_std=0.1, eta=1.5), r"eta must lie in \[0.0, 1.0\]"),
         (
             lambda: restore("pigdm", y=torch.full((2, 1, 2, 2), float("nan")), noise_std=0.1),
             "finite",

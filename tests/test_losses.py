@@ -403,3 +403,62 @@ def test_hybrid_loss_rejects_a_one_channel_network(schedule: NoiseSchedule) -> N
         hybrid_loss(lambda x, t: x, schedule, torch.zeros(2, 1, 2, 2))
     with pytest.raises(ValueError, match=r"vlb_weight must lie in \[0.0, inf\), got -1.0"):
         hybrid_loss(lambda x, t: x, schedule, torch.zeros(2, 1, 2, 2), vlb_weight=-1.0)
+
+
+# ----------------------------------------------------------------------------- bad input
+def tiny_network(timesteps: int = 1000) -> FCUNet:
+    return FCUNet(image_size=2, widths=(4,), timesteps=timesteps)
+
+
+LOSSES = [diffusion_loss, hybrid_loss]
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("argument", ["x0", "noise"])
+def test_data_in_another_dtype_than_the_networks_weights_is_refused(
+    schedule: NoiseSchedule, loss, argument: str
+) -> None:
+    x0, noise = torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    arguments = {"x0": x0, "noise": noise}
+    arguments[argument] = arguments[argument].double()
+    message = rf"FCUNet's weights are float32 but {argument} is float64 \(NumPy arrays become"
+    with pytest.raises(ValueError, match=message):
+        loss(tiny_network(), schedule, arguments["x0"], noise=arguments["noise"])
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_a_network_built_for_fewer_timesteps_is_refused(schedule: NoiseSchedule, loss) -> None:
+    # It used to fail, at random, with "timesteps must lie in 0..99" for a t never passed.
+    with pytest.raises(ValueError, match="built for T=100 timesteps but the schedule has T=1000"):
+        loss(tiny_network(100), schedule, torch.zeros(2, 1, 2, 2))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_the_model_and_schedule_swapped_are_refused(schedule: NoiseSchedule, loss) -> None:
+    with pytest.raises(ValueError, match="schedule must be a NoiseSchedule .*; got FCUNet"):
+        loss(schedule, tiny_network(), torch.zeros(2, 1, 2, 2))
+
+
+def test_labels_for_an_unconditional_fc_unet_are_refused(schedule: NoiseSchedule) -> None:
+    with pytest.raises(ValueError, match="this FCUNet is unconditional and takes no labels"):
+        diffusion_loss(
+            tiny_network(), schedule, torch.zeros(2, 1, 2, 2), labels=torch.tensor([0, 1])
+        )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"generator": 0}, r"generator must be a torch\.Generator, e\.g\. torch\.Generator"),
+        ({"noise": torch.Generator()}, "noise must be a tensor of x0's shape .*got Generator"),
+        ({"x0": torch.zeros(2, 1, 2, 2, dtype=torch.uint8)}, "x0 must be floating point"),
+        ({"x0": torch.full((2, 1, 2, 2), math.nan)}, "x0 must be finite, but 8 of its 8"),
+    ],
+)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_bad_loss_inputs_are_refused(schedule: NoiseSchedule, loss, options, message) -> None:
+    # NaN data used to give a NaN loss without a word; the rest failed with AttributeErrors.
+    model = lambda x, t: torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])  # noqa: E731
+    arguments = {"x0": torch.zeros(2, 1, 2, 2), **options}
+    with pytest.raises(ValueError, match=message):
+        loss(model, schedule, **arguments)

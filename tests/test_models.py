@@ -345,7 +345,7 @@ def test_bad_labels_raise(name: str, labels: torch.Tensor, message: str) -> None
         model(x_t, t, labels)
 
 
-@pytest.mark.parametrize("name", ["attention_unet", "dit"])
+@pytest.mark.parametrize("name", ["fc_unet_scalar", "attention_unet", "dit"])
 def test_unconditional_model_rejects_labels(name: str) -> None:
     model = NOISE_PREDICTORS[name](1, 28)
     x_t, t = inputs(1, 28, batch=2)
@@ -410,10 +410,59 @@ def test_real_times_of_a_flow_are_accepted_and_match_integer_ones(name: str) -> 
     assert 0 < (nudged - real).abs().max() < 1e-2
 
 
+@pytest.mark.parametrize("name", NOISE_PREDICTORS)
+@pytest.mark.parametrize("t", [500, 500.0, [500, 500]])
+def test_timesteps_that_are_not_a_tensor_are_refused(name: str, t: object) -> None:
+    # A plain int used to fail with "'int' object has no attribute 'device'".
+    model = NOISE_PREDICTORS[name](1, 28)
+    with pytest.raises(ValueError, match=r"t must be a tensor of shape \(B,\), one timestep per"):
+        model(torch.randn(2, 1, 28, 28), t)
+
+
+def test_the_fc_unet_names_the_conditional_networks_when_given_labels() -> None:
+    # It used to fail with "FCUNet.forward() takes 3 positional arguments but 4 were given".
+    x_t, t = inputs(1, 28, batch=2)
+    with pytest.raises(ValueError, match=r"this FCUNet is unconditional.*AttentionUNet\(num_"):
+        tiny_fc_unet(1, 28)(x_t, t, torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("name", NOISE_PREDICTORS)
+@pytest.mark.parametrize(
+    ("dtype", "message"),
+    [
+        (
+            torch.float64,
+            r"float32 but x_t is float64 \(NumPy arrays become float64\); pass x_t\.float",
+        ),
+        (torch.float16, r"float32 but x_t is float16; pass x_t\.float\(\)"),
+    ],
+)
+def test_an_input_in_another_dtype_than_the_weights_is_refused(
+    name: str, dtype: torch.dtype, message: str
+) -> None:
+    model = NOISE_PREDICTORS[name](1, 28)
+    x_t, t = inputs(1, 28, batch=2)
+    with pytest.raises(ValueError, match=f"{type(model).__name__}'s weights are {message}"):
+        model(x_t.to(dtype), t)
+
+
+@pytest.mark.parametrize("name", NOISE_PREDICTORS)
+def test_autocast_and_matching_half_precision_still_run(name: str) -> None:
+    """Under autocast the weights and inputs may differ (autocast casts them); a model cast to
+    bfloat16 takes bfloat16 input."""
+    x_t, t = inputs(1, 28, batch=2)
+    model = NOISE_PREDICTORS[name](1, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.to(torch.bfloat16)(x_t, t).shape == x_t.shape
+    assert model(x_t.to(torch.bfloat16), t).dtype == torch.bfloat16
+
+
 def test_autoencoder_checks_its_input() -> None:
     model = DenoisingAutoencoder(hidden=(4, 8), latent_dim=5)
     with pytest.raises(ValueError, match="image_size=28"):
         model(torch.rand(2, 1, 32, 32))
+    with pytest.raises(ValueError, match="weights are float32 but x is float64"):
+        model(torch.rand(2, 1, 28, 28, dtype=torch.float64))
     with pytest.raises(ValueError, match="divisible by 4"):
         DenoisingAutoencoder(image_size=30)
 
@@ -428,6 +477,11 @@ def test_autoencoder_checks_its_input() -> None:
         (dict(num_heads=3), "num_heads=3"),
         (dict(dropout=1.0), "dropout"),
         (dict(channel_multipliers=()), "channel_multipliers"),
+        (dict(channel_multipliers=2), r"channel_multipliers must be a tuple such as \(1, 2, 2\)"),
+        (
+            dict(attention_resolutions=14),
+            r"attention_resolutions must be a tuple such as \(14, 7\)",
+        ),
     ],
 )
 def test_attention_unet_rejects_bad_configurations(kwargs: dict, message: str) -> None:
@@ -437,7 +491,12 @@ def test_attention_unet_rejects_bad_configurations(kwargs: dict, message: str) -
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [(dict(time_embedding="learned"), "scalar, sinusoidal"), (dict(widths=()), "widths")],
+    [
+        (dict(time_embedding="learned"), "scalar, sinusoidal"),
+        (dict(widths=()), "widths"),
+        (dict(widths=64), r"widths must be a tuple such as \(2000, 1000, 500\); got 64"),
+        (dict(layer_norm="no"), "layer_norm must be True or False, got 'no'"),
+    ],
 )
 def test_fc_unet_rejects_bad_configurations(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -502,6 +561,8 @@ def test_toy_mlp_points_do_not_interact() -> None:
         (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), r"\(B, 2\)"),
         (torch.zeros(2, 1, 2), torch.zeros(2, dtype=torch.long), r"\(B, 2\)"),
         (torch.zeros(2, 2), torch.zeros(3, dtype=torch.long), r"\(2,\)"),
+        (torch.zeros(2, 2), 5, r"t must be a tensor of shape \(2,\).*got int"),
+        (torch.zeros(2, 2, dtype=torch.float64), torch.zeros(2), "weights are float32 but x_t"),
     ],
 )
 def test_toy_mlp_checks_its_input(x_t: torch.Tensor, t: torch.Tensor, message: str) -> None:

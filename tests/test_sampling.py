@@ -11,6 +11,7 @@ from torch import nn
 
 from diffusion_lib import (
     DDIM_SPACINGS,
+    FCUNet,
     NoiseFromPrediction,
     NoiseSchedule,
     RectifiedFlow,
@@ -225,8 +226,6 @@ def test_bad_arguments(linear: NoiseSchedule) -> None:
         ddim_sample(model, linear, (1, 1, 2, 2), steps=2000)
     with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0"):
         ddpm_sample(model, linear, (1, 1, 2, 2), steps=0)
-    with pytest.raises(ValueError, match="eta must be >= 0"):
-        ddim_sample(model, linear, (1, 1, 2, 2), eta=-0.5)
     with pytest.raises(ValueError, match="unknown variance 'tiny'; choose one of small, large"):
         ddpm_sample(model, linear, (1, 1, 2, 2), variance="tiny")
     with pytest.raises(ValueError, match=r"x_T must have the requested shape \(1, 1, 2, 2\)"):
@@ -494,10 +493,117 @@ def test_guidance_without_labels_is_refused(linear: NoiseSchedule, guidance: flo
         flow_sample(lambda x, t: torch.zeros_like(x), RectifiedFlow(), (1, 2), guidance=guidance)
 
 
-def test_an_infinite_eta_is_refused(linear: NoiseSchedule) -> None:
+@pytest.mark.parametrize("eta", [-0.5, 2.0, 1.0001, math.inf, math.nan, None, "0", True])
+def test_eta_outside_zero_to_one_is_refused(linear: NoiseSchedule, eta: object) -> None:
+    # eta = 2 used to run, its noise silently clamped; None and "0" failed in a comparison.
     model = GaussianOptimalPredictor(linear, 0.0, 1.0)
-    with pytest.raises(ValueError, match="eta must be >= 0 and finite"):
-        ddim_sample(model, linear, (1, 1, 2, 2), steps=3, eta=math.inf)
+    with pytest.raises(ValueError, match=r"eta must be a number in \[0, 1\] \(0: deterministic"):
+        ddim_sample(model, linear, (1, 1, 2, 2), steps=3, eta=eta)
+
+
+SAMPLERS = [ddpm_sample, ddim_sample, heun_sample, dpm_solver_sample]
+
+
+def tiny_network(timesteps: int = 1000, **kwargs: object) -> FCUNet:
+    return FCUNet(image_size=2, widths=(4,), timesteps=timesteps, **kwargs)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("shape", [16, "16", None])
+def test_a_shape_that_is_not_a_tuple_is_refused(linear: NoiseSchedule, sampler, shape) -> None:
+    # An int used to fail with "object of type 'int' has no len()".
+    with pytest.raises(ValueError, match=r"shape must be a tuple such as \(16, 1, 28, 28\); got"):
+        sampler(tiny_network(), linear, shape, steps=2)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("generator", [0, "seed", torch.tensor(0)])
+def test_a_seed_instead_of_a_generator_is_refused(linear, sampler, generator) -> None:
+    with pytest.raises(ValueError, match=r"generator must be a torch\.Generator, e\.g\. torch"):
+        sampler(tiny_network(), linear, (1, 1, 2, 2), steps=2, generator=generator)
+
+
+@pytest.mark.parametrize("sampler", [*SAMPLERS, ddim_encode])
+@pytest.mark.parametrize("arguments", ["a name", "swapped", "a flow"])
+def test_a_schedule_of_the_wrong_type_is_refused(sampler, arguments: str) -> None:
+    # Each used to fail with an AttributeError deep inside the sampler.
+    model, schedule = tiny_network(), NoiseSchedule.from_name("linear")
+    second = {"a name": "cosine", "swapped": model, "a flow": RectifiedFlow()}[arguments]
+    first = schedule if arguments == "swapped" else model
+    third = torch.zeros(1, 1, 2, 2) if sampler is ddim_encode else (1, 1, 2, 2)
+    with pytest.raises(ValueError, match="schedule must be a NoiseSchedule .*flow_sample"):
+        sampler(first, second, third, steps=2)
+
+
+def test_ddim_with_the_shape_in_the_schedules_place_is_refused(linear: NoiseSchedule) -> None:
+    with pytest.raises(ValueError, match="schedule must be a NoiseSchedule .*; got tuple"):
+        ddim_sample(tiny_network(), (1, 1, 2, 2), linear)
+
+
+@pytest.mark.parametrize("sampler", [*SAMPLERS, ddim_encode])
+def test_a_network_built_for_fewer_timesteps_than_the_schedule_is_refused(
+    linear: NoiseSchedule, sampler
+) -> None:
+    # It used to fail at the first step with "timesteps must lie in 0..99", a t never passed.
+    third = torch.zeros(1, 1, 2, 2) if sampler is ddim_encode else (1, 1, 2, 2)
+    with pytest.raises(
+        ValueError, match="the model was built for T=100 timesteps but the schedule has T=1000"
+    ):
+        sampler(tiny_network(100), linear, third, steps=2)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_a_shorter_schedule_and_respaced_steps_still_sample_a_network(linear, sampler) -> None:
+    """Chapter 3 samples a network built for T = 1000 on a 10-step schedule, and respacing
+    hands the network the original timesteps of a shorter chain."""
+    short = NoiseSchedule.from_name("linear", timesteps=10)
+    assert sampler(tiny_network(), short, (1, 1, 2, 2), steps=3).shape == (1, 1, 2, 2)
+    assert sampler(tiny_network(), linear, (1, 1, 2, 2), steps=3).shape == (1, 1, 2, 2)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_a_start_in_another_dtype_than_the_networks_weights_is_refused(
+    linear: NoiseSchedule, sampler, dtype: torch.dtype
+) -> None:
+    x_T = torch.zeros(1, 1, 2, 2, dtype=dtype)
+    with pytest.raises(ValueError, match=r"FCUNet's weights are float32 but x_T is float"):
+        sampler(tiny_network(), linear, (1, 1, 2, 2), steps=2, x_T=x_T)
+
+
+def test_a_module_with_scalar_parameters_keeps_a_float64_start(linear: NoiseSchedule) -> None:
+    """Only the library's networks (which record their T) demand their weights' dtype: a
+    module whose float32 scalar parameter promotes a float64 input keeps computing in float64."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.scale * x_t
+
+    x_T = torch.randn(2, 1, 2, 2, dtype=torch.float64)
+    assert ddim_sample(Scaled(), linear, x_T.shape, steps=3, x_T=x_T).dtype == torch.float64
+
+
+def test_a_start_that_is_not_a_floating_point_tensor_is_refused(linear: NoiseSchedule) -> None:
+    for x_T, kind in [(torch.zeros(1, 1, 2, 2, dtype=torch.long), "torch.int64"), ([0.0], "list")]:
+        with pytest.raises(ValueError, match=f"x_T must be a floating-point tensor, got {kind}"):
+            ddpm_sample(tiny_network(), linear, (1, 1, 2, 2), steps=2, x_T=x_T)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_labels_for_an_unconditional_fc_unet_are_refused(linear: NoiseSchedule, sampler) -> None:
+    # It used to fail with "FCUNet.forward() takes 3 positional arguments but 4 were given".
+    with pytest.raises(ValueError, match="this FCUNet is unconditional and takes no labels"):
+        sampler(tiny_network(), linear, (2, 1, 2, 2), steps=2, labels=torch.tensor([0, 1]))
+
+
+def test_slerp_of_unbatched_vectors_is_refused() -> None:
+    # A 1-D input used to fail with an IndexError from flatten(1).
+    with pytest.raises(ValueError, match=r"slerp interpolates batches.*\(1, 5\).*got \(5,\)"):
+        slerp(torch.randn(5), torch.randn(5), 0.5)
 
 
 @pytest.mark.parametrize(

@@ -215,6 +215,60 @@ def test_bad_timesteps(t: torch.Tensor, message: str) -> None:
         schedule.q_sample(torch.zeros(2, 3), t)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_integer_images_are_refused_by_the_forward_process(dtype: torch.dtype) -> None:
+    # uint8 used to fail inside the random number generator, and int64 with noise given came
+    # back as all zeros: sqrt(alpha_bar) rounded to an integer.
+    schedule = NoiseSchedule.from_name("linear", timesteps=10)
+    x0, t = torch.full((2, 3), 200).to(dtype), torch.tensor([1, 2])
+    message = r"x0 must be floating point \(pixels scaled to \[-1, 1\], as load_images"
+    for call in (
+        lambda: schedule.q_sample(x0, t),
+        lambda: schedule.q_sample(x0, t, torch.randn(2, 3)),
+        lambda: schedule.q_mean_variance(x0, t),
+    ):
+        with pytest.raises(ValueError, match=message + f" gives them\\); got {dtype}"):
+            call()
+
+
+def test_uint8_timesteps_are_refused_rather_than_read_as_a_mask() -> None:
+    # With as many samples as timesteps, a uint8 t of ones selected every table entry, in order.
+    schedule = NoiseSchedule.from_name("linear", timesteps=10)
+    with pytest.raises(ValueError, match=r"uint8 tensor indexes as a mask\); pass t\.long\(\)"):
+        schedule.q_sample(torch.zeros(10, 3), torch.ones(10, dtype=torch.uint8))
+
+
+def test_a_generator_in_the_noises_place_or_a_seed_is_refused() -> None:
+    schedule = NoiseSchedule.from_name("linear", timesteps=10)
+    x0, t = torch.zeros(2, 3), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="noise must be a tensor .*pass a generator by keyword"):
+        schedule.q_sample(x0, t, torch.Generator())
+    with pytest.raises(ValueError, match=r"generator must be a torch\.Generator.*got int"):
+        schedule.q_sample(x0, t, generator=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("linear", {"beta_start": 0.02, "beta_end": 1e-4}, "beta_start must not exceed beta_end"),
+        ("quadratic", {"beta_start": 0.02, "beta_end": 1e-4}, "beta_start must not exceed"),
+        ("linear", {"beta_start": 0.0}, r"beta_start must lie in \(0.0, 1.0\], got 0.0"),
+        ("linear", {"beta_end": 1.5}, r"beta_end must lie in \(0.0, 1.0\], got 1.5"),
+        ("cosine", {"max_beta": 1.5}, r"max_beta must lie in \(0.0, 1.0\], got 1.5"),
+        ("cosine", {"max_beta": 0.0}, r"max_beta must lie in \(0.0, 1.0\], got 0.0"),
+    ],
+)
+def test_bad_schedule_parameters(name: str, options: dict, message: str) -> None:
+    # A decreasing linear range used to be accepted silently.
+    with pytest.raises(ValueError, match=message):
+        NoiseSchedule.from_name(name, **options)
+
+
+def test_a_constant_schedule_is_still_allowed() -> None:
+    schedule = NoiseSchedule.from_name("linear", timesteps=5, beta_start=0.01, beta_end=0.01)
+    torch.testing.assert_close(schedule.betas, torch.full((5,), 0.01, dtype=torch.float64))
+
+
 def test_shape_mismatch_and_non_finite_inputs() -> None:
     schedule = NoiseSchedule.from_name("linear", timesteps=10)
     t = torch.tensor([1, 2])

@@ -7,7 +7,19 @@ import pytest
 import torch
 
 from diffusion_lib import NoiseSchedule, ddim_sample, frechet_distance_at_infinity
-from diffusion_lib.validation import check_number, check_positive_int, is_integer
+from diffusion_lib.validation import (
+    check_bool,
+    check_generator,
+    check_model_times,
+    check_model_timesteps,
+    check_number,
+    check_positive_int,
+    check_schedule,
+    check_timesteps,
+    check_tuple,
+    check_weights_dtype,
+    is_integer,
+)
 
 
 @pytest.mark.parametrize("value", [3, np.int64(3), np.uint8(3), np.int32(-1)])
@@ -51,3 +63,59 @@ def test_numpy_integers_work_where_python_integers_do() -> None:
         for sizes in ((10, 20, 40), tuple(np.array([10, 20, 40])))
     ]
     assert trends[0] == trends[1]
+
+
+@pytest.mark.parametrize("t", [7, 7.0, None, np.int64(7)])
+def test_model_times_that_are_not_a_tensor_get_an_example(t: object) -> None:
+    message = r"t must be a tensor of shape \(B,\), one timestep per image, e\.g\. "
+    with pytest.raises(ValueError, match=message + r"torch\.full\(\(3,\), 50\); got"):
+        check_model_times(t, 100, 3)
+
+
+def test_uint8_timesteps_are_refused() -> None:
+    with pytest.raises(ValueError, match="got dtype torch.uint8 .*indexes as a mask"):
+        check_timesteps(torch.ones(3, dtype=torch.uint8), 10, 3)
+    check_timesteps(torch.ones(3, dtype=torch.int32), 10, 3)  # other integer types index
+
+
+def test_tuples_and_bools() -> None:
+    assert check_tuple("widths", [4, 2], "(4, 2)") == (4, 2)
+    for value in (4, "42", None):
+        with pytest.raises(ValueError, match=r"widths must be a tuple such as \(4, 2\); got"):
+            check_tuple("widths", value, "(4, 2)")
+    assert check_bool("layer_norm", False) is False
+    for value in ("no", 1, None):
+        with pytest.raises(ValueError, match="layer_norm must be True or False"):
+            check_bool("layer_norm", value)
+
+
+def test_generators_and_schedules_are_checked_by_type() -> None:
+    check_generator(None)
+    check_generator(torch.Generator())
+    with pytest.raises(ValueError, match=r"torch\.Generator\(\)\.manual_seed\(0\); got int"):
+        check_generator(0)
+    check_schedule(NoiseSchedule.from_name("linear", 10), NoiseSchedule, hint="a hint")
+    with pytest.raises(ValueError, match=r"schedule must be a NoiseSchedule \(a hint\); got str"):
+        check_schedule("linear", NoiseSchedule, hint="a hint")
+
+
+class _Network:
+    def __init__(self, timesteps: object) -> None:
+        self.timesteps = timesteps
+
+
+def test_only_a_network_built_for_fewer_timesteps_is_refused() -> None:
+    for model in (_Network(1000), _Network(5000), _Network(None), _Network(True), object()):
+        check_model_timesteps(model, 1000)
+    with pytest.raises(ValueError, match="built for T=100 timesteps but the schedule has T=1000"):
+        check_model_timesteps(_Network(100), 1000)
+
+
+def test_weights_dtype_is_exempt_under_autocast_and_on_devices_without_it() -> None:
+    x = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"Net's weights are float16 but x is float64 .*x\.half"):
+        check_weights_dtype("Net", "x", x, torch.float16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        check_weights_dtype("Net", "x", x, torch.float16)
+    with pytest.raises(ValueError, match="weights are float32 but x is float64"):
+        check_weights_dtype("Net", "x", x.to("meta"), torch.float32)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from diffusion_lib.models.autoencoder import check_image_batch, check_out_channels
 from diffusion_lib.models.embeddings import TimeEmbedding, embed_labels
-from diffusion_lib.validation import check_model_times, check_positive_int
+from diffusion_lib.validation import check_model_times, check_positive_int, check_tuple
 
 
 def _zero_init(module: nn.Module) -> nn.Module:
@@ -292,6 +292,7 @@ class AttentionUNet(nn.Module):
         self.timesteps = check_positive_int("timesteps", timesteps)
         check_positive_int("base_channels", base_channels)
         check_positive_int("num_res_blocks", num_res_blocks)
+        channel_multipliers = check_tuple("channel_multipliers", channel_multipliers, "(1, 2, 2)")
         if not channel_multipliers:
             raise ValueError("channel_multipliers must hold at least one level, e.g. (1, 2, 2)")
         level_channels = [
@@ -416,12 +417,18 @@ class AttentionUNet(nn.Module):
         ControlNet feeds its encoded condition in (Zhang, Rao & Agrawala 2023). ``context``
         and ``context_mask`` go to the cross-attention layers, as in :meth:`forward`.
         """
-        check_image_batch(type(self).__name__, x_t, self.channels, self.image_size)
+        check_image_batch(
+            type(self).__name__,
+            x_t,
+            self.channels,
+            self.image_size,
+            weights_dtype=self.input_conv.weight.dtype,
+        )
         if not torch.compiler.is_compiling():
             self._check_context(context, context_mask, x_t.shape[0])
         if not torch.compiler.is_compiling():
             # Range checks read t's values; skip them on accelerators to avoid a sync per step.
-            check_model_times(t, self.timesteps, x_t.shape[0], values=t.device.type == "cpu")
+            check_model_times(t, self.timesteps, x_t.shape[0], values=None)
         embedding = self.time_embedding(t)
         label_embedding = embed_labels(self.label_embedding, labels, x_t.shape[0], x_t.device, self)
         if label_embedding is not None:
@@ -519,6 +526,7 @@ def _attention_resolutions(
 ) -> tuple[int, ...]:
     if requested is None:
         return tuple(resolutions[1:])
+    requested = check_tuple("attention_resolutions", requested, "(14, 7), or None")
     unknown = [r for r in requested if r not in resolutions]
     if unknown:
         raise ValueError(

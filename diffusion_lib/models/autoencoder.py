@@ -6,13 +6,24 @@ timesteps or noise levels: the diffusion models of later chapters add exactly th
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from diffusion_lib.validation import check_positive_int
+from diffusion_lib.validation import check_positive_int, check_weights_dtype
 
 
-def check_image_batch(model_name: str, x: Tensor, channels: int, image_size: int) -> None:
-    """Raise ``ValueError`` unless ``x`` has shape (B, channels, image_size, image_size)."""
+def check_image_batch(
+    model_name: str,
+    x: Tensor,
+    channels: int,
+    image_size: int,
+    *,
+    weights_dtype: torch.dtype | None = None,
+    name: str = "x_t",
+) -> None:
+    """Raise ``ValueError`` unless ``x`` has shape (B, channels, image_size, image_size), holds
+    floating-point numbers and, where ``weights_dtype`` (the model's) is given, has that dtype;
+    ``name`` names ``x`` in that message."""
     expected = f"(B, {channels}, {image_size}, {image_size})"
     if not isinstance(x, Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -32,6 +43,8 @@ def check_image_batch(model_name: str, x: Tensor, channels: int, image_size: int
             f"{model_name} was built for image_size={image_size} ({image_size}x{image_size} images), "
             f"got {x.shape[2]}x{x.shape[3]}"
         )
+    if weights_dtype is not None and not torch.compiler.is_compiling():
+        check_weights_dtype(model_name, name, x, weights_dtype)
 
 
 def check_out_channels(out_channels: int | None, channels: int) -> int:
@@ -97,7 +110,14 @@ class DenoisingAutoencoder(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """(B, C, H, W) images -> (B, latent_dim) codes."""
-        check_image_batch(type(self).__name__, x, self.channels, self.image_size)
+        check_image_batch(
+            type(self).__name__,
+            x,
+            self.channels,
+            self.image_size,
+            weights_dtype=self.encoder[0].weight.dtype,
+            name="x",
+        )
         return self.encoder(x)
 
     def decode(self, z: Tensor) -> Tensor:

@@ -16,7 +16,13 @@ from torch import Tensor, nn
 
 from diffusion_lib.models.autoencoder import check_image_batch, check_out_channels
 from diffusion_lib.models.embeddings import TimeEmbedding
-from diffusion_lib.validation import check_choice, check_model_times, check_positive_int
+from diffusion_lib.validation import (
+    check_bool,
+    check_choice,
+    check_model_times,
+    check_positive_int,
+    check_tuple,
+)
 
 TIME_EMBEDDINGS = ("scalar", "sinusoidal")
 
@@ -77,7 +83,7 @@ class FCUNet(nn.Module):
             learned variance (see :mod:`diffusion_lib.learned_variance`).
 
     Shapes: ``forward(x_t, t)`` with ``x_t`` (B, C, H, W) and ``t`` (B,) int64 in 0..T-1 ->
-    (B, out_channels, H, W).
+    (B, out_channels, H, W). The network is unconditional: ``labels`` are refused.
     """
 
     def __init__(
@@ -97,10 +103,13 @@ class FCUNet(nn.Module):
         self.out_channels = check_out_channels(out_channels, channels)
         self.timesteps = check_positive_int("timesteps", timesteps)
         self.time_embedding = check_choice("time_embedding", time_embedding, TIME_EMBEDDINGS)
-        self.widths = tuple(check_positive_int("widths", width) for width in widths)
+        self.widths = tuple(
+            check_positive_int("widths", width)
+            for width in check_tuple("widths", widths, "(2000, 1000, 500)")
+        )
         if not self.widths:
             raise ValueError("widths must hold at least one hidden width, e.g. (2000, 1000, 500)")
-        self.layer_norm = layer_norm
+        self.layer_norm = check_bool("layer_norm", layer_norm)
         pixels = channels * image_size * image_size
 
         if time_embedding == "sinusoidal":
@@ -130,16 +139,29 @@ class FCUNet(nn.Module):
         depth = len(self.widths)
         return [(depth - 2 - k, k) for k in range(depth - 1)]
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         """Predict the noise in ``x_t`` (B, C, H, W) at 0-based timesteps ``t`` (B,).
 
         ``t`` may also hold real times in [0, T]: a velocity model of a
         :class:`~diffusion_lib.flow_matching.RectifiedFlow` is called with ``1000 t``.
+        ``labels`` is there to be refused with a message, as the conditional networks'
+        signature has it: this network is unconditional.
         """
-        check_image_batch(type(self).__name__, x_t, self.channels, self.image_size)
+        if labels is not None:
+            raise ValueError(
+                f"this {type(self).__name__} is unconditional and takes no labels; use "
+                "AttentionUNet(num_classes=...) to condition on labels"
+            )
+        check_image_batch(
+            type(self).__name__,
+            x_t,
+            self.channels,
+            self.image_size,
+            weights_dtype=self.output.weight.dtype,
+        )
         if not torch.compiler.is_compiling():
             # Range checks read t's values; skip them on accelerators to avoid a sync per step.
-            check_model_times(t, self.timesteps, x_t.shape[0], values=t.device.type == "cpu")
+            check_model_times(t, self.timesteps, x_t.shape[0], values=None)
         h = x_t.flatten(1)
         if self.time_mlp is None:
             time_features = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from diffusion_lib.models.embeddings import TimeEmbedding
-from diffusion_lib.validation import check_positive_int
+from diffusion_lib.validation import check_positive_int, check_weights_dtype
 
 
 class ToyMLP(nn.Module):
@@ -44,6 +44,12 @@ class ToyMLP(nn.Module):
         """``x_t``: (B, D), ``t``: (B,) 0-based timesteps -> (B, D) noise estimate."""
         if x_t.dim() != 2 or x_t.shape[1] != self.dim:
             raise ValueError(f"x_t must have shape (B, {self.dim}), got {tuple(x_t.shape)}")
+        check_weights_dtype(type(self).__name__, "x_t", x_t, self.lift.weight.dtype)
+        if not isinstance(t, Tensor):
+            raise ValueError(
+                f"t must be a tensor of shape ({x_t.shape[0]},), one time per point, e.g. "
+                f"torch.full(({x_t.shape[0]},), 500); got {type(t).__name__}"
+            )
         if t.shape != (x_t.shape[0],):
             raise ValueError(f"t must have shape ({x_t.shape[0]},), got {tuple(t.shape)}")
         embedding = self.time_embedding(t)
