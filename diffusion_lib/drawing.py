@@ -1,5 +1,5 @@
-"""The pieces the figures share: checked image tensors, one image on an axes, fresh axes, and
-the bars of a pixel histogram against the N(0, 1) density.
+"""The pieces the figures share: checked image tensors and schedules, one image on an axes,
+fresh axes, and the bars of a pixel histogram against the N(0, 1) density.
 
 :mod:`diffusion_lib.plotting`, :mod:`diffusion_lib.slider` and :mod:`diffusion_lib.plane`
 draw with these, so an image looks the same in a grid, a trajectory and the timestep slider.
@@ -8,6 +8,7 @@ draw with these, so an image looks the same in a grid, a trajectory and the time
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -17,6 +18,7 @@ from matplotlib.patches import StepPatch
 from torch import Tensor
 
 from diffusion_lib.data import to_unit_interval
+from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.validation import check_range
 
 HISTOGRAM_LIMITS = (-4.0, 4.0)
@@ -30,6 +32,28 @@ def _check_images(images: Tensor) -> Tensor:
             f"images must be a tensor of shape (N, C, H, W) with C = 1 or 3, got {shape}"
         )
     return images.detach().cpu().float()
+
+
+def _schedules_by_name(
+    schedules: NoiseSchedule | Mapping[str, NoiseSchedule],
+) -> dict[str, NoiseSchedule]:
+    """``schedules`` as a dict {name: NoiseSchedule}, a single schedule under the name ""; else
+    ``TypeError`` (a wrong kind of argument) or ``ValueError`` (an empty mapping)."""
+    if isinstance(schedules, NoiseSchedule):
+        return {"": schedules}
+    if not isinstance(schedules, Mapping):
+        raise TypeError(
+            "schedules must be a NoiseSchedule or a dict {name: NoiseSchedule}; "
+            f"got {type(schedules).__name__}"
+        )
+    if not schedules:
+        raise ValueError("schedules must hold at least one NoiseSchedule")
+    for name, schedule in schedules.items():
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(
+                f"schedules[{name!r}] must be a NoiseSchedule, got {type(schedule).__name__}"
+            )
+    return dict(schedules)
 
 
 def _image_display(image: Tensor, value_range: tuple[float, float]) -> tuple[np.ndarray, dict]:

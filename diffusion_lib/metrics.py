@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,6 +294,19 @@ def _matrix_sqrt_psd(matrix: Tensor) -> Tensor:
     return eigenvectors @ torch.diag(eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
 
 
+def _as_tensor(name: str, x: object) -> Tensor:
+    """``x`` as a tensor: a tensor itself, or an array-like of numbers such as a NumPy array
+    (in float64: Python floats would otherwise become float32)."""
+    if isinstance(x, Tensor):
+        return x
+    try:
+        return torch.as_tensor(x, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(
+            f"{name} must be a tensor or an array of numbers, got {type(x).__name__}"
+        ) from None
+
+
 def _checked_float64(name: str, x: Tensor, shape: tuple[int, ...]) -> Tensor:
     if tuple(x.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
@@ -307,8 +321,18 @@ def frechet_distance(
     """Fréchet distance between N(mean_a, covariance_a) and N(mean_b, covariance_b).
 
     ``||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2})`` (Heusel et al. 2017, eq. 6; Dowson &
-    Landau 1982), in float64. Means (D,), covariances (D, D) symmetric positive semi-definite.
+    Landau 1982), in float64. Means (D,), covariances (D, D) symmetric positive semi-definite;
+    tensors or arrays such as NumPy's.
     """
+    mean_a, covariance_a, mean_b, covariance_b = (
+        _as_tensor(name, x)
+        for name, x in (
+            ("mean_a", mean_a),
+            ("covariance_a", covariance_a),
+            ("mean_b", mean_b),
+            ("covariance_b", covariance_b),
+        )
+    )
     if mean_a.dim() != 1:
         raise ValueError(f"mean_a must have shape (D,), got {tuple(mean_a.shape)}")
     dim = mean_a.shape[0]
@@ -360,7 +384,38 @@ def _check_images(images: Tensor, value_range: tuple[float, float]) -> None:
     if images.shape[0] < 2:
         raise ValueError(f"need at least 2 images to fit a covariance, got {images.shape[0]}")
     check_finite("images", images)
-    check_range("value_range", value_range)
+    _warn_if_outside(images, check_range("value_range", value_range))
+
+
+def _warn_if_outside(images: Tensor, value_range: tuple[float, float]) -> None:
+    """Warn when ``images`` clearly use another pixel range than ``value_range``.
+
+    Two mistakes give wrong scores without an error: images in [0, 1] scored as (-1, 1), whose
+    pixels all lie in the upper half of the range, and 0..255 pixels, far above it. The tests
+    are loose because samplers that do not clip overshoot the range a little and some images
+    are dark or blank in parts: a maximum more than twice the range's width above its upper
+    end, or no pixel below its middle (with some above, as a constant mid-grey is no mistake).
+    """
+    low, high = value_range
+    middle, width = (low + high) / 2, high - low
+    minimum, maximum = (float(value) for value in torch.aminmax(images.detach()))
+    if maximum > high + 2 * width:
+        reason = (
+            f"they reach {maximum:g}, far above its upper end {high:g}; "
+            "for pixels in 0..255 pass value_range=(0, 255)"
+        )
+    elif minimum >= middle and maximum > middle:
+        reason = (
+            f"no pixel lies below its middle {middle:g}; for images in "
+            f"[{middle:g}, {high:g}] pass value_range=({middle:g}, {high:g})"
+        )
+    else:
+        return
+    warnings.warn(
+        f"images do not seem to use value_range={value_range}: {reason}, or the scores are wrong",
+        UserWarning,
+        stacklevel=4,  # the caller of score_samples
+    )
 
 
 def to_classifier_range(images: Tensor, value_range: tuple[float, float]) -> Tensor:
@@ -382,8 +437,9 @@ def score_samples(
     """Score generated ``images`` (N, 1, 28, 28), N >= 2, against the real test images.
 
     Args:
-        images: samples with pixel values in ``value_range``; values outside it are clamped, as
-            they would be when the samples are saved as pictures.
+        images: samples with pixel values in ``value_range``, float32 or another floating
+            dtype; values outside it are clamped, as they would be when the samples are saved as
+            pictures. A ``UserWarning`` says when they clearly use another range.
         dataset: ``"mnist"`` or ``"fashion_mnist"``, the data the generator learned.
         value_range: the pixel range of ``images``: (-1, 1) as in Ho et al., or (0, 1).
         threshold: probability above which a sample counts as confidently classified.
@@ -398,6 +454,7 @@ def score_samples(
         )
     dataset = dataset_name(dataset)
     _check_images(images, value_range)
+    images = images.float()  # the classifier's dtype, for float64 or float16 images
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"threshold must lie in [0, 1), got {threshold}")
     if classifier is None:

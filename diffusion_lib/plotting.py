@@ -31,6 +31,7 @@ from diffusion_lib.drawing import (
     _hide_ticks,
     _image_display,
     _new_axes,
+    _schedules_by_name,
     _setup_histogram,
 )
 from diffusion_lib.plane import plot_paths, plot_points, plot_score_field
@@ -71,6 +72,8 @@ def show_grid(
     figure.
     """
     images = _check_images(images)
+    if images.shape[0] == 0:
+        raise ValueError("show_grid needs at least one image, got a batch of 0")
     nrow = check_positive_int("nrow", nrow)
     if not 0.0 <= pad_value <= 1.0:
         raise ValueError(f"pad_value is a grey level in [0, 1], got {pad_value}")
@@ -84,13 +87,13 @@ def show_grid(
     return figure
 
 
-def plot_schedules(schedules: Mapping[str, NoiseSchedule]) -> Figure:
+def plot_schedules(schedules: NoiseSchedule | Mapping[str, NoiseSchedule]) -> Figure:
     """Three panels against the timestep t: beta_t and SNR(t) on log scales, alpha-bar_t linear.
 
-    ``schedules`` maps a label (``"linear"``, ...) to a :class:`~diffusion_lib.schedules.NoiseSchedule`. Returns the figure.
+    ``schedules``: one :class:`~diffusion_lib.schedules.NoiseSchedule`, or a mapping from a
+    label (``"linear"``, ...) to each schedule, named in a legend. Returns the figure.
     """
-    if not schedules:
-        raise ValueError("schedules must map at least one name to a NoiseSchedule")
+    schedules = _schedules_by_name(schedules)
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.4), layout="constrained")
     panels = [
         (r"$\beta_t$", "noise variance added per step", lambda s: s.betas),
@@ -107,7 +110,8 @@ def plot_schedules(schedules: Mapping[str, NoiseSchedule]) -> Figure:
     axes[1].set_ylim(-0.02, 1.02)
     axes[0].set_yscale("log")
     axes[2].set_yscale("log")
-    axes[0].legend()
+    if any(name != "" for name in schedules):  # a single schedule has no name to show
+        axes[0].legend()
     return figure
 
 
@@ -228,6 +232,11 @@ def plot_trajectory(
     its timestep, and ``label`` names the row (e.g. the decoder's image of a latent ``z_t``).
     Returns the figure.
     """
+    if not (hasattr(trajectory, "states") and hasattr(trajectory, "timesteps")):
+        raise TypeError(
+            f"expected a Trajectory, got {type(trajectory).__name__}; "
+            "ddpm_sample(..., return_trajectory=True) returns (samples, trajectory): pass the second"
+        )
     states, timesteps = trajectory.states, trajectory.timesteps
     if not 0 <= sample_index < states.shape[1]:
         raise ValueError(f"sample_index must lie in 0..{states.shape[1] - 1}, got {sample_index}")

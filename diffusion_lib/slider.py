@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,10 +26,16 @@ from diffusion_lib.drawing import (
     _density,
     _hide_ticks,
     _image_display,
+    _schedules_by_name,
     _setup_histogram,
 )
 from diffusion_lib.schedules import NoiseSchedule
-from diffusion_lib.validation import check_choice, check_positive_int
+from diffusion_lib.validation import (
+    check_choice,
+    check_number,
+    check_positive_int,
+    is_integer_tensor,
+)
 
 MAX_SLIDER_IMAGES = 12
 
@@ -42,6 +49,34 @@ def slider_timesteps(timesteps: int, count: int = 24) -> list[int]:
     check_positive_int("count", count)
     fractions = np.linspace(0.0, 1.0, count) ** 2
     return sorted({int(round(f * (timesteps - 1))) for f in fractions})
+
+
+def _frame_timesteps(timesteps_to_show: object, timesteps: int) -> list[int]:
+    """The static slider's frames: ``timesteps_to_show`` (one timestep, or a sequence, array or
+    tensor of them) as a list of ints in 0..T-1, or :func:`slider_timesteps` when ``None``."""
+    if timesteps_to_show is None:
+        return slider_timesteps(timesteps)
+    allowed = f"integers in 0..{timesteps - 1} (0-based), such as [0, {timesteps // 4}]"
+    try:
+        if not isinstance(timesteps_to_show, (Tensor, np.ndarray, numbers.Number)):
+            timesteps_to_show = list(timesteps_to_show)  # a range, a set, a generator
+        shown = torch.as_tensor(timesteps_to_show).reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(
+            f"timesteps_to_show must hold {allowed}; got {timesteps_to_show!r}"
+        ) from None
+    # Whole numbers such as 250.0 are timesteps too; 0.5 is not, and int() would make it 0.
+    whole = is_integer_tensor(shown) or (
+        shown.dtype.is_floating_point and bool((shown == shown.round()).all())
+    )
+    if not whole:
+        raise ValueError(f"timesteps_to_show must hold {allowed}; got {shown.tolist()}")
+    if shown.numel() == 0:
+        raise ValueError(f"timesteps_to_show must hold at least one timestep, {allowed}")
+    steps = [int(t) for t in shown.tolist()]
+    if not all(0 <= t < timesteps for t in steps):
+        raise ValueError(f"timesteps_to_show must lie in 0..{timesteps - 1} (0-based), got {steps}")
+    return steps
 
 
 class _ForwardProcessDrawing:
@@ -159,7 +194,7 @@ def timestep_slider(
     schedules: NoiseSchedule | Mapping[str, NoiseSchedule],
     *,
     schedule: str | None = None,
-    timesteps_to_show: Sequence[int] | None = None,
+    timesteps_to_show: int | Sequence[int] | Tensor | None = None,
     value_range: tuple[float, float] = (-1.0, 1.0),
     interactive: bool | None = None,
     noise: Tensor | None = None,
@@ -177,8 +212,9 @@ def timestep_slider(
         images: x_0, a few images (N, C, H, W), say 4 to 8, in ``value_range``.
         schedules: one schedule, or a mapping from names to schedules.
         schedule: the name shown first (default: the first in ``schedules``).
-        timesteps_to_show: the static version's frames (default: 24 timesteps, denser at small
-            t, from :func:`slider_timesteps`).
+        timesteps_to_show: the static version's frames, integers in 0..T-1 in a sequence,
+            array or tensor, or one integer (default: 24 timesteps, denser at small t, from
+            :func:`slider_timesteps`).
         interactive: ``True`` returns an ipywidgets UI (a timestep ``IntSlider`` over 0..T-1 and a
             schedule ``Dropdown``) for a running kernel. ``False`` or ``None`` (the default)
             returns ``IPython.display.HTML`` holding precomputed PNG frames of ``schedule`` and a
@@ -187,23 +223,21 @@ def timestep_slider(
             notebooks, and in a live kernel.
         dpi, embed_limit_mb: size of the static frames and the cap on their total size in MB.
     """
-    if isinstance(schedules, NoiseSchedule):
-        schedules = {"": schedules}
-    if not schedules:
-        raise ValueError("schedules must hold at least one NoiseSchedule")
+    schedules = _schedules_by_name(schedules)
     name = (
         check_choice("schedule", schedule, list(schedules)) if schedule else next(iter(schedules))
     )
     images = _check_images(images)
+    if images.shape[0] == 0:
+        raise ValueError("timestep_slider needs at least one image, got a batch of 0")
     if images.shape[0] > MAX_SLIDER_IMAGES:
         raise ValueError(f"show a few images (at most {MAX_SLIDER_IMAGES}), got {images.shape[0]}")
+    check_number("dpi", dpi, 0.0, low_open=True)
+    if not interactive:
+        timesteps = _frame_timesteps(timesteps_to_show, schedules[name].timesteps)
     if noise is None:
         noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
     drawing = _ForwardProcessDrawing(images, noise.detach().cpu().float(), value_range, dpi)
     if interactive:
         return _live_slider(drawing, schedules, name)
-    last = schedules[name].timesteps - 1
-    timesteps = [int(t) for t in (timesteps_to_show or slider_timesteps(last + 1))]
-    if not all(0 <= t <= last for t in timesteps):
-        raise ValueError(f"timesteps_to_show must lie in 0..{last} (0-based), got {timesteps}")
     return _static_slider(drawing, schedules[name], name, timesteps, embed_limit_mb)

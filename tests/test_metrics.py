@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -123,11 +124,22 @@ def test_confident_share_counts_rows_above_threshold() -> None:
         ((torch.zeros(3), torch.eye(3), torch.zeros(4), torch.eye(4)), "mean_b"),
         ((torch.zeros(3), torch.eye(2), torch.zeros(3), torch.eye(3)), "covariance_a"),
         ((torch.zeros(3), torch.eye(3), torch.full((3,), math.nan), torch.eye(3)), "finite"),
+        (("zeros", torch.eye(3), torch.zeros(3), torch.eye(3)), "mean_a must be a tensor or an"),
     ],
 )
 def test_frechet_distance_rejects_bad_statistics(arguments, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         metrics.frechet_distance(*arguments)
+
+
+@pytest.mark.parametrize("convert", [np.asarray, lambda x: x.tolist()], ids=["numpy", "lists"])
+def test_frechet_distance_takes_arrays(convert) -> None:
+    generator = torch.Generator().manual_seed(5)
+    covariance_a, covariance_b = (random_covariance(4, 6, generator) for _ in range(2))
+    mean_a, mean_b = torch.randn(2, 4, generator=generator, dtype=torch.float64)
+    statistics = (mean_a, covariance_a, mean_b, covariance_b)
+    expected = metrics.frechet_distance(*statistics)
+    assert metrics.frechet_distance(*(convert(x.numpy()) for x in statistics)) == expected
 
 
 # ------------------------------------------------------------------ the classifier and its cache
@@ -284,6 +296,60 @@ def test_quality_score_formats(reference_scores) -> None:
 def test_score_samples_rejects_bad_input(images, keywords, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         metrics.score_samples(images, **keywords)
+
+
+@pytest.mark.parametrize(
+    ("to_pixels", "message"),
+    [
+        (lambda x: (x + 1) / 2, r"no pixel lies below its middle 0; .* value_range=\(0, 1\)"),
+        (lambda x: (x + 1) * 127.5, r"they reach 255, far above .* value_range=\(0, 255\)"),
+    ],
+    ids=["[0, 1]", "0..255"],
+)
+def test_score_samples_warns_about_images_in_another_range(
+    mnist_classifier, mnist_test_images, to_pixels, message: str
+) -> None:
+    images = to_pixels(mnist_test_images[:100])
+    with pytest.warns(UserWarning, match=message):
+        metrics.score_samples(images, classifier=mnist_classifier)
+
+
+def _lower_half_blank(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x[:, :, :14], torch.full_like(x[:, :, 14:], -1.0)], dim=2)
+
+
+@pytest.mark.parametrize(
+    ("to_pixels", "value_range"),
+    [
+        (lambda x: x * 1.5, (-1.0, 1.0)),  # unclipped samples overshoot
+        (lambda x: x + 3.0 * (x > 0.9), (-1.0, 1.0)),  # a few pixels far out
+        (lambda x: x * 0.5 - 0.5, (-1.0, 1.0)),  # dark
+        (_lower_half_blank, (-1.0, 1.0)),  # partial
+        (torch.zeros_like, (-1.0, 1.0)),  # constant mid-grey
+        (lambda x: (x + 1) / 2, (0.0, 1.0)),
+        (lambda x: (x + 1) * 127.5, (0.0, 255.0)),
+        (lambda x: x * 3, (-3.0, 3.0)),
+    ],
+    ids=["overshoot", "outliers", "dark", "half blank", "grey", "[0, 1]", "0..255", "[-3, 3]"],
+)
+def test_score_samples_does_not_warn_about_images_in_their_range(
+    mnist_classifier, mnist_test_images, to_pixels, value_range
+) -> None:
+    images = to_pixels(mnist_test_images[:100])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics.score_samples(images, value_range=value_range, classifier=mnist_classifier)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_score_samples_takes_other_floating_dtypes(
+    mnist_classifier, mnist_test_images, dtype
+) -> None:
+    images = mnist_test_images[:100]
+    expected = metrics.score_samples(images, classifier=mnist_classifier)
+    score = metrics.score_samples(images.to(dtype), classifier=mnist_classifier)
+    assert score.frechet_distance == pytest.approx(expected.frechet_distance, rel=1e-4)
+    assert score.class_counts == expected.class_counts
 
 
 def test_a_classifier_passed_as_the_dataset_is_pointed_to_its_keyword(mnist_classifier) -> None:

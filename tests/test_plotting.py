@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
@@ -55,6 +57,8 @@ def test_show_grid_draws_on_given_axes_and_rejects_bad_shapes(images):
     assert right.get_title() == "4 images"
     with pytest.raises(ValueError, match="N, C, H, W"):
         show_grid(images[0])
+    with pytest.raises(ValueError, match="show_grid needs at least one image"):
+        show_grid(images[:0])
 
 
 def test_show_grid_pads_with_the_grey_level_asked_for(images):
@@ -84,6 +88,39 @@ def test_plot_schedules_draws_three_labelled_panels():
     np.testing.assert_allclose(snr_ax.get_lines()[2].get_ydata(), alpha_bar / (1 - alpha_bar))
     labels = [text.get_text() for text in beta_ax.get_legend().get_texts()]
     assert labels == list(schedules)
+
+
+def test_plot_schedules_draws_a_single_schedule_without_a_legend():
+    schedule = NoiseSchedule.from_name("cosine", 200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns about a legend with no labels
+        figure = plot_schedules(schedule)
+    alpha_ax = figure.axes[1]
+    (line,) = alpha_ax.get_lines()
+    np.testing.assert_allclose(line.get_ydata(), _alpha_bar(schedule), rtol=1e-12)
+    assert all(ax.get_legend() is None for ax in figure.axes)
+
+
+@pytest.mark.parametrize(
+    ("schedules", "error", "message"),
+    [
+        (
+            [NoiseSchedule.from_name("linear", 20)],
+            TypeError,
+            r"dict \{name: NoiseSchedule\}; got list",
+        ),
+        ("linear", TypeError, "NoiseSchedule or a dict .*; got str"),
+        (
+            {"linear": "linear"},
+            TypeError,
+            r"schedules\['linear'\] must be a NoiseSchedule, got str",
+        ),
+        ({}, ValueError, "at least one NoiseSchedule"),
+    ],
+)
+def test_plot_schedules_rejects_what_is_not_a_schedule(schedules, error, message):
+    with pytest.raises(error, match=message):
+        plot_schedules(schedules)
 
 
 def test_plot_loss_draws_raw_values_and_moving_average():
@@ -153,6 +190,19 @@ def test_plot_trajectory_titles_frames_by_timestep():
     assert labelled.axes[0].get_ylabel() == r"$D(z_t)$"
     with pytest.raises(ValueError, match="sample_index"):
         plot_trajectory(trajectory, sample_index=2)
+
+
+@pytest.mark.parametrize(
+    "not_a_trajectory",
+    [
+        (torch.zeros(2, 1, 4, 4), Trajectory(torch.zeros(3, 2, 1, 4, 4), torch.tensor([2, 1, -1]))),
+        torch.zeros(3, 2, 1, 4, 4),
+    ],
+    ids=["the pair a sampler returns", "a tensor"],
+)
+def test_plot_trajectory_asks_for_a_trajectory(not_a_trajectory):
+    with pytest.raises(TypeError, match=r"expected a Trajectory.*: pass the second"):
+        plot_trajectory(not_a_trajectory)
 
 
 def test_plot_trajectory_titles_flow_times():

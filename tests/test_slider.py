@@ -113,3 +113,60 @@ def test_slider_rejects_unknown_schedules_and_timesteps(images, schedules):
         timestep_slider(images, schedules, timesteps_to_show=[0, 200])
     with pytest.raises(ValueError, match="embed_limit_mb"):
         timestep_slider(images, schedules, timesteps_to_show=[0, 100, 199], embed_limit_mb=0.01)
+
+
+@pytest.mark.parametrize(
+    "shown",
+    [torch.tensor([0, 150]), np.array([0, 150]), [0.0, 150.0], range(0, 151, 150)],
+    ids=["tensor", "numpy", "whole floats", "range"],
+)
+def test_static_slider_takes_timesteps_as_any_sequence_of_integers(images, schedules, shown):
+    expected = _decode_frames(timestep_slider(images, schedules, timesteps_to_show=[0, 150]).data)
+    frames = _decode_frames(timestep_slider(images, schedules, timesteps_to_show=shown).data)
+    assert sorted(frames) == sorted(expected)
+    for index, frame in frames.items():
+        np.testing.assert_array_equal(frame, expected[index])
+
+
+def test_static_slider_takes_a_single_timestep(images, schedules):
+    expected = _decode_frames(timestep_slider(images, schedules, timesteps_to_show=[50]).data)
+    frames = _decode_frames(timestep_slider(images, schedules, timesteps_to_show=50).data)
+    assert sorted(frames) == [0]
+    np.testing.assert_array_equal(frames[0], expected[0])
+
+
+@pytest.mark.parametrize(
+    ("shown", "message"),
+    [
+        ([0, 0.5], r"integers in 0\.\.199 .*got \[0\.0, 0\.5\]"),
+        (torch.tensor([10.7]), r"integers in 0\.\.199"),
+        ("fifty", r"integers in 0\.\.199"),
+        ([], "at least one timestep"),
+    ],
+)
+def test_slider_rejects_timesteps_that_are_not_integers(images, schedules, shown, message):
+    with pytest.raises(ValueError, match=message):
+        timestep_slider(images, schedules, timesteps_to_show=shown)
+
+
+@pytest.mark.parametrize(
+    ("schedules_argument", "message"),
+    [
+        ("linear", r"NoiseSchedule or a dict \{name: NoiseSchedule\}; got str"),
+        ([NoiseSchedule.from_name("linear", 20)], "NoiseSchedule or a dict .*; got list"),
+    ],
+)
+def test_slider_rejects_what_is_not_a_schedule(images, schedules_argument, message):
+    with pytest.raises(TypeError, match=message):
+        timestep_slider(images, schedules_argument)
+
+
+@pytest.mark.parametrize("dpi", [0, -72])
+def test_slider_rejects_a_dpi_that_is_not_positive(images, schedules, dpi):
+    with pytest.raises(ValueError, match=r"dpi must lie in \(0\.0, inf\)"):
+        timestep_slider(images, schedules, dpi=dpi)
+
+
+def test_slider_needs_at_least_one_image(images, schedules):
+    with pytest.raises(ValueError, match="timestep_slider needs at least one image"):
+        timestep_slider(images[:0], schedules)
