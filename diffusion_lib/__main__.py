@@ -39,15 +39,32 @@ COMMANDS = {
 }
 
 
+# The exit status of a command stopped by Ctrl-C, as shells report a process ended by SIGINT
+INTERRUPTED_STATUS = 130
+
+
+def _describe_os_error(error: OSError) -> str:
+    """An OSError in one line: what went wrong and the file, without the errno prefix."""
+    if error.strerror and error.filename is not None:
+        return f"{error.strerror}: {error.filename}"
+    return str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit status (0 success, 1 failure). A usage error exits
-    through argparse with status 2."""
+    """Run the command line; return the exit status (0 success, 1 failure, 130 when Ctrl-C
+    stopped it). A usage error exits through argparse with status 2."""
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
     except (CommandError, CheckpointError, DataNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # a file that cannot be read or written: no traceback either
+        print(f"error: {_describe_os_error(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as error:  # train saved its last step and says where to go on
+        print(str(error) or "interrupted", file=sys.stderr)
+        return INTERRUPTED_STATUS
     return 0
 
 

@@ -19,9 +19,9 @@ never runs code stored in the file. Its entries::
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -33,6 +33,18 @@ CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "step", "model", "ema", "optimizer", "lr_scheduler", "history")
 WEIGHTS = ("ema", "model")
+# Arguments of a network that its checkpoint's config records (config["model"]["kwargs"]) and the
+# book's networks keep as attributes: they change what it computes, often not its weights' shapes.
+MODEL_ARGUMENTS = ("image_size", "channels", "out_channels", "timesteps", "num_classes")
+# What a network trained with another objective than noise prediction computes, and how to use it
+OBJECTIVE_HINTS = {
+    "flow": "predicts a velocity: sample it with flow_sample on RectifiedFlow(T), not with a "
+    "noise sampler",
+    "edm": "is EDM's preconditioned denoiser (a PreconditionedDenoiser): sample it with edm_sample",
+    "hybrid": "predicts the noise and, in C more channels, its variance: sample it with "
+    'ddpm_sample(..., variance="learned"), or wrap it in NoiseOnly for the other samplers',
+    "masked": "fills in masked pixels (a TokenDenoiser): sample it with masked_sample",
+}
 
 
 class CheckpointError(ValueError):
@@ -189,115 +201,60 @@ def load_checkpoint(
     state = read_checkpoint(path, map_location)
     if model is not None:
         check_state_dict_fits(path, state[weights], model)
+        check_model_arguments_fit(path, state.get("config"), model)
         model.load_state_dict(state[weights])
+        _warn_unless_noise_prediction(path, state.get("config"))
     return state
 
 
-def capture_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """The global random generators' states: the CPU's and, on CUDA, that of ``device``."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def _innermost_network(model: nn.Module) -> nn.Module:
+    """The network inside wrappers such as PreconditionedDenoiser and TokenDenoiser, which keep
+    it as ``.network``: the module that the config's model arguments describe."""
+    while isinstance(getattr(model, "network", None), nn.Module):
+        model = model.network
+    return model
 
 
-def restore_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Undo :func:`capture_rng_state`: continue the random streams where the checkpoint left them."""
-    torch.set_rng_state(state["torch"].cpu())
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+def check_model_arguments_fit(path: str | os.PathLike, config: Any, model: nn.Module) -> None:
+    """Raise :class:`CheckpointError` if the config's model arguments (MODEL_ARGUMENTS, such as
+    T) differ from the model's attributes of the same names: with T = 100 in the checkpoint and
+    1000 in the model, the weights fit but every time input means another step."""
+    described = config.get("model") if isinstance(config, dict) else None
+    kwargs = described.get("kwargs") if isinstance(described, dict) else None
+    if not isinstance(kwargs, dict):
+        return
+    network = _innermost_network(model)
+    differences = [
+        f"{key} {kwargs[key]!r} in the checkpoint, {getattr(network, key)!r} in the model"
+        for key in MODEL_ARGUMENTS
+        if kwargs.get(key) is not None
+        and hasattr(network, key)
+        and getattr(network, key) != kwargs[key]
+    ]
+    if differences:
+        raise CheckpointError(
+            f"checkpoint {path} was written for a {type(network).__name__} with other arguments: "
+            f"{'; '.join(differences)}; build the model with the checkpoint's "
+            "config['model']['kwargs']"
+        )
 
 
-def training_state(
-    *,
-    step: int,
-    model: nn.Module,
-    ema_model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-    device: torch.device,
-    data_order: dict[str, int],
-    losses: list[float],
-    config: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """Everything a run needs to continue exactly where it stopped, as a checkpoint dict."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "step": step,
-        "model": model.state_dict(),
-        "ema": ema_model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "rng": capture_rng_state(device),
-        "data_order": dict(data_order),
-        "history": {"loss": list(losses)},
-        "config": config,
-    }
-
-
-START_AFRESH = (
-    "start afresh with resume=False (--no-resume on the command line) or another checkpoint folder"
-)
-
-
-def _config_differences(stored: dict[str, Any], current: dict[str, Any]) -> str:
-    """The keys of two run configs that differ, as ``key: stored -> this run`` (JSON values)."""
-    keys = sorted(set(stored) | set(current))
-    return ", ".join(
-        f"{key}: {json.dumps(stored.get(key))} in the checkpoint, {json.dumps(current.get(key))} now"
-        for key in keys
-        if stored.get(key) != current.get(key)
+def _warn_unless_noise_prediction(path: str | os.PathLike, config: Any) -> None:
+    """Warn when the config says the network does not predict the noise, so that the caller
+    samples it with the sampler or wrapper it needs rather than a noise sampler."""
+    if not isinstance(config, dict):
+        return
+    objective, prediction = config.get("objective", "noise"), config.get("prediction", "epsilon")
+    if objective in OBJECTIVE_HINTS:
+        hint = OBJECTIVE_HINTS[objective]
+    elif prediction not in (None, "epsilon"):
+        hint = (
+            f"predicts {prediction}, not the noise: wrap it in NoiseFromPrediction(model, "
+            f"schedule, {prediction!r}) for a noise sampler"
+        )
+    else:
+        return
+    warnings.warn(
+        f"checkpoint {path} was trained with objective {objective!r}; its network {hint}",
+        stacklevel=3,  # the caller of load_checkpoint
     )
-
-
-def restore_training_state(
-    path: str | os.PathLike,
-    *,
-    model: nn.Module,
-    ema_model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-    device: torch.device,
-    config: dict[str, Any] | None,
-) -> tuple[int, list[float]]:
-    """Load a checkpoint written by :func:`training_state` into a run; return its step and losses.
-
-    The weights and the random streams are loaded last, after every check has passed and the
-    optimiser and scheduler have accepted their states, so a rejected checkpoint leaves the
-    model, its moving average and the random streams untouched. The optimiser's implementation
-    flags (fused, foreach) follow this run's device, so a checkpoint written on a GPU resumes on
-    a CPU and back.
-    """
-    state = read_checkpoint(path)
-    try:
-        check_state_dict_fits(path, state["model"], model)
-        check_state_dict_fits(path, state["ema"], ema_model)
-    except CheckpointError as error:
-        raise CheckpointError(f"{error}; {START_AFRESH}") from None
-    stored = state.get("config")
-    if stored is not None and config is not None and stored != config:
-        raise CheckpointError(
-            f"checkpoint {path} was written for another run: {_config_differences(stored, config)}; "
-            f"{START_AFRESH}"
-        )
-    if "torch" not in state.get("rng", {}):
-        raise CheckpointError(f"checkpoint {path} lacks the random state that resuming needs")
-    losses = state["history"]["loss"]
-    if len(losses) != state["step"]:
-        raise CheckpointError(
-            f"checkpoint {path} is inconsistent: step {state['step']} but {len(losses)} recorded losses"
-        )
-    current = optimizer.param_groups[0]
-    for group in state["optimizer"]["param_groups"]:
-        group["fused"], group["foreach"] = current.get("fused"), current.get("foreach")
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-    except (ValueError, KeyError, RuntimeError) as error:
-        raise CheckpointError(
-            f"checkpoint {path} has an unusable optimiser state: {error}"
-        ) from None
-    model.load_state_dict(state["model"])
-    ema_model.load_state_dict(state["ema"])
-    restore_rng_state(state["rng"], device)
-    return int(state["step"]), [float(value) for value in losses]

@@ -11,7 +11,7 @@ from typing import Any
 
 from diffusion_lib.cli_sample import read_checkpoint, rebuild
 from diffusion_lib.cli_train import engine_options, report_training
-from diffusion_lib.command_line import CommandError
+from diffusion_lib.command_line import CommandError, check_output_folder
 from diffusion_lib.data import load_images
 from diffusion_lib.devices import select_device
 from diffusion_lib.distillation import ProgressiveDistillation
@@ -43,6 +43,7 @@ def _check_teacher(config: dict[str, Any], student_steps: int) -> None:
 
 def run_distill(args: argparse.Namespace) -> None:
     """``distill``: one round of progressive distillation from a flow checkpoint."""
+    check_output_folder("--output", args.output)
     path, state = read_checkpoint(args.checkpoint)
     config = state["config"]
     _check_teacher(config, args.student_steps)

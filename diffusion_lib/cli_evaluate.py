@@ -31,7 +31,12 @@ from diffusion_lib.cli_sample import (
     sampling_method,
     training_images,
 )
-from diffusion_lib.command_line import MASKED_BOUND_DRAWS, SCHEDULE_OBJECTIVES, CommandError
+from diffusion_lib.command_line import (
+    MASKED_BOUND_DRAWS,
+    SCHEDULE_OBJECTIVES,
+    CommandError,
+    check_output_file,
+)
 from diffusion_lib.data import load_images
 from diffusion_lib.feature_metrics import (
     COPY_RATIO,
@@ -93,8 +98,8 @@ def _check_evaluation_args(args: argparse.Namespace) -> None:
             f"T - 1), and it needs --bound-images M > 0, the test images it bounds; got "
             f"--ode-steps {args.ode_steps} with --bound-images {args.bound_images}"
         )
-    if args.json is not None and args.json.is_dir():
-        raise CommandError(f"--json names a file to write; {args.json} is a folder")
+    if args.json is not None:
+        check_output_file("--json", args.json, "scores.json")
 
 
 def _check_ode_bound_fits(config: dict[str, Any], ode_steps: int) -> None:

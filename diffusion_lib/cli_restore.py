@@ -27,6 +27,7 @@ from diffusion_lib.command_line import (
     REPAINT_RESAMPLINGS,
     SCHEDULE_OBJECTIVES,
     CommandError,
+    check_output_file,
 )
 from diffusion_lib.data import load_images, to_unit_interval
 from diffusion_lib.devices import select_device
@@ -232,6 +233,9 @@ def _save_picture(rows: dict[str, Tensor], value_range: tuple[float, float], pat
 def run_restore(args: argparse.Namespace) -> None:
     """``restore``: measure the first test images, restore them with the checkpoint's model as
     the prior, score the restorations and save them beside the originals and measurements."""
+    check_output_file("--output", args.output, "restored.png", image=True)
+    if args.json is not None:
+        check_output_file("--json", args.json, "restored.json")
     path, state = read_checkpoint(args.checkpoint)
     config = state["config"]
     steps = _check_restore_args(args, config)

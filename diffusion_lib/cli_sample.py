@@ -39,6 +39,7 @@ from diffusion_lib.command_line import (
     SAMPLERS,
     SCHEDULE_OBJECTIVES,
     CommandError,
+    check_output_file,
 )
 from diffusion_lib.data import load_images, to_unit_interval
 from diffusion_lib.devices import select_device
@@ -162,8 +163,10 @@ def _check_sampling_args(args: argparse.Namespace, config: dict[str, Any], sampl
         )
     if args.num < 1:
         raise CommandError(f"--num must be >= 1, got {args.num}")
-    if args.eta < 0:
-        raise CommandError(f"--eta must be >= 0, got {args.eta}")
+    if not 0 <= args.eta <= 1:
+        raise CommandError(
+            f"--eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's variance), got {args.eta}"
+        )
     if args.eta > 0 and sampler != "ddim":
         raise CommandError("--eta applies to --sampler ddim only")
     if args.spacing is not None and sampler != "ddim":
@@ -400,6 +403,14 @@ def _save_nearest(pictures: torch.Tensor, training: torch.Tensor, path: Path) ->
 def run_sample(args: argparse.Namespace) -> None:
     """``sample``: rebuild model and schedule from the checkpoint and save a grid of samples;
     with --nearest also the grid of their nearest training images."""
+    check_output_file("--output", args.output, "samples.png", image=True)
+    if args.nearest is not None:
+        check_output_file("--nearest", args.nearest, "nearest.png", image=True)
+        if args.nearest.resolve() == args.output.resolve():
+            raise CommandError(
+                f"--nearest and --output both name {args.output}; the nearest training images "
+                "would replace the samples"
+            )
     plan = plan_sampling(args)
     training = None
     if args.nearest is not None:

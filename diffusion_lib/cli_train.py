@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,7 @@ from torch import nn
 
 from diffusion_lib.command_line import (
     COMPILE_CHOICES,
+    DEFAULT_LABEL_DROPOUT,
     DEFAULT_MASKED_CLASSES,
     DEFAULT_SCHEDULE,
     DEFAULT_SIGMA_DATA,
@@ -28,6 +30,7 @@ from diffusion_lib.command_line import (
     IMAGE_SIZE,
     MAX_MASKED_CLASSES,
     CommandError,
+    check_output_folder,
 )
 from diffusion_lib.data import CLASS_NAMES, load_images
 from diffusion_lib.edm import EDMNoiseLevels, PreconditionedDenoiser, edm_loss
@@ -40,12 +43,11 @@ from diffusion_lib.training import TrainingResult, train
 
 
 def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
+    set_by_options: dict[str, Any] = {
         "image_size": IMAGE_SIZE,
         # A masked model reads each image channel as K + 1 one-hot channels (levels and mask).
         "channels": IMAGE_CHANNELS * (args.classes + 1 if args.objective == "masked" else 1),
         "timesteps": args.timesteps,
-        **dict(args.model_arg),
     }
     if args.conditional:
         if "num_classes" not in inspect.signature(MODELS[args.model]).parameters:
@@ -58,10 +60,34 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 f"--conditional needs a model that takes class labels; {args.model} does not "
                 f"(choose one of {', '.join(conditional) or 'none'})"
             )
-        kwargs["num_classes"] = len(CLASS_NAMES[args.dataset])
+        set_by_options["num_classes"] = len(CLASS_NAMES[args.dataset])
+    _check_model_args(args, set_by_options)
+    kwargs = {**set_by_options, **dict(args.model_arg)}
     if args.objective == "masked":
         return _masked_channels(kwargs, args.classes)
     return _with_output_channels(kwargs, args.objective)
+
+
+def _check_model_args(args: argparse.Namespace, set_by_options: dict[str, Any]) -> None:
+    """Refuse a --model-arg that contradicts what the options set: T, the image size, the
+    channels and the classes. A masked model's channels have their own check
+    (:func:`_masked_channels`), and it is called at t = 0, so its T does not matter."""
+    conflicts = {
+        "timesteps": f"conflicts with --timesteps (T = {args.timesteps}); use --timesteps",
+        "image_size": f"conflicts with the dataset, whose images are {IMAGE_SIZE} x {IMAGE_SIZE}",
+        "channels": f"conflicts with the dataset, whose images have {IMAGE_CHANNELS} channel",
+        "num_classes": (
+            f"conflicts with --conditional, which gives the model the "
+            f"{set_by_options.get('num_classes')} classes of {args.dataset}"
+            if args.conditional
+            else "makes a class-conditional model; use --conditional"
+        ),
+    }
+    if args.objective == "masked":
+        del conflicts["channels"], conflicts["timesteps"]
+    for key, value in args.model_arg:
+        if key in conflicts and value != set_by_options.get(key):
+            raise CommandError(f"--model-arg {key}={json.dumps(value)} {conflicts[key]}")
 
 
 def _with_output_channels(kwargs: dict[str, Any], objective: str) -> dict[str, Any]:
@@ -251,25 +277,53 @@ def _check_masked_options(args: argparse.Namespace) -> None:
         )
 
 
+def _check_objective_options(args: argparse.Namespace) -> None:
+    """Refuse the options given for an objective that has no use for them: --schedule without a
+    noise schedule, --sigma-data and --vlb-weight outside edm and hybrid, --label-dropout
+    without --conditional (or outside [0, 1))."""
+    if args.schedule is not None and args.objective in ("flow", "edm"):
+        raise CommandError(
+            f"--schedule applies to --objective noise or hybrid only; --objective "
+            f"{args.objective} has its own noise levels"
+        )
+    if args.sigma_data is not None and args.objective != "edm":
+        raise CommandError("--sigma-data applies to --objective edm only")
+    if args.vlb_weight is not None and args.objective != "hybrid":
+        raise CommandError("--vlb-weight applies to --objective hybrid only")
+    if args.label_dropout is None:
+        return
+    if not args.conditional:
+        raise CommandError(
+            "--label-dropout applies to --conditional only: it drops class labels, which an "
+            "unconditional model does not see"
+        )
+    if not 0 <= args.label_dropout < 1:
+        raise CommandError(
+            f"--label-dropout must lie in [0, 1) (0.1 is typical), got {args.label_dropout}"
+        )
+
+
 def _fill_in_defaults(args: argparse.Namespace) -> None:
-    """The defaults of the options that the parser leaves at None, so that --objective masked
-    can tell that they were given."""
+    """The defaults of the options that the parser leaves at None, so that a given value can be
+    told from the default (and refused where it does not apply)."""
     if args.schedule is None:
         args.schedule = DEFAULT_SCHEDULE
     if args.timesteps is None:
         args.timesteps = DEFAULT_TIMESTEPS
     if args.sigma_data is None:
         args.sigma_data = DEFAULT_SIGMA_DATA
+    if args.label_dropout is None:
+        args.label_dropout = DEFAULT_LABEL_DROPOUT
 
 
 def run_train(args: argparse.Namespace) -> None:
     """``train``: load the dataset, build model and schedule, train, report the checkpoint."""
     low, high = args.value_range
+    check_output_folder("--output", args.output)
     _check_masked_options(args)
-    _fill_in_defaults(args)
-    if args.vlb_weight is not None and args.objective != "hybrid":
-        raise CommandError("--vlb-weight applies to --objective hybrid only")
+    _check_objective_options(args)
     _check_schedule_options(args)
+    _fill_in_defaults(args)
     loss = _noise_loss(args)
     kwargs = _model_kwargs(args)
     torch.manual_seed(args.seed)  # the initial weights, so that --seed repeats a run exactly

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from diffusion_lib.checkpoints import CHECKPOINT_NAME
 from diffusion_lib.data import DATASETS
 from diffusion_lib.masked_diffusion import MASKING_SCHEDULES, REVEAL_ORDERS
 from diffusion_lib.models import MODELS
@@ -47,6 +51,9 @@ IMAGE_SIZE, IMAGE_CHANNELS = 28, 1  # MNIST and Fashion-MNIST
 # Defaults of train's options that --objective masked rejects when given: their parser default
 # is None, so that a given value can be told from the default.
 DEFAULT_SCHEDULE, DEFAULT_TIMESTEPS, DEFAULT_SIGMA_DATA = "linear", 1000, 0.5
+# The default of --label-dropout, which applies to --conditional only: its parser default is None
+# too, so that a value given without --conditional is refused
+DEFAULT_LABEL_DROPOUT = 0.1
 # --objective masked: the grey levels K by default (black and white), and the most allowed
 # (the 256 of an 8-bit image)
 DEFAULT_MASKED_CLASSES, MAX_MASKED_CLASSES = 2, 256
@@ -72,6 +79,45 @@ ALL_LABELS = "all"
 
 class CommandError(Exception):
     """A problem with the command's inputs, reported as one line on stderr (exit status 1)."""
+
+
+def check_output_file(option: str, path: Path, example: str, *, image: bool = False) -> None:
+    """Raise :class:`CommandError` unless the file ``path`` of ``option`` can be written: not a
+    folder, for an image with an extension that PIL writes, and under folders that exist or can
+    be made. Commands check their outputs before their work, which a late failure would waste."""
+    kind = "an image file" if image else "a file"
+    if path.is_dir():
+        raise CommandError(f"{option} must name {kind} such as {example}; got {path} (a folder)")
+    suffix = path.suffix.lower()
+    if image and Image.registered_extensions().get(suffix) not in Image.SAVE:
+        found = f"{suffix} is not an image format" if suffix else "no extension"
+        raise CommandError(
+            f"{option} must name {kind} such as {example}; got {path} ({found}; "
+            ".png keeps every pixel)"
+        )
+    _check_folders_on_the_way(option, path, path.parent)
+
+
+def check_output_folder(option: str, folder: Path) -> None:
+    """Raise :class:`CommandError` unless ``folder``, where ``option`` has train or distill write
+    checkpoint.pt, is a folder or can be made one; checked before the data are loaded."""
+    if folder.exists() and not folder.is_dir():
+        hint = f", e.g. {folder.parent}" if folder.name == CHECKPOINT_NAME else ""
+        raise CommandError(
+            f"{option} {folder} is a file; pass the folder that holds {CHECKPOINT_NAME}{hint}"
+        )
+    _check_folders_on_the_way(option, folder, folder)
+
+
+def _check_folders_on_the_way(option: str, path: Path, folder: Path) -> None:
+    """``folder`` (where ``path`` goes) must exist or be creatable: its nearest existing
+    ancestor must be a writable folder."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the first folder on the way that exists: the rest is made
+    if not folder.is_dir():
+        raise CommandError(f"{option} {path} cannot be written: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CommandError(f"{option} {path} cannot be written: {folder} is not writable")
 
 
 EPILOG = """\
@@ -226,9 +272,8 @@ def _add_model_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--label-dropout",
         type=float,
-        default=0.1,
-        help="with --conditional: share of labels dropped, for classifier-free guidance "
-        "(default: 0.1)",
+        help="with --conditional: share of labels dropped, in [0, 1), for classifier-free "
+        f"guidance (default: {DEFAULT_LABEL_DROPOUT})",
     )
 
 
@@ -378,7 +423,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser, default_num: int) -> 
         "--zero-terminal-snr, which must start at T - 1, else leading)",
     )
     parser.add_argument(
-        "--eta", type=float, default=0.0, help="ddim noise: 0 deterministic, 1 DDPM-like"
+        "--eta", type=float, default=0.0, help="ddim noise in [0, 1]: 0 deterministic, 1 DDPM-like"
     )
     parser.add_argument(
         "--num", type=int, default=default_num, help=f"number of images (default: {default_num})"

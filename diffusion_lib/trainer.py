@@ -20,13 +20,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from diffusion_lib.batches import _BatchPlan, _derived_seed
-from diffusion_lib.checkpoints import restore_training_state, save_checkpoint, training_state
+from diffusion_lib.checkpoints import save_checkpoint
 from diffusion_lib.devices import ProcessGroup
 from diffusion_lib.ema import ExponentialMovingAverage
 from diffusion_lib.flow_matching import RectifiedFlow, flow_matching_loss
 from diffusion_lib.losses import diffusion_loss
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.training_setup import AUTO_COMPILE, _Settings
+from diffusion_lib.training_state import restore_training_state, training_state
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -242,13 +243,16 @@ class _Trainer:
             self._write(path)
         self.last_saved_step = self.step
 
-    def _write(self, path: Path) -> None:
-        data_order = {
+    def _data_order(self) -> dict[str, int]:
+        """What fixes the batches of every step (see :class:`~diffusion_lib.batches._BatchPlan`)."""
+        return {
             "seed": self.settings.seed,
             "dataset_size": self.plan.dataset_size,
             "batch_size": self.settings.batch_size,
             "world_size": self.group.world_size,
         }
+
+    def _write(self, path: Path) -> None:
         state = training_state(
             step=self.step,
             model=self.model,
@@ -256,7 +260,7 @@ class _Trainer:
             optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler,
             device=self.device,
-            data_order=data_order,
+            data_order=self._data_order(),
             losses=self.history.loss,
             config=self.settings.config,
         )
@@ -275,6 +279,7 @@ class _Trainer:
             lr_scheduler=self.lr_scheduler,
             device=self.device,
             config=self.settings.config,
+            data_order=self._data_order(),
         )
         self.last_saved_step = self.step
         self._use_this_calls_optimiser_settings(path)

@@ -12,7 +12,8 @@ adds what makes that loop practical:
 * Linear learning-rate warmup and gradient-norm clipping.
 * Losses stay on the device and are read in chunks, so the GPU never waits for Python.
 * Atomic checkpoints and exact resumption: the data order and every random draw depend
-  only on ``seed`` and the step number, so a resumed run repeats the uninterrupted one.
+  only on ``seed`` and the step number, so a resumed run repeats the uninterrupted one. Ctrl-C
+  finishes the step in flight and saves it before it stops the run.
 * Several processes under ``torchrun``, with DistributedDataParallel.
 
 Given a :class:`~diffusion_lib.flow_matching.RectifiedFlow` instead of a noise schedule, the
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from diffusion_lib.batches import _seed_global_generators
-from diffusion_lib.checkpoints import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from diffusion_lib.checkpoints import CheckpointError, load_checkpoint
 from diffusion_lib.devices import (
     ProcessGroup,
     join_process_group,
@@ -55,7 +56,9 @@ from diffusion_lib.training_setup import (
     AUTO_COMPILE,
     _check_compile,
     _check_data,
+    _check_dtypes,
     _check_integer,
+    _checkpoint_path,
     _global_batch_size,
     _json_config,
     _Settings,
@@ -171,10 +174,17 @@ def train(
             eagerly. ``False`` never compiles.
         amp: bf16 autocast, on CUDA only.
         checkpoint_dir: folder for ``checkpoint.pt``, written every ``checkpoint_every`` steps
-            and at the end (see :mod:`diffusion_lib.checkpoints`); ``None`` writes nothing.
+            and at the end (see :mod:`diffusion_lib.checkpoints`); ``None`` writes nothing. It
+            is created before the first step, and a file in its place raises ``ValueError``.
+            With a checkpoint folder, in a single process, Ctrl-C (or Jupyter's "interrupt
+            kernel") lets the step in flight finish, saves it, and then raises
+            ``KeyboardInterrupt``, so that the same call goes on from there; a second Ctrl-C
+            stops at once, leaving the last checkpoint whole.
         resume: continue from an existing checkpoint in ``checkpoint_dir``. ``steps`` counts
             the checkpoint's steps too; ``lr`` and ``weight_decay`` are this call's, with a
-            warning when they differ from the checkpoint's.
+            warning when they differ from the checkpoint's. ``seed``, ``batch_size`` and the
+            number of images fix the batches, so a checkpoint trained with others is refused
+            (a ``CheckpointError``), as is one of another model or ``config``.
         seed: fixes the data order, timesteps, noise and label dropout of every step; the same
             seed on a CPU gives the same losses, and a resumed run those of an uninterrupted one.
         progress: show a progress bar with the loss and images per second.
@@ -186,10 +196,13 @@ def train(
             :func:`~diffusion_lib.losses.diffusion_loss`, or
             :func:`~diffusion_lib.flow_matching.flow_matching_loss` for a ``RectifiedFlow``.
 
-    Returns a :class:`TrainingResult`. Raises ``ValueError`` for bad arguments,
-    :class:`~diffusion_lib.checkpoints.CheckpointError` for an unusable checkpoint and
-    :class:`NonFiniteLossError` when the loss diverges. In smoke mode the dataset and the
-    number of steps are capped. Under ``torchrun`` every process calls ``train`` alike.
+    Returns a :class:`TrainingResult`. Raises ``ValueError`` for bad arguments (among them
+    images whose dtype is not that of the model's weights, such as float64 images for a float32
+    model: pass ``images.float()``), :class:`~diffusion_lib.checkpoints.CheckpointError` for
+    an unusable checkpoint, :class:`NonFiniteLossError` when the loss diverges and
+    ``KeyboardInterrupt`` after saving the step that Ctrl-C interrupted. In smoke mode the
+    dataset and the number of steps are capped. Under ``torchrun`` every process calls
+    ``train`` alike.
     """
     started = time.perf_counter()
     known_schedule = isinstance(schedule, NoiseSchedule | RectifiedFlow)
@@ -200,6 +213,7 @@ def train(
             f"understands. Got {type(schedule).__name__}"
         )
     _check_data(images, labels, noise)
+    _check_dtypes(model, images, noise)
     if not any(parameter.requires_grad for parameter in model.parameters()):
         raise ValueError(
             "the model has no parameters that require gradients (an EMA copy is frozen): "
@@ -230,9 +244,6 @@ def train(
         if time_limit is None
         else check_number("time_limit", time_limit, 0.0, low_open=True),
         "amp": bool(amp),
-        "checkpoint_path": None
-        if checkpoint_dir is None
-        else Path(checkpoint_dir) / CHECKPOINT_NAME,
         "checkpoint_every": _check_integer("checkpoint_every", checkpoint_every, 1),
         "resume": bool(resume),
         "seed": _check_integer("seed", seed, 0),
@@ -248,7 +259,10 @@ def train(
     try:
         batch = _global_batch_size(batch_size, images.shape[0], group)
         total_steps = _total_steps(steps, epochs, images.shape[0] // batch)
-        settings = _Settings(total_steps=total_steps, batch_size=batch, **options)
+        checkpoint_path = _checkpoint_path(checkpoint_dir)
+        settings = _Settings(
+            total_steps=total_steps, batch_size=batch, checkpoint_path=checkpoint_path, **options
+        )
         data = (images, labels, noise)
         return _train(model, schedule, data, settings, device, group, started)
     finally:

@@ -2,14 +2,20 @@
 
 It takes the steps, reads the losses back in chunks, writes checkpoints, times the run for
 its throughput, stops at a time limit, and, under ``compile="auto"``, decides after timing a
-few eager steps whether the rest of the run is long enough for compilation to pay.
+few eager steps whether the rest of the run is long enough for compilation to pay. With a
+checkpoint folder, Ctrl-C finishes the step in flight and saves it before it stops the run
+(:class:`_InterruptCatcher`).
 """
 
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
+from types import FrameType, TracebackType
 
 import torch
 import torch.distributed as dist
@@ -52,6 +58,65 @@ class _Clock:
         return math.inf if self.deadline is None else self.deadline - time.perf_counter()
 
 
+class _InterruptCatcher:
+    """While active, Ctrl-C (SIGINT, which is also what Jupyter's "interrupt kernel" sends) only
+    sets ``requested``: the loop finishes the step in flight, saves a checkpoint of it and then
+    raises ``KeyboardInterrupt``, so that an interrupted run resumes where it stopped. A second
+    Ctrl-C interrupts at once, as usual; the last checkpoint stays whole, since checkpoints are
+    replaced atomically.
+
+    It acts only when ``enabled`` (a checkpoint to write, in a single process), in the main
+    thread, and where Ctrl-C raises ``KeyboardInterrupt`` (Python's default handler): a handler
+    someone else installed keeps deciding what Ctrl-C does.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = (
+            enabled
+            and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        )
+        self.requested = False
+
+    def __enter__(self) -> _InterruptCatcher:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._catch)
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _catch(self, number: int, frame: FrameType | None) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        print(
+            "\ninterrupted: finishing this step and saving a checkpoint "
+            "(Ctrl-C again stops at once)",
+            file=sys.stderr,
+        )
+
+
+def _save_and_stop(trainer: _Trainer, clock: _Clock, bar: tqdm, first_step: int) -> None:
+    """After Ctrl-C: read the pending losses, save the step just taken unless it is saved
+    already, and raise ``KeyboardInterrupt`` saying where the run can go on from."""
+    losses = trainer.read_losses()
+    if losses:
+        steps = trainer.step - first_step
+        _show_progress(bar, losses, clock.images_per_second(steps, trainer.settings.batch_size))
+    if trainer.last_saved_step != trainer.step:
+        trainer.save()
+    raise KeyboardInterrupt(
+        f"training interrupted after step {trainer.step}, saved to "
+        f"{trainer.settings.checkpoint_path}; the same call (or command) goes on from there"
+    )
+
+
 def _out_of_time(trainer: _Trainer, clock: _Clock) -> bool:
     """Whether the time limit has passed; under torchrun, rank 0's clock decides for all."""
     if clock.deadline is None:
@@ -86,8 +151,18 @@ def run_loop(trainer: _Trainer, bar: tqdm, deadline: float | None = None) -> flo
     """Train up to ``total_steps``, or until ``deadline`` (a ``time.perf_counter()`` value,
     checked whenever the losses are read); return the throughput in images per second over
     all processes, leaving out the first step (unless it is the only one), the compiling step and
-    checkpoint writes.
+    checkpoint writes. With a checkpoint to write in a single process, Ctrl-C saves the step
+    in flight and then raises ``KeyboardInterrupt`` (:class:`_InterruptCatcher`).
     """
+    catchable = trainer.settings.checkpoint_path is not None and not trainer.group.is_distributed
+    with _InterruptCatcher(catchable) as interrupt:
+        return _run_steps(trainer, bar, deadline, interrupt)
+
+
+def _run_steps(
+    trainer: _Trainer, bar: tqdm, deadline: float | None, interrupt: _InterruptCatcher
+) -> float:
+    """The loop of :func:`run_loop`, which stops at a step boundary once ``interrupt`` is set."""
     settings = trainer.settings
     read_interval = 1 if trainer.device.type == "cpu" else LOSS_READ_INTERVAL
     first_step = trainer.step
@@ -120,7 +195,11 @@ def run_loop(trainer: _Trainer, bar: tqdm, deadline: float | None = None) -> flo
             out_of_time = _out_of_time(trainer, clock)
         if checkpoint_due or out_of_time:
             clock.untimed(trainer.save, is_step=False)
+        if interrupt.requested:
+            _save_and_stop(trainer, clock, bar, first_step)
         if out_of_time:
             break
     synchronize(trainer.device)
+    if interrupt.requested:  # during the last step: it is saved, but the caller asked to stop
+        _save_and_stop(trainer, clock, bar, first_step)
     return clock.images_per_second(trainer.step - first_step, settings.batch_size)

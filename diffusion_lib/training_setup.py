@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
+from diffusion_lib.checkpoints import CHECKPOINT_NAME
 from diffusion_lib.devices import ProcessGroup
 from diffusion_lib.smoke import cap_training_steps
 from diffusion_lib.validation import check_number, is_integer
@@ -73,6 +76,45 @@ def _check_data(images: Tensor, labels: Tensor | None, noise: Tensor | None) -> 
         raise ValueError(
             f"labels has {labels.shape[0]} entries but images has {images.shape[0]}; give one per image"
         )
+
+
+def _check_dtypes(model: nn.Module, images: Tensor, noise: Tensor | None) -> None:
+    """The images (and their noise partners) must have a dtype of the model's weights: torch
+    does not mix them, and would fail deep inside the first layer."""
+    weights = {p.dtype for p in model.parameters() if p.dtype.is_floating_point}
+    if weights and images.dtype not in weights:
+        target = torch.float32 if torch.float32 in weights else min(weights, key=str)
+        cast = "images.float()" if target == torch.float32 else f"images.to({target})"
+        raise ValueError(
+            f"images are {images.dtype} but the model's weights are "
+            f"{' and '.join(sorted(map(str, weights)))}; pass {cast}, or convert the model with "
+            f"model.to({images.dtype})"
+        )
+    if noise is not None and noise.dtype != images.dtype:
+        raise ValueError(f"noise must have the images' dtype {images.dtype}; got {noise.dtype}")
+
+
+def _checkpoint_path(checkpoint_dir: str | os.PathLike | None) -> Path | None:
+    """``checkpoint_dir / checkpoint.pt``, after making sure the folder exists and is writable,
+    so that a bad folder fails before the first step rather than at the first save."""
+    if checkpoint_dir is None:
+        return None
+    folder = Path(checkpoint_dir)
+    if folder.exists() and not folder.is_dir():
+        hint = f", e.g. {folder.parent}" if folder.name == CHECKPOINT_NAME else ""
+        raise ValueError(
+            f"checkpoint_dir {folder} is a file; pass the folder that holds {CHECKPOINT_NAME}{hint}"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"checkpoint_dir {folder} cannot be created ({error.strerror or error}); pass a "
+            f"folder that can hold {CHECKPOINT_NAME}"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"checkpoint_dir {folder} is not writable; pass a folder you can write to")
+    return folder / CHECKPOINT_NAME
 
 
 def _check_integer(name: str, value: Any, minimum: int) -> int:

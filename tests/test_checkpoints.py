@@ -17,6 +17,7 @@ from diffusion_lib.checkpoints import (
     read_checkpoint,
     save_checkpoint,
 )
+from diffusion_lib.edm import PreconditionedDenoiser
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.training import TrainingResult, train
 
@@ -35,14 +36,16 @@ class Opaque:
     """An arbitrary Python object: ``weights_only`` loading must refuse to rebuild it."""
 
 
-def run(folder, model: nn.Module | None = None, steps: int = 6, **kwargs) -> TrainingResult:
+def run(
+    folder, model: nn.Module | None = None, steps: int = 6, images: int = 32, **kwargs
+) -> TrainingResult:
     torch.manual_seed(0)
-    images = torch.randn(32, 1, 4, 4)
+    data = torch.randn(images, 1, 4, 4)
     schedule = NoiseSchedule.from_name("linear", 20)
+    options = {"batch_size": 8, "checkpoint_every": 3, "progress": False, "device": "cpu", **kwargs}
     return train(
-        model if model is not None else SmallDenoiser(), schedule, images,
-        steps=steps, batch_size=8, checkpoint_dir=folder, checkpoint_every=3, progress=False,
-        device="cpu", **kwargs,
+        model if model is not None else SmallDenoiser(), schedule, data,
+        steps=steps, checkpoint_dir=folder, **options,
     )  # fmt: skip
 
 
@@ -148,6 +151,27 @@ def test_a_different_config_is_refused_on_resume_naming_what_differs(tmp_path, t
     assert "resume=False (--no-resume on the command line)" in message
 
 
+@pytest.mark.parametrize(
+    ("change", "now"),
+    [
+        ({"seed": 5}, "seed 5 and batch_size 8 on 32 images"),
+        ({"batch_size": 16}, "seed 0 and batch_size 16 on 32 images"),
+        ({"images": 24}, "seed 0 and batch_size 8 on 24 images"),
+    ],
+)
+def test_another_data_order_is_refused_on_resume_naming_it(tmp_path, trained, change, now):
+    """A resumed run repeats the uninterrupted one only with its batches: the same seed, batch
+    size and number of images."""
+    before = trained.checkpoint_path.read_bytes()
+    with pytest.raises(CheckpointError) as caught:
+        run(tmp_path, steps=9, config=trained_config(), **change)
+    message = str(caught.value)
+    assert "was trained with seed 0 and batch_size 8 on 32 images" in message
+    assert f"this call has {now}" in message and "--no-resume" in message
+    assert trained.checkpoint_path.read_bytes() == before
+    assert run(tmp_path, steps=4, config=trained_config(), resume=False, **change).steps == 4
+
+
 def test_a_resumed_run_takes_this_calls_learning_rate_and_says_so(tmp_path, trained) -> None:
     """The optimiser state in the checkpoint holds lr 2e-4; resuming with 1e-3 warns and goes on
     with 1e-3, still inside the warm-up of 100 steps: at step 9 the rate is 1e-3 * 10 / 100."""
@@ -199,3 +223,69 @@ def test_a_folder_is_named_as_such(tmp_path) -> None:
     message = f"is a folder; pass the checkpoint file inside it, .*{CHECKPOINT_NAME}"
     with pytest.raises(CheckpointError, match=message):
         read_checkpoint(tmp_path)
+
+
+class TimedDenoiser(SmallDenoiser):
+    """SmallDenoiser with a number of timesteps T, which its weights do not depend on."""
+
+    def __init__(self, timesteps: int = 1000) -> None:
+        super().__init__()
+        self.timesteps = timesteps
+
+
+def write_weights(path, model: nn.Module, config: dict | None) -> None:
+    """A checkpoint holding ``model``'s weights and ``config``, without training."""
+    weights = model.state_dict()
+    save_checkpoint(path, {
+        "format_version": 1, "step": 0, "model": weights, "ema": weights, "optimizer": {},
+        "lr_scheduler": {}, "history": {"loss": []}, "config": config,
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_model_built_with_other_arguments_than_the_config_is_refused(tmp_path, wrapped) -> None:
+    """The weights of a T = 100 network fit one with T = 1000, which reads every time input as
+    another step; the config's model arguments tell them apart, also inside a wrapper."""
+
+    def build(timesteps: int) -> nn.Module:
+        network = TimedDenoiser(timesteps)
+        return PreconditionedDenoiser(network, 0.5) if wrapped else network
+
+    path = tmp_path / CHECKPOINT_NAME
+    config = {"model": {"name": "timed", "kwargs": {"timesteps": 100, "widths": [8]}}}
+    write_weights(path, build(100), config)
+    model = build(1000)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="timesteps 100 in the checkpoint, 1000 in the model"):
+        load_checkpoint(path, model)
+    assert all(torch.equal(before[name], model.state_dict()[name]) for name in before)
+    load_checkpoint(path, build(100))  # the arguments it was written with
+
+
+@pytest.mark.parametrize(
+    ("config", "hint"),
+    [
+        ({"objective": "flow"}, "flow_sample"),
+        ({"objective": "edm"}, "edm_sample"),
+        ({"objective": "hybrid"}, "NoiseOnly"),
+        ({"objective": "masked"}, "masked_sample"),
+        ({"objective": "noise", "prediction": "v"}, r"NoiseFromPrediction\(model, schedule, 'v'\)"),
+    ],
+)
+def test_loading_a_network_that_does_not_predict_the_noise_warns(tmp_path, config, hint) -> None:
+    path = tmp_path / CHECKPOINT_NAME
+    write_weights(path, SmallDenoiser(), config)
+    with pytest.warns(UserWarning, match=hint):
+        load_checkpoint(path, SmallDenoiser())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(path)  # the dict alone: the caller reads the config itself
+
+
+@pytest.mark.parametrize("config", [None, {"objective": "noise"}, {"prediction": "epsilon"}, {}])
+def test_loading_a_noise_predictor_is_silent(tmp_path, config) -> None:
+    path = tmp_path / CHECKPOINT_NAME
+    write_weights(path, SmallDenoiser(), config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(path, SmallDenoiser())

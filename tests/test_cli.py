@@ -171,7 +171,10 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         ("plain", ["--steps", "0"], f"1..{TIMESTEPS}"),
         ("plain", ["--guidance", "2"], "--guidance needs --label"),
         ("plain", ["--sampler", "ddpm", "--eta", "0.5"], "ddim only"),
-        ("plain", ["--eta", "inf"], "eta must be >= 0 and finite"),
+        ("plain", ["--eta", "inf"], r"--eta must lie in \[0, 1\]"),
+        ("plain", ["--eta", "nan"], r"--eta must lie in \[0, 1\]"),
+        ("plain", ["--eta", "-1"], r"--eta must lie in \[0, 1\]"),
+        ("plain", ["--eta", "1.5"], r"--eta must lie in \[0, 1\]"),
         ("labels", ["--label", "10"], r"0 \(0\), 1 \(1\)"),
         ("labels", ["--label", "-1"], "--label must be one of"),
         ("labels", ["--label", "2", "--guidance", "-1"], "guidance must be >= 0"),
@@ -394,7 +397,122 @@ def test_prediction_and_snr_gamma_errors_are_clear(arguments, message, tmp_path,
     assert not (tmp_path / "never").exists()
 
 
-def arguments_given_to_train(tmp_path, monkeypatch, *arguments: str) -> dict:
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--objective", "flow", "--schedule", "cosine"],
+         "--schedule applies to --objective noise or hybrid only; --objective flow"),
+        (["--objective", "edm", "--timesteps", "1000", "--schedule", "cosine"],
+         "--schedule applies to --objective noise or hybrid only"),
+        (["--sigma-data", "0.3"], "--sigma-data applies to --objective edm only"),
+        (["--objective", "flow", "--sigma-data", "0.3"], "--sigma-data applies to --objective edm"),
+        (["--label-dropout", "0.5"], "--label-dropout applies to --conditional only"),
+        (["--label-dropout", "2"], "--label-dropout applies to --conditional only"),
+        (["--conditional", "--label-dropout", "2"], "--label-dropout must lie in [0, 1)"),
+        (["--conditional", "--label-dropout", "-0.1"], "--label-dropout must lie in [0, 1)"),
+        (["--model-arg", "timesteps=50"],
+         "--model-arg timesteps=50 conflicts with --timesteps (T = 40); use --timesteps"),
+        (["--model-arg", "image_size=32"], "--model-arg image_size=32 conflicts with the dataset"),
+        (["--model-arg", "channels=3"], "--model-arg channels=3 conflicts with the dataset"),
+        (["--model-arg", "num_classes=10"], "--model-arg num_classes=10 makes a class-conditional"),
+    ],
+)  # fmt: skip
+def test_options_that_do_not_apply_or_conflict_are_refused(
+    arguments, message, tmp_path, capsys
+) -> None:
+    status = main(train_arguments(tmp_path / "never", TINY_FC_UNET, *arguments))
+    assert status == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_model_arg_that_conflicts_with_conditional_is_refused(tmp_path, capsys) -> None:
+    arguments = ["--conditional", "--model-arg", "num_classes=5"]
+    assert main(train_arguments(tmp_path / "never", TINY_ATTENTION_UNET, *arguments)) == 1
+    assert "conflicts with --conditional, which gives the model the 10 classes of mnist" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "notes.txt"])
+def test_train_output_must_be_a_folder(name, tmp_path, capsys) -> None:
+    """sample --checkpoint takes the file; train --output the folder that holds it."""
+    (tmp_path / name).write_text("kept")
+    assert main(train_arguments(tmp_path / name, TINY_FC_UNET)) == 1
+    error = capsys.readouterr().err
+    assert (
+        f"--output {tmp_path / name} is a file; pass the folder that holds checkpoint.pt" in error
+    )
+    assert (f"e.g. {tmp_path}" in error) == (name == "checkpoint.pt")
+    assert (tmp_path / name).read_text() == "kept"
+    assert main(train_arguments(tmp_path / name / "run", TINY_FC_UNET)) == 1
+    assert f"{tmp_path / name} is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--output", "{tmp}"],
+         "--output must name an image file such as samples.png; got {tmp} (a folder)"),
+        (["--output", "{tmp}/out"],
+         "--output must name an image file such as samples.png; got {tmp}/out (no extension"),
+        (["--output", "{tmp}/out.txt"], ".txt is not an image format"),
+        (["--output", "{tmp}/file/x.png"],
+         "--output {tmp}/file/x.png cannot be written: {tmp}/file is a file"),
+        (["--nearest", "{tmp}/n.txt"], "--nearest must name an image file such as nearest.png"),
+        (["--nearest", "{tmp}"],
+         "--nearest must name an image file such as nearest.png; got {tmp} (a folder)"),
+        (["--nearest", "samples.png"], "--nearest and --output both name samples.png"),
+    ],
+)  # fmt: skip
+def test_sample_checks_its_outputs_before_sampling(arguments, message, tmp_path, capsys) -> None:
+    (tmp_path / "file").write_text("")
+    arguments = [argument.format(tmp=tmp_path) for argument in arguments]
+    # No checkpoint exists: the outputs are checked before it is read, let alone sampled.
+    status = main(["sample", "--checkpoint", str(tmp_path / "absent.pt"), *arguments])
+    assert status == 1
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("{tmp}", "--json must name a file such as scores.json; got {tmp} (a folder)"),
+        ("{tmp}/file/x.json", "--json {tmp}/file/x.json cannot be written: {tmp}/file is a file"),
+    ],
+)
+def test_evaluate_checks_its_json_path_before_evaluating(path, message, tmp_path, capsys) -> None:
+    (tmp_path / "file").write_text("")
+    path = path.format(tmp=tmp_path)
+    status = main(["evaluate", "--checkpoint", str(tmp_path / "absent.pt"), "--json", path])
+    assert status == 1
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "line"),
+    [
+        (PermissionError(13, "Permission denied", "runs/x.png"), 1,
+         "error: Permission denied: runs/x.png\n"),
+        (OSError(28, "No space left on device"), 1,
+         "error: [Errno 28] No space left on device\n"),
+        (KeyboardInterrupt("training interrupted after step 6, saved to runs/x"), 130,
+         "training interrupted after step 6, saved to runs/x\n"),
+        (KeyboardInterrupt(), 130, "interrupted\n"),
+    ],
+)  # fmt: skip
+def test_file_errors_and_ctrl_c_end_in_one_line(error, status, line, monkeypatch, capsys) -> None:
+    def fail(args) -> None:
+        raise error
+
+    monkeypatch.setitem(main.__globals__["COMMANDS"], "sample", fail)
+    assert main(["sample", "--checkpoint", "runs/x/checkpoint.pt"]) == status
+    assert capsys.readouterr().err == line
+
+
+def arguments_given_to_train(
+    tmp_path, monkeypatch, *arguments: str, model: list[str] = TINY_FC_UNET
+) -> dict:
     """The keyword arguments that ``train`` receives from the train command (smoke mode)."""
     calls: list[dict] = []
 
@@ -405,7 +523,7 @@ def arguments_given_to_train(tmp_path, monkeypatch, *arguments: str) -> dict:
     monkeypatch.setattr("diffusion_lib.cli_train.train", stop)
     monkeypatch.setenv(SMOKE_VARIABLE, "1")
     monkeypatch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
-    assert main(train_arguments(tmp_path, TINY_FC_UNET, *arguments)) == 1
+    assert main(train_arguments(tmp_path, model, *arguments)) == 1
     [kwargs] = calls
     return kwargs
 
@@ -428,6 +546,26 @@ def test_only_a_non_default_objective_replaces_the_engines_loss(
     else:
         assert kwargs["loss"].func is diffusion_loss and kwargs["loss"].keywords == loss
         assert {key: config[key] for key in loss} == loss
+
+
+@needs_mnist
+@pytest.mark.parametrize(
+    ("arguments", "label_dropout"),
+    [
+        (["--conditional"], 0.1),
+        (["--conditional", "--label-dropout", "0.25"], 0.25),
+        (["--conditional", "--label-dropout", "0"], 0.0),
+        ([], 0.0),
+    ],
+)
+def test_label_dropout_reaches_the_engine_for_a_conditional_model(
+    arguments, label_dropout, tmp_path, monkeypatch
+) -> None:
+    agreeing = ["--model-arg", "timesteps=40", "--model-arg", "image_size=28"]
+    kwargs = arguments_given_to_train(
+        tmp_path, monkeypatch, *agreeing, *arguments, model=TINY_ATTENTION_UNET
+    )
+    assert kwargs["label_dropout"] == label_dropout
 
 
 @needs_mnist

@@ -173,3 +173,23 @@ def test_restore_errors_are_clear(which, arguments, message, checkpoints, tmp_pa
     error = capsys.readouterr().err
     assert re.search(message, error), error
     assert not (tmp_path / "restored.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "path", "message"),
+    [
+        ("--output", "{tmp}",
+         "--output must name an image file such as restored.png; got {tmp} (a folder)"),
+        ("--output", "{tmp}/restored", "got {tmp}/restored (no extension"),
+        ("--json", "{tmp}", "--json must name a file such as restored.json; got {tmp} (a folder)"),
+        ("--json", "{tmp}/file/x.json", "cannot be written: {tmp}/file is a file, not a folder"),
+    ],
+)  # fmt: skip
+def test_restore_checks_its_outputs_before_restoring(option, path, message, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    path = path.format(tmp=tmp_path)
+    # No checkpoint exists: the outputs are checked before it is read, let alone restored with.
+    status = main(["restore", "--checkpoint", str(tmp_path / "absent.pt"), "--task", "inpainting",
+                   option, path])  # fmt: skip
+    assert status == 1
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err

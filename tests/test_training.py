@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import signal
 import time
 
 import pytest
@@ -350,11 +352,42 @@ def test_a_diverging_loss_stops_training_and_keeps_the_last_good_checkpoint(
         ({"config": {"schedule": object()}}, "JSON"),
         ({"noise": torch.zeros(5, *IMAGE_SHAPE)}, "noise must pair one noise tensor"),
         ({"loss": "mse"}, "loss must be None .* or a callable"),
+        ({"images": toy_images().double()}, r"images are torch.float64 .* images\.float\(\)"),
+        ({"images": toy_images().half()}, r"images are torch.float16 .* images\.float\(\)"),
+        (
+            {"noise": torch.zeros(64, *IMAGE_SHAPE, dtype=torch.float64)},
+            "noise must have the images' dtype torch.float32",
+        ),
     ],
 )
 def test_bad_arguments_raise_value_errors(schedule, arguments, message) -> None:
     with pytest.raises(ValueError, match=message):
         quick_train(schedule, **arguments)
+
+
+def test_a_float64_model_trains_on_float64_images(schedule: NoiseSchedule) -> None:
+    result = quick_train(schedule, TinyDenoiser().double(), images=toy_images().double(), steps=3)
+    assert result.steps == 3 and all(math.isfinite(value) for value in result.history.loss)
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("checkpoint.pt", r"checkpoint_dir .*checkpoint.pt is a file; pass the folder that holds "
+         r"checkpoint.pt, e.g. "),
+        ("checkpoint.pt/run", r"checkpoint_dir .*run cannot be created"),
+    ],
+)  # fmt: skip
+def test_a_checkpoint_dir_that_is_no_folder_fails_before_the_first_step(
+    schedule, tmp_path, where, message
+) -> None:
+    # The natural slip: the file that sample --checkpoint takes, given as the folder.
+    (tmp_path / "checkpoint.pt").write_bytes(b"a checkpoint")
+    model = _InterruptingDenoiser(interrupt_at=[])
+    with pytest.raises(ValueError, match=message):
+        quick_train(schedule, model, checkpoint_dir=tmp_path / where)
+    assert model.calls == 0
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"a checkpoint"
 
 
 def test_a_frozen_model_raises(schedule: NoiseSchedule) -> None:
@@ -597,6 +630,62 @@ def test_a_time_limit_stops_early_saves_and_resumes_exactly(schedule, tmp_path) 
     finished = run("pieces", stopped.steps + 5)
     uninterrupted = run("whole", stopped.steps + 5)
     assert finished.history.loss == uninterrupted.history.loss
+
+
+class _InterruptingDenoiser(TinyDenoiser):
+    """Sends its own process Ctrl-C (SIGINT) during the calls listed in ``interrupt_at``, once
+    for each time a call is listed, as a user pressing Ctrl-C mid-step would."""
+
+    def __init__(self, interrupt_at: list[int]) -> None:
+        super().__init__()
+        self.interrupt_at, self.calls = interrupt_at, 0
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        self.calls += 1
+        for _ in range(self.interrupt_at.count(self.calls)):
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().forward(x_t, t)
+
+
+@pytest.mark.parametrize(
+    ("interrupt_at", "checkpoint_every", "saved_step", "message"),
+    [
+        # Ctrl-C in step 6: the step finishes and is saved, though no checkpoint was due.
+        ([6], 1000, 6, "training interrupted after step 6, saved to .*checkpoint.pt"),
+        # Twice: the second stops at once, and the checkpoint of step 4 stays whole.
+        ([6, 6], 4, 4, "^$"),
+    ],
+)
+def test_ctrl_c_saves_the_last_step_and_the_run_resumes_exactly(
+    schedule, tmp_path, interrupt_at, checkpoint_every, saved_step, message
+) -> None:
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def run(folder: str, model_class=TinyDenoiser) -> TrainingResult:
+        torch.manual_seed(1)
+        return quick_train(schedule, model_class(), checkpoint_dir=tmp_path / folder,
+                           checkpoint_every=checkpoint_every)  # fmt: skip
+
+    interrupting = functools.partial(_InterruptingDenoiser, interrupt_at)
+    with pytest.raises(KeyboardInterrupt, match=message):
+        run("pieces", interrupting)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    saved = torch.load(tmp_path / "pieces" / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == saved_step == len(saved["history"]["loss"])
+    resumed = run("pieces")
+    uninterrupted = run("whole")
+    assert resumed.start_step == saved_step and resumed.steps == 30
+    assert resumed.history.loss == uninterrupted.history.loss
+    for name, tensor in uninterrupted.ema_model.state_dict().items():
+        assert torch.equal(resumed.ema_model.state_dict()[name], tensor), name
+
+
+def test_without_a_checkpoint_dir_ctrl_c_stops_at_once(schedule) -> None:
+    model = _InterruptingDenoiser(interrupt_at=[3])
+    with pytest.raises(KeyboardInterrupt, match="^$"):
+        quick_train(schedule, model)
+    assert model.calls == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_generous_time_limit_changes_nothing(schedule) -> None:
