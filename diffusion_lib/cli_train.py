@@ -71,7 +71,7 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _check_model_args(args: argparse.Namespace, set_by_options: dict[str, Any]) -> None:
     """Refuse a --model-arg that contradicts what the options set: T, the image size, the
     channels and the classes. A masked model's channels have their own check
-    (:func:`_masked_channels`), and it is called at t = 0, so its T does not matter."""
+    (``_masked_channels``), and it is called at t = 0, so its T does not matter."""
     conflicts = {
         "timesteps": f"conflicts with --timesteps (T = {args.timesteps}); use --timesteps",
         "image_size": f"conflicts with the dataset, whose images are {IMAGE_SIZE} x {IMAGE_SIZE}",

@@ -4,7 +4,7 @@ It takes the steps, reads the losses back in chunks, writes checkpoints, times t
 its throughput, stops at a time limit, and, under ``compile="auto"``, decides after timing a
 few eager steps whether the rest of the run is long enough for compilation to pay. With a
 checkpoint folder, Ctrl-C finishes the step in flight and saves it before it stops the run
-(:class:`_InterruptCatcher`).
+(``_InterruptCatcher``).
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def run_loop(trainer: _Trainer, bar: tqdm, deadline: float | None = None) -> flo
     checked whenever the losses are read); return the throughput in images per second over
     all processes, leaving out the first step (unless it is the only one), the compiling step and
     checkpoint writes. With a checkpoint to write in a single process, Ctrl-C saves the step
-    in flight and then raises ``KeyboardInterrupt`` (:class:`_InterruptCatcher`).
+    in flight and then raises ``KeyboardInterrupt`` (``_InterruptCatcher``).
     """
     catchable = trainer.settings.checkpoint_path is not None and not trainer.group.is_distributed
     with _InterruptCatcher(catchable) as interrupt:
