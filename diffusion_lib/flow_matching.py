@@ -152,9 +152,8 @@ def flow_matching_loss(
     model as ``model(x_t, t, labels)``. Returns a scalar float32 tensor.
     """
     check_schedule(flow, RectifiedFlow, name="flow", hint=_FLOW_HINT)
-    for name, value in (("x0", x0), ("noise", noise)):
-        if isinstance(value, Tensor):
-            _check_network_dtype(model, name, value)
+    _check_network_dtype(model, "x0", x0)
+    _check_network_dtype(model, "noise", noise)
     t, noise = uniform_times_and_noise(x0, t, noise, generator)
     x_t = flow.interpolate(x0, noise, t)
     time = flow.model_time(t)

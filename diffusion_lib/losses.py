@@ -82,9 +82,8 @@ def _check_loss_inputs(
     and, for the library's networks, data and noise in the dtype of their weights (unless
     autocast casts them)."""
     _check_model_and_schedule(model, schedule)
-    for name, value in (("x0", x0), ("noise", noise)):
-        if isinstance(value, Tensor):
-            _check_network_dtype(model, name, value)
+    _check_network_dtype(model, "x0", x0)
+    _check_network_dtype(model, "noise", noise)
 
 
 def diffusion_loss(

@@ -294,14 +294,17 @@ def _parameter_dtype(model: NoisePredictor) -> torch.dtype | None:
     return None
 
 
-def _check_network_dtype(model: NoisePredictor, name: str, x: Tensor) -> None:
+def _check_network_dtype(model: NoisePredictor, name: str, x: Tensor | None) -> None:
     """Refuse ``x`` in another dtype than the weights of one of the library's networks.
 
     Those record their T (an int ``timesteps``) and need their inputs in their weights' dtype;
     other callables, and modules whose scalar parameters promote a float64 input, are left
-    alone. ``name`` is the argument ``x`` came in as.
+    alone, as is an ``x`` that is not a floating-point tensor (``None``: not given). ``name``
+    is the argument ``x`` came in as.
     """
-    if not is_integer(getattr(model, "timesteps", None)) or not x.dtype.is_floating_point:
+    if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
+        return
+    if not is_integer(getattr(model, "timesteps", None)):
         return
     weights = _parameter_dtype(model)
     if weights is not None:
