@@ -63,6 +63,33 @@ def test_sdedit_runs_the_last_part_of_the_respaced_chain(linear: NoiseSchedule) 
     torch.testing.assert_close(trajectory.states[-1], edited)
 
 
+def test_sdedit_starts_from_the_forward_process_at_its_start_level(linear: NoiseSchedule) -> None:
+    """With 10 steps and strength 0.3 the chain starts at level n0 = 3, the state the model sees
+    at kept timestep kept[2] = 222, so the noised guide must be a draw of q(x_222 | x_0 = guide):
+    mean sqrt(abar_222) g and variance 1 - abar_222 (Ho et al. eq. 4). Both are checked to 5
+    standard errors of 20,000 draws; noising to the neighbouring kept timestep (level n0 instead
+    of n0 - 1, abar 0.32 instead of 0.60) misses by dozens of them. The end-to-end test above
+    runs the full chain, where that off-by-one moves alpha-bar too little to see."""
+    n, value = 20_000, 1.5
+    guide = torch.full((n, 1), value, dtype=torch.float64)
+    _, trajectory = sdedit(
+        lambda x_t, t: torch.zeros_like(x_t),
+        linear,
+        guide,
+        0.3,
+        steps=10,
+        clip_x0=None,
+        return_trajectory=True,
+        generator=torch.Generator().manual_seed(5),
+    )
+    kept = torch.linspace(0, 999, 10, dtype=torch.float64).round().long()
+    assert int(trajectory.timesteps[0]) == int(kept[2]) == 222
+    abar = linear.alphas_cumprod[kept[2]].item()
+    first = trajectory.states[0].double()
+    assert abs(first.mean().item() - abar**0.5 * value) < 5 * ((1 - abar) / n) ** 0.5
+    assert abs(first.var().item() / (1 - abar) - 1) < 5 * (2 / n) ** 0.5
+
+
 def test_sdedit_is_reproducible_with_a_generator(linear: NoiseSchedule) -> None:
     model = GaussianMixture(torch.zeros(1, 2), 1.0).optimal_noise_predictor(linear)
     guide = torch.ones(5, 2, dtype=torch.float64)
@@ -109,6 +136,47 @@ def test_repaint_keeps_the_known_pixels_exactly(linear: NoiseSchedule) -> None:
     keep = mask.expand_as(known)
     assert torch.equal(filled[keep], known[keep])
     assert not torch.equal(filled[~keep], known[~keep])
+
+
+def test_repaint_shows_the_model_the_kept_pixels_noised_to_its_timestep(
+    linear: NoiseSchedule,
+) -> None:
+    """Every state the model is handed at timestep t must hold the kept pixels as a draw of
+    q(x_t | x_0 = known): mean sqrt(abar_t) x_0, variance 1 - abar_t. That holds after a step
+    down (the kept pixels are noised to level n - 1, the level the next call sees at kept[n - 2])
+    and after a jump up (q(x_{n+j} | x_n) composed with q(x_n | x_0)). The calls' timesteps are
+    checked against the level convention of the module (level n is seen at kept[n - 1]), and
+    each call's kept pixel against the forward process to 5 standard errors of 20,000 draws;
+    noising to the kept timestep one level off, or jumping with the wrong alpha-bar ratio, is
+    out by 10 or more of them at the low levels."""
+    n, value = 20_000, 0.8
+    kept = torch.linspace(0, 999, 10, dtype=torch.float64).round().long()
+    levels = repaint_schedule(10, 3, 2)
+    seen: list[tuple[int, torch.Tensor]] = []
+
+    def recording(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append((int(t[0]), x_t[:, 0].clone()))
+        return torch.zeros_like(x_t)
+
+    known = torch.tensor([[value, 0.0]], dtype=torch.float64).expand(n, 2).clone()
+    repaint(
+        recording,
+        linear,
+        known,
+        torch.tensor([[1.0, 0.0]]),
+        steps=10,
+        jump_length=3,
+        resamplings=2,
+        clip_x0=None,
+        generator=torch.Generator().manual_seed(6),
+    )
+    calls = [int(kept[a - 1]) for a, b in zip(levels[:-1], levels[1:], strict=True) if b < a]
+    assert [t for t, _ in seen] == calls
+    assert 999 in calls[1:]  # level 10 is reached again after a jump, not only from noise
+    for t, pixel in seen[1:]:  # the first call sees pure noise, before any kept pixel
+        abar = linear.alphas_cumprod[t].item()
+        assert abs(pixel.mean().item() - abar**0.5 * value) < 5 * ((1 - abar) / n) ** 0.5, t
+        assert abs(pixel.var().item() / (1 - abar) - 1) < 5 * (2 / n) ** 0.5, t
 
 
 def _repaint_marginal_of_gaussian_data(

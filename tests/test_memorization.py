@@ -95,21 +95,25 @@ def test_sampling_with_the_ideal_denoiser_copies_training_images(schedule):
 
 
 def test_noise_estimate_minimises_the_loss_on_the_training_set(schedule):
-    """The simplified loss of the ideal denoiser is below that of the same estimate moved a
-    little in any of several random directions: it is the minimiser, drawn by Monte Carlo."""
+    """The simplified loss E|eps_hat(x_t) - eps|^2 is a convex quadratic in eps_hat, so its
+    minimiser is the estimate whose directional derivative vanishes in every direction f(x_t):
+    E[(eps_hat - eps) . f(x_t)] = 0. Checked by Monte Carlo for several features f (constant,
+    linear, quadratic and random tanh ones), each to 5 standard errors; an estimate scaled by
+    1.05 is out by more than 100 of them in the linear direction."""
     generator = torch.Generator().manual_seed(4)
+    n = 200_000
     images = torch.rand((6, 1, 2, 2), generator=generator) * 2 - 1
     denoiser = EmpiricalDenoiser(images, schedule)
-    source = torch.randint(0, 6, (200_000,), generator=generator)
-    t = torch.full((200_000,), 400)
-    noise = torch.randn((200_000, 1, 2, 2), generator=generator)
+    source = torch.randint(0, 6, (n,), generator=generator)
+    t = torch.full((n,), 400)
+    noise = torch.randn((n, 1, 2, 2), generator=generator)
     x_t = schedule.q_sample(images[source], t, noise)
-    estimate = denoiser(x_t, t)
-    best = (estimate - noise).pow(2).mean()
-    for _ in range(5):
-        direction = torch.tanh(x_t @ torch.randn((2, 2), generator=generator))
-        moved = (estimate + 0.05 * direction - noise).pow(2).mean()
-        assert moved > best
+    residual = (denoiser(x_t, t) - noise).double()
+    features = [torch.ones_like(x_t), x_t, x_t.pow(2), x_t.flip(-1)]
+    features += [torch.tanh(x_t @ torch.randn((2, 2), generator=generator)) for _ in range(4)]
+    for feature in features:
+        product = (residual * feature.double()).flatten(1).sum(1)
+        assert abs(product.mean().item()) < 5 * product.std().item() / n**0.5
 
 
 @pytest.mark.parametrize(

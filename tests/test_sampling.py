@@ -171,7 +171,9 @@ def test_a_generator_makes_sampling_reproducible(sampler, linear: NoiseSchedule)
 
 
 def test_golden_values(linear: NoiseSchedule) -> None:
-    """Pinned outputs of both samplers for a fixed predictor and seed, verified by the tests above."""
+    """Pinned outputs of both samplers for a fixed predictor and seed: a regression snapshot,
+    not an independent check. The numbers were recorded from the code after the independent
+    tests above passed; they pin the exact numbers against unintended changes."""
     model = GaussianOptimalPredictor(linear, 0.1, 0.4)
     ddpm = ddpm_sample(model, linear, (2, 1, 2, 2), generator=torch.Generator().manual_seed(0))
     ddim = ddim_sample(model, linear, (2, 1, 2, 2), generator=torch.Generator().manual_seed(0))
@@ -260,6 +262,23 @@ def test_ddim_encode_follows_the_exact_flow_of_gaussian_data(linear: NoiseSchedu
     torch.testing.assert_close(x_T, exact, rtol=0.01, atol=0.01)
     back = ddim_sample(model, linear, (4, 1, 1, 1), steps=1000, x_T=x_T, clip_x0=None)
     torch.testing.assert_close(back, x0, rtol=0, atol=0.01)
+
+
+def test_ddim_encode_two_steps_by_hand(linear: NoiseSchedule) -> None:
+    """Two encoding steps written out: leading spacing with 2 of 1000 steps visits t = 0, 500,
+    and each step evaluates the model at the state it leaves and the timestep it moves to. The
+    predictor depends on t, so evaluating it at the timestep the state came from (0 instead of
+    500 in the second step) changes the result; the exact-flow test above cannot see that with
+    1000 small steps."""
+    model = lambda x, t: torch.tanh(x + t.reshape(-1, 1, 1, 1) / 1000)  # noqa: E731
+    x0 = torch.tensor([-0.6, 0.1, 0.9], dtype=torch.float64).reshape(3, 1, 1, 1)
+    abar = linear.alphas_cumprod
+    eps = model(x0, torch.full((3,), 0))  # from x_0 (alpha-bar 1) to t = 0
+    x_at_0 = abar[0].sqrt() * x0 + (1 - abar[0]).sqrt() * eps
+    eps = model(x_at_0, torch.full((3,), 500))  # from t = 0 to t = 500
+    x0_estimate = (x_at_0 - (1 - abar[0]).sqrt() * eps) / abar[0].sqrt()
+    x_at_500 = abar[500].sqrt() * x0_estimate + (1 - abar[500]).sqrt() * eps
+    torch.testing.assert_close(ddim_encode(model, linear, x0, steps=2), x_at_500)
 
 
 def test_slerp_stays_on_the_sphere_and_hits_the_ends() -> None:
