@@ -8,6 +8,7 @@ label, and every notebook carries the outputs of a real, error-free run.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 import re
@@ -217,6 +218,23 @@ def test_chapter_has_goals_summary_and_exercises(path: Path) -> None:
     assert "Exercises" in [heading.strip() for heading in headings], f"{path.name}: no Exercises"
     exercises = text[re.search(r"^#{2,}\s+Exercises\s*$", text, re.MULTILINE).start() :]
     assert ":class: dropdown" in exercises, f"{path.name}: exercise solutions are not in a toggle"
+
+
+def test_the_markdown_code_hook_finds_every_python_block() -> None:
+    """book/chapters/conftest.py runs the ``python`` blocks of the chapters' Markdown with the
+    notebook tests. If its pattern stopped matching, those tests would vanish without failing,
+    so its count is compared with a plain count of the fences that open a python block."""
+    spec = importlib.util.spec_from_file_location("chapter_hook", CHAPTERS / "conftest.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    found = opened = 0
+    for path in CHAPTER_NOTEBOOKS:
+        notebook = read_notebook(path)
+        found += len(hook.markdown_python_blocks(notebook))
+        opened += len(
+            re.findall(r"^(?:`{3,}|~{3,})python\s*$", markdown_of(notebook), re.MULTILINE)
+        )
+    assert found == opened > 30, (found, opened)
 
 
 @pytest.mark.parametrize("path", CHAPTER_NOTEBOOKS, ids=lambda path: path.stem)
