@@ -647,6 +647,17 @@ class _InterruptingDenoiser(TinyDenoiser):
         return super().forward(x_t, t)
 
 
+@pytest.fixture
+def default_ctrl_c():
+    """Python's own SIGINT handler, which raises KeyboardInterrupt, for the tests of Ctrl-C. A
+    process that a non-interactive shell starts in the background inherits SIGINT ignored, and
+    then train() rightly leaves Ctrl-C alone."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("default_ctrl_c")
 @pytest.mark.parametrize(
     ("interrupt_at", "checkpoint_every", "saved_step", "message"),
     [
@@ -680,6 +691,7 @@ def test_ctrl_c_saves_the_last_step_and_the_run_resumes_exactly(
         assert torch.equal(resumed.ema_model.state_dict()[name], tensor), name
 
 
+@pytest.mark.usefixtures("default_ctrl_c")
 def test_without_a_checkpoint_dir_ctrl_c_stops_at_once(schedule) -> None:
     model = _InterruptingDenoiser(interrupt_at=[3])
     with pytest.raises(KeyboardInterrupt, match="^$"):
