@@ -303,6 +303,13 @@ def _check_objective_options(args: argparse.Namespace) -> None:
         )
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse the options that do not apply to this run's objective, before any work is done."""
+    _check_masked_options(args)
+    _check_objective_options(args)
+    _check_schedule_options(args)
+
+
 def _fill_in_defaults(args: argparse.Namespace) -> None:
     """The defaults of the options that the parser leaves at None, so that a given value can be
     told from the default (and refused where it does not apply)."""
@@ -320,9 +327,7 @@ def run_train(args: argparse.Namespace) -> None:
     """``train``: load the dataset, build model and schedule, train, report the checkpoint."""
     low, high = args.value_range
     check_output_folder("--output", args.output)
-    _check_masked_options(args)
-    _check_objective_options(args)
-    _check_schedule_options(args)
+    check_options(args)
     _fill_in_defaults(args)
     loss = _noise_loss(args)
     kwargs = _model_kwargs(args)

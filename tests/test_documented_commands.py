@@ -86,9 +86,7 @@ def test_documented_command_is_accepted(where: str, command: str, capsys) -> Non
     except SystemExit:
         pytest.fail(f"{where}: the parser refuses {command!r}: {capsys.readouterr().err}")
     if args.command == "train":
-        cli_train._check_masked_options(args)
-        cli_train._check_objective_options(args)
-        cli_train._check_schedule_options(args)
+        cli_train.check_options(args)
 
 
 def test_a_refused_command_is_reported(capsys) -> None:

@@ -42,7 +42,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             last_cell_of[item.parent] = index
     # From the back, so that the positions still to be filled do not move.
     for notebook_file, index in sorted(last_cell_of.items(), key=lambda entry: -entry[1]):
-        blocks = markdown_python_blocks(nbformat.read(notebook_file.path, as_version=4))
+        blocks = markdown_python_blocks(notebook_file.nb)  # read by nbval's collect()
         items[index + 1 : index + 1] = [
             IPyNbCell.from_parent(
                 notebook_file,
