@@ -146,6 +146,8 @@ from diffusion_lib.predictions import (
     prediction_target,
     x0_error_weight,
 )
+from diffusion_lib.respacing import DDIM_SPACINGS, ddim_timesteps, respace
+from diffusion_lib.reverse_process import p_mean_variance, predict_noise
 from diffusion_lib.reward_finetuning import (
     Rollout,
     ancestral_log_prob,
@@ -155,18 +157,7 @@ from diffusion_lib.reward_finetuning import (
     reward_advantages,
     sample_rollout,
 )
-from diffusion_lib.sampling import (
-    DDIM_SPACINGS,
-    Trajectory,
-    ddim_encode,
-    ddim_sample,
-    ddim_timesteps,
-    ddpm_sample,
-    p_mean_variance,
-    predict_noise,
-    respace,
-    slerp,
-)
+from diffusion_lib.sampling import Trajectory, ddim_encode, ddim_sample, ddpm_sample, slerp
 from diffusion_lib.schedules import (
     SCHEDULES,
     NoiseSchedule,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lib.flow_matching import _check_times, uniform_times_and_noise
-from diffusion_lib.sampling import NoisePredictor, _evaluating, _randn, _start
+from diffusion_lib.sampler_inputs import NoisePredictor, _evaluating, _randn, _start
 from diffusion_lib.smoke import cap_sampling_steps
 from diffusion_lib.validation import (
     check_number,

@@ -24,7 +24,7 @@ from diffusion_lib.data import DATASETS
 from diffusion_lib.masked_diffusion import MASKING_SCHEDULES, REVEAL_ORDERS
 from diffusion_lib.models import MODELS
 from diffusion_lib.predictions import PREDICTIONS
-from diffusion_lib.sampling import DDIM_SPACINGS
+from diffusion_lib.respacing import DDIM_SPACINGS
 from diffusion_lib.schedules import SCHEDULES
 
 # L_simple with a noise schedule, flow matching, EDM's preconditioned denoiser, L_hybrid (the

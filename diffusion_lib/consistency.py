@@ -40,13 +40,7 @@ from torch import Tensor
 
 from diffusion_lib.distillation import _check_teacher_device, _noised_on_grid, _velocity
 from diffusion_lib.flow_matching import RectifiedFlow
-from diffusion_lib.sampling import (
-    NoisePredictor,
-    _check_labels,
-    _evaluating,
-    _randn,
-    _start,
-)
+from diffusion_lib.sampler_inputs import NoisePredictor, _check_labels, _evaluating, _randn, _start
 from diffusion_lib.validation import check_positive_int
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lib.flow_matching import RectifiedFlow, flow_sample
-from diffusion_lib.sampling import NoisePredictor, _evaluating, _model_device, _randn
+from diffusion_lib.sampler_inputs import NoisePredictor, _evaluating, _model_device, _randn
 from diffusion_lib.validation import check_positive_int, check_same_shape
 
 

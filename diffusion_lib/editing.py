@@ -15,16 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffusion_lib.sampling import (
-    VARIANCES,
-    NoisePredictor,
-    Trajectory,
-    _ancestral_step,
-    _conditioning,
-    _evaluating,
-    _randn,
-    _respaced_chain,
-)
+from diffusion_lib.respacing import _respaced_chain
+from diffusion_lib.reverse_process import VARIANCES, _ancestral_step, _conditioning
+from diffusion_lib.sampler_inputs import NoisePredictor, _evaluating, _randn
+from diffusion_lib.sampling import Trajectory
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import cap_sampling_steps
 from diffusion_lib.validation import (

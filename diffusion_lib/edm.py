@@ -37,15 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_lib.flow_matching import SOLVERS, _per_sample
-from diffusion_lib.sampling import (
-    NoisePredictor,
-    Trajectory,
-    _conditioning,
-    _evaluating,
-    _randn,
-    _start,
-    predict_noise,
-)
+from diffusion_lib.reverse_process import _conditioning, predict_noise
+from diffusion_lib.sampler_inputs import NoisePredictor, _evaluating, _randn, _start
+from diffusion_lib.sampling import Trajectory
 from diffusion_lib.smoke import cap_sampling_steps
 from diffusion_lib.validation import (
     check_choice,

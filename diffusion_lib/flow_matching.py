@@ -27,16 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffusion_lib.sampling import (
+from diffusion_lib.reverse_process import _conditioning, predict_noise
+from diffusion_lib.sampler_inputs import (
     NoisePredictor,
-    Trajectory,
     _check_network_dtype,
-    _conditioning,
     _evaluating,
     _randn,
     _start,
-    predict_noise,
 )
+from diffusion_lib.sampling import Trajectory
 from diffusion_lib.smoke import cap_sampling_steps
 from diffusion_lib.validation import (
     check_choice,

@@ -37,7 +37,7 @@ class Guided(nn.Module):
     Args:
         model: the network, ``model(x_t, t)`` or ``model(x_t, t, labels)``.
         weight: the guidance weight w; 0 returns the model's own estimate, and the rule with the
-            default reference is :func:`~diffusion_lib.sampling.predict_noise`'s
+            default reference is :func:`~diffusion_lib.reverse_process.predict_noise`'s
             ``(1 + w) eps(c) - w eps(no label)``. Karras et al. write the same rule with their
             weight ``w_K = 1 + w``.
         reference_model: a second network that gives eps_ref with the same labels as ``model``
@@ -60,7 +60,7 @@ class Guided(nn.Module):
     ``forward(x_t, t, labels=None)``: ``x_t`` (B, C, ...), ``t`` (B,), ``labels`` (B,) or
     ``None`` for an unconditional model (which then needs ``reference_model``). A model with
     more than C output channels (a learned variance) has only its first C guided; the rest are
-    the conditional estimate's, as in :func:`~diffusion_lib.sampling.predict_noise`.
+    the conditional estimate's, as in :func:`~diffusion_lib.reverse_process.predict_noise`.
     """
 
     def __init__(

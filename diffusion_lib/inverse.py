@@ -29,17 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffusion_lib.sampling import (
-    NoisePredictor,
-    _clip,
-    _ddim_update,
-    _draw_step,
-    _estimates_of_noise_and_x0,
-    _evaluating,
-    _randn,
-    _respaced_chain,
-    _start,
-)
+from diffusion_lib.respacing import _respaced_chain
+from diffusion_lib.reverse_process import _clip, _draw_step, _estimates_of_noise_and_x0
+from diffusion_lib.sampler_inputs import NoisePredictor, _evaluating, _randn, _start
+from diffusion_lib.sampling import _ddim_update
 from diffusion_lib.schedules import NoiseSchedule, _gather
 from diffusion_lib.smoke import cap_sampling_steps
 from diffusion_lib.validation import check_finite, check_number, check_positive_int

@@ -19,14 +19,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffusion_lib.sampling import (
-    NoisePredictor,
-    Trajectory,
-    _evaluating,
-    _randn,
-    _start,
-    predict_noise,
-)
+from diffusion_lib.reverse_process import predict_noise
+from diffusion_lib.sampler_inputs import NoisePredictor, _evaluating, _randn, _start
+from diffusion_lib.sampling import Trajectory
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import cap_sampling_steps
 from diffusion_lib.validation import check_number, check_positive_int, check_same_shape

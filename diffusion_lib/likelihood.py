@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffusion_lib.sampling import NoisePredictor, _evaluating
+from diffusion_lib.sampler_inputs import NoisePredictor, _evaluating
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import cap_sampling_steps
 from diffusion_lib.solvers import ode_timesteps

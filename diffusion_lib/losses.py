@@ -24,13 +24,13 @@ from torch import Tensor
 
 from diffusion_lib.learned_variance import split_eps_and_v
 from diffusion_lib.predictions import PREDICTIONS, _min_snr_weight, prediction_target
-from diffusion_lib.sampling import (
+from diffusion_lib.reverse_process import p_mean_variance
+from diffusion_lib.sampler_inputs import (
     NoisePredictor,
     _check_model_and_schedule,
     _check_network_dtype,
     _evaluating,
     _randn,
-    p_mean_variance,
 )
 from diffusion_lib.schedules import NoiseSchedule, _gather
 from diffusion_lib.validation import (

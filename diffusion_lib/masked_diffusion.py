@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_lib.sampling import Trajectory, _evaluating, _model_device
+from diffusion_lib.sampler_inputs import _evaluating, _model_device
+from diffusion_lib.sampling import Trajectory
 from diffusion_lib.smoke import cap_sampling_steps
 from diffusion_lib.validation import (
     check_choice,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from diffusion_lib.sampling import predict_noise
+from diffusion_lib.reverse_process import predict_noise
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.validation import check_choice, check_number, check_timesteps
 
@@ -158,7 +158,7 @@ class NoiseFromPrediction(nn.Module):
         For ``"v"``, ``x0 = alpha x_t - sigma v_hat`` needs no division, so it stays defined at
         alpha = 0, the last step of a schedule with zero terminal SNR, where the eps of
         :meth:`forward` equals x_t and carries nothing of x_0. Guidance (see
-        :func:`~diffusion_lib.sampling.predict_noise`) mixes the network's outputs, which is the
+        :func:`~diffusion_lib.reverse_process.predict_noise`) mixes the network's outputs, which is the
         same as mixing either estimate. ``x_t``: (B, ...), ``t``: (B,). Returns ``(eps, x0)``.
         """
         if self.schedule.device != x_t.device:

@@ -32,17 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_lib.losses import normal_kl
-from diffusion_lib.sampling import (
-    VARIANCES,
-    NoisePredictor,
-    Trajectory,
-    _ancestral_step,
-    _draw_step,
-    _evaluating,
-    _respaced_chain,
-    _start,
-    p_mean_variance,
-)
+from diffusion_lib.respacing import _respaced_chain
+from diffusion_lib.reverse_process import VARIANCES, _ancestral_step, _draw_step, p_mean_variance
+from diffusion_lib.sampler_inputs import NoisePredictor, _evaluating, _start
+from diffusion_lib.sampling import Trajectory
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import cap_sampling_steps
 from diffusion_lib.validation import (

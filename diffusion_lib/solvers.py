@@ -34,15 +34,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from diffusion_lib.sampling import (
+from diffusion_lib.reverse_process import _conditioning, _noise_and_x0
+from diffusion_lib.sampler_inputs import (
     NoisePredictor,
-    Trajectory,
     _check_model_and_schedule,
-    _conditioning,
     _evaluating,
-    _noise_and_x0,
     _start,
 )
+from diffusion_lib.sampling import Trajectory
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import cap_sampling_steps
 from diffusion_lib.validation import (
@@ -152,7 +151,7 @@ def _estimates(
     clip_x0: tuple[float, float] | None,
     extra: dict[str, object],
 ) -> tuple[Tensor, Tensor]:
-    """:func:`~diffusion_lib.sampling._noise_and_x0` at one timestep ``t`` for the whole batch."""
+    """:func:`~diffusion_lib.reverse_process._noise_and_x0` at one timestep ``t`` for the whole batch."""
     times = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
     return _noise_and_x0(model, schedule, x, times, clip_x0, extra)
 

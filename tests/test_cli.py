@@ -23,7 +23,7 @@ from diffusion_lib import (
     masked_diffusion,
     metrics,
     predictions,
-    sampling,
+    reverse_process,
 )
 from diffusion_lib.__main__ import CommandError, main
 from diffusion_lib.checkpoints import load_checkpoint, save_checkpoint
@@ -794,7 +794,7 @@ def test_a_hybrid_checkpoint_samples_ddpm_with_its_learned_variance_and_ddim_wit
     """ddpm, the default, sets every step's variance from the network's v channels; ddim reads
     the noise channels alone through NoiseOnly, with guidance as for a noise model."""
     monkeypatch.setenv(SMOKE_VARIABLE, "1")
-    variances = record_calls(monkeypatch, sampling, "learned_log_variance")
+    variances = record_calls(monkeypatch, reverse_process, "learned_log_variance")
     noise_only = record_calls(monkeypatch, learned_variance, "split_eps_and_v")
     output = tmp_path / "hybrid.png"
     options = [] if sampler is None else ["--sampler", sampler]
@@ -1502,7 +1502,7 @@ def test_sample_clips_x0_to_the_checkpoints_value_range(tmp_path, monkeypatch) -
         patch.setenv(DATA_VARIABLE, str(DATA_FOLDER))
         arguments = train_arguments(tmp_path / "unit", TINY_FC_UNET, "--value-range", "0", "1")
         assert main(arguments) == 0
-    clips = record_calls(monkeypatch, sampling, "_clip")
+    clips = record_calls(monkeypatch, reverse_process, "_clip")
     checkpoint = str(tmp_path / "unit" / "checkpoint.pt")
     output = str(tmp_path / "grid.png")
     assert main(["sample", "--checkpoint", checkpoint, "--steps", "3", "--output", output]) == 0

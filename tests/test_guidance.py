@@ -15,7 +15,7 @@ from diffusion_lib import (
     PreconditionedDenoiser,
     ddim_sample,
 )
-from diffusion_lib.sampling import predict_noise
+from diffusion_lib.reverse_process import predict_noise
 from diffusion_lib.solvers import EvaluationCounter
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -24,7 +24,7 @@ from diffusion_lib.models import (
     sinusoidal_embedding,
 )
 from diffusion_lib.models.attention_unet import CrossAttention, ResidualBlock, SelfAttention
-from diffusion_lib.sampling import predict_noise
+from diffusion_lib.reverse_process import predict_noise
 
 T = 1000
 

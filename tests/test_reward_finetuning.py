@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_lib import NoiseSchedule, ddpm_sample, p_mean_variance
+from diffusion_lib.respacing import _respaced_chain
 from diffusion_lib.reward_finetuning import (
     Rollout,
     ancestral_log_prob,
@@ -19,7 +20,6 @@ from diffusion_lib.reward_finetuning import (
     reward_advantages,
     sample_rollout,
 )
-from diffusion_lib.sampling import _respaced_chain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ import torch
 from test_models import perturb  # noise on every parameter, so zero-initialised layers speak
 
 from diffusion_lib import NoiseSchedule, ddim_sample, load_checkpoint, train
-from diffusion_lib.sampling import predict_noise
+from diffusion_lib.reverse_process import predict_noise
 from diffusion_lib.text_conditioning import (
     CaptionEncoder,
     CaptionVocabulary,
