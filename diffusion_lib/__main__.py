@@ -8,13 +8,15 @@ dataset and its value range, so ``sample``, ``evaluate`` and ``distill`` rebuild
 the file alone.
 
 This module is the entry point: it parses the arguments, runs the command and reports its errors.
-The options and the help text are defined in :mod:`diffusion_lib.command_line`, each command in a
-module of its own: :mod:`diffusion_lib.cli_train`, :mod:`diffusion_lib.cli_sample` (which also
-reads and rebuilds checkpoints for ``evaluate`` and ``distill``), :mod:`diffusion_lib.cli_evaluate`
-and :mod:`diffusion_lib.cli_distill`. Those modules import nothing from this one: under
-``python -m diffusion_lib`` this file runs as ``__main__``, so a class they imported from
-``diffusion_lib.__main__`` would be a second copy, not the one :func:`main` catches. That is why
-:class:`CommandError` lives in :mod:`diffusion_lib.command_line` (and is imported here too).
+The parser is built in :mod:`diffusion_lib.cli_parser`, the choices and help text the commands
+share are in :mod:`diffusion_lib.command_line`, and each command is in a module of its own:
+:mod:`diffusion_lib.cli_train`, :mod:`diffusion_lib.cli_sample` (which also reads and rebuilds
+checkpoints for ``evaluate`` and ``distill``), :mod:`diffusion_lib.cli_evaluate`,
+:mod:`diffusion_lib.cli_distill` and :mod:`diffusion_lib.cli_restore`. Those modules import nothing
+from this one: under ``python -m diffusion_lib`` this file runs as ``__main__``, so a class they
+imported from ``diffusion_lib.__main__`` would be a second copy, not the one :func:`main` catches.
+That is why :class:`CommandError` lives in :mod:`diffusion_lib.command_line` (and is imported here
+too).
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import sys
 from diffusion_lib.checkpoints import CheckpointError
 from diffusion_lib.cli_distill import run_distill
 from diffusion_lib.cli_evaluate import run_evaluate
+from diffusion_lib.cli_parser import build_parser
 from diffusion_lib.cli_restore import run_restore
 from diffusion_lib.cli_sample import run_sample
 from diffusion_lib.cli_train import run_train
-from diffusion_lib.command_line import CommandError, build_parser
+from diffusion_lib.command_line import CommandError
 from diffusion_lib.data import DataNotFoundError
 
 COMMANDS = {

@@ -14,7 +14,8 @@ import nbformat
 import pytest
 
 from diffusion_lib import cli_train
-from diffusion_lib.command_line import EPILOG, build_parser
+from diffusion_lib.cli_parser import build_parser
+from diffusion_lib.command_line import EPILOG
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAM = ["python", "-m", "diffusion_lib"]
