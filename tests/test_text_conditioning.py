@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from test_models import perturb  # noise on every parameter, so zero-initialised layers speak
+from torch import Tensor
 
 from diffusion_lib import NoiseSchedule, ddim_sample, load_checkpoint, train
+from diffusion_lib.losses import diffusion_loss
 from diffusion_lib.reverse_process import predict_noise
 from diffusion_lib.text_conditioning import (
     CaptionEncoder,
@@ -20,6 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 WORDS = ["three", "seven", "left", "right", "of"]
 CAPTIONS = ["three left of seven", "seven right of three", "seven left of three", "three"]
 UNET = dict(image_size=8, base_channels=8, num_res_blocks=1, num_heads=2)
+IMAGES, BATCH, STEPS = 256, 128, 8  # 1024 labels drawn: the share of dropped ones has SE 1.25%
 
 
 def vocabulary() -> CaptionVocabulary:
@@ -101,21 +104,96 @@ def test_guidance_combines_the_caption_and_the_empty_caption() -> None:
     )
 
 
+def identifiable_images(count: int) -> Tensor:
+    """(count, 1, 8, 8) images, image i filled with i / count: each batch row tells its index."""
+    return (torch.arange(count) / count).reshape(-1, 1, 1, 1).expand(-1, 1, 8, 8).clone()
+
+
+def recording_loss(seen: list[tuple[Tensor, Tensor]]):
+    """The default objective, noting the dataset row (from the image) and the label of every
+    batch element that the engine hands it."""
+
+    def loss(model, schedule, x0, *, labels, **options):
+        rows = (x0[:, 0, 0, 0] * IMAGES).round().long()
+        seen.append((rows, labels.detach().clone()))
+        return diffusion_loss(model, schedule, x0, labels=labels, **options)
+
+    return loss
+
+
+def guided_ddim_by_hand(model, schedule, x, labels, w: float, steps: int) -> Tensor:
+    """Deterministic DDIM (eta = 0, x_0 clipped to [-1, 1], the paper's "leading" timesteps
+    0, T/steps, ...) with ``(1 + w) eps(x, t, c) - w eps(x, t, empty caption)`` at every step,
+    each estimate from its own call of the network."""
+    abar, skip = schedule.alphas_cumprod, schedule.timesteps // steps
+    empty = torch.full_like(labels, model.null_label)
+    with torch.no_grad():
+        for i in reversed(range(steps)):
+            t = torch.full_like(labels, i * skip)
+            eps = (1 + w) * model(x, t, labels) - w * model(x, t, empty)
+            a, a_prev = abar[i * skip], abar[(i - 1) * skip] if i else torch.tensor(1.0)
+            x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    return x
+
+
 def test_trains_with_label_dropout_and_samples_with_guidance(tmp_path) -> None:
+    """Label dropout p shows the model the empty caption (row ``null_label``, the start token
+    alone) in place of a share p of the batch's captions, and leaves the others the captions of
+    their images; guided DDIM takes ``(1 + w) eps(c) - w eps(empty)`` at every step.
+
+    The share is a binomial count over 1024 draws, so it must lie within 5 standard errors of
+    p; an engine that never drops, drops with 1 - p or drops to another row fails. The guided
+    sample must equal a hand-written DDIM loop that evaluates the rule with two separate calls
+    of the network, and differ from the unguided sample and from guidance with w's sign flipped.
+    """
     schedule = NoiseSchedule.from_name("linear", timesteps=100)
     model = TextConditionedUNet(CAPTIONS, vocabulary(), text_dim=16, timesteps=100, **UNET)
-    images, labels = torch.randn(32, 1, 8, 8).clamp(-1, 1), torch.arange(32) % 4
-    result = train(model, schedule, images, labels=labels, steps=3, batch_size=8,
-                   label_dropout=0.2, device="cpu", progress=False, checkpoint_dir=tmp_path)  # fmt: skip
-    assert result.steps == 3
+    images, labels, seen, p = identifiable_images(IMAGES), torch.arange(IMAGES) % 4, [], 0.2
+    result = train(model, schedule, images, labels=labels, steps=STEPS, batch_size=BATCH,
+                   label_dropout=p, device="cpu", progress=False, checkpoint_dir=tmp_path,
+                   loss=recording_loss(seen))  # fmt: skip
+    assert result.steps == STEPS
     assert model.text_encoder.token_embedding.weight.grad is not None
+    rows, given = (torch.cat(parts) for parts in zip(*seen, strict=True))
+    assert len(given) == STEPS * BATCH
+    dropped = given == 4  # the row after the 4 captions
+    share, standard_error = dropped.float().mean().item(), (p * (1 - p) / len(given)) ** 0.5
+    assert abs(share - p) < 5 * standard_error, (share, p)
+    assert torch.equal(given[~dropped], rows[~dropped] % 4)  # the kept captions are the images'
+    assert torch.equal(model.caption_tokens[4], torch.tensor([1, 0, 0, 0, 0]))  # "" is <start>
+
     reloaded = TextConditionedUNet(CAPTIONS, vocabulary(), text_dim=16, timesteps=100, **UNET)
     load_checkpoint(tmp_path / "checkpoint.pt", reloaded)
     torch.testing.assert_close(reloaded.state_dict(), result.ema_model.state_dict())
-    samples = ddim_sample(result.ema_model, schedule, (4, 1, 8, 8), steps=5, labels=labels[:4],
-                          guidance=2.0, null_label=model.null_label,
-                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+    # A few steps barely move the zero-initialised output layer: perturb the weights so that
+    # the caption and the empty caption give clearly different estimates.
+    guided_model = perturb(reloaded).eval()
+    x_T = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+
+    def sample(w: float) -> Tensor:
+        return ddim_sample(guided_model, schedule, (4, 1, 8, 8), steps=5, x_T=x_T,
+                           labels=labels[:4], guidance=w, null_label=model.null_label)  # fmt: skip
+
+    samples = sample(2.0)
     assert samples.shape == (4, 1, 8, 8) and torch.isfinite(samples).all()
+    by_hand = guided_ddim_by_hand(guided_model, schedule, x_T, labels[:4], 2.0, steps=5)
+    torch.testing.assert_close(samples, by_hand, atol=1e-5, rtol=1e-5)
+    flipped = guided_ddim_by_hand(guided_model, schedule, x_T, labels[:4], -2.0, steps=5)
+    assert (samples - sample(0.0)).abs().max() > 0.1 and (samples - flipped).abs().max() > 0.1
+
+
+def test_without_label_dropout_every_caption_reaches_the_model() -> None:
+    """With ``label_dropout=0`` no caption is replaced: the model sees each image's own."""
+    schedule = NoiseSchedule.from_name("linear", timesteps=100)
+    model = TextConditionedUNet(CAPTIONS, vocabulary(), text_dim=16, timesteps=100, **UNET)
+    seen = []
+    train(model, schedule, identifiable_images(IMAGES), labels=torch.arange(IMAGES) % 4,
+          steps=2, batch_size=BATCH, device="cpu", progress=False, loss=recording_loss(seen))  # fmt: skip
+    rows, given = (torch.cat(parts) for parts in zip(*seen, strict=True))
+    assert len(given) == 2 * BATCH and torch.equal(given, rows % 4)
+    assert torch.equal(rows.sort().values, torch.arange(IMAGES))  # one epoch: every image once
 
 
 @pytest.mark.parametrize(
