@@ -26,7 +26,6 @@ from diffusion_lib import (
     predict_noise,
     slerp,
 )
-from diffusion_lib.sampler_inputs import _start
 from diffusion_lib.sampling import _ddim_update
 from diffusion_lib.smoke import MAX_SAMPLING_STEPS, SMOKE_VARIABLE
 
@@ -359,17 +358,6 @@ def test_a_noise_predictor_is_refused_where_it_cannot_give_x0(zero_snr: NoiseSch
     # Away from t = T it still works: the leading grid never reaches it.
     x = ddim_sample(model, zero_snr, (2, 1, 1, 1), steps=10, spacing="leading")
     assert torch.isfinite(x).all()
-
-
-def test_a_given_start_moves_to_the_device_of_the_models_parameters() -> None:
-    # "meta" stands in for a GPU: a CPU x_T given to a model whose weights live elsewhere
-    # must follow the weights, as noise drawn by the sampler itself does.
-    model = nn.Linear(1, 1).to("meta")
-    x_T = torch.randn(2, 1, 2, 2)
-    assert _start(model, tuple(x_T.shape), x_T, None, None).device.type == "meta"
-    assert _start(model, tuple(x_T.shape), None, None, None).device.type == "meta"
-    assert _start(model, tuple(x_T.shape), x_T, None, "cpu").device.type == "cpu"
-    assert _start(lambda x, t: x, tuple(x_T.shape), x_T, None, None) is x_T  # no parameters
 
 
 def test_ddim_with_eta_one_over_every_step_is_ddpm() -> None:
