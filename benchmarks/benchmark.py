@@ -60,7 +60,8 @@ from diffusion_lib.checkpoints import write_atomically
 from diffusion_lib.data import data_root, load_images
 from diffusion_lib.devices import select_device, synchronize
 from diffusion_lib.losses import diffusion_loss
-from diffusion_lib.metrics import QualityScore, ReferenceClassifier, get_classifier, score_samples
+from diffusion_lib.metrics import QualityScore, score_samples
+from diffusion_lib.reference_classifier import ReferenceClassifier, get_classifier
 from diffusion_lib.sampling import ddim_sample, ddpm_sample
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import smoke_mode

@@ -106,13 +106,7 @@ from diffusion_lib.masked_diffusion import (
     tokens_from_images,
 )
 from diffusion_lib.memorization import EmpiricalDenoiser
-from diffusion_lib.metrics import (
-    QualityScore,
-    ReferenceClassifier,
-    frechet_distance,
-    get_classifier,
-    score_samples,
-)
+from diffusion_lib.metrics import QualityScore, frechet_distance, score_samples
 from diffusion_lib.models import (
     MODELS,
     AttentionUNet,
@@ -146,6 +140,7 @@ from diffusion_lib.predictions import (
     prediction_target,
     x0_error_weight,
 )
+from diffusion_lib.reference_classifier import ReferenceClassifier, get_classifier
 from diffusion_lib.respacing import DDIM_SPACINGS, ddim_timesteps, respace
 from diffusion_lib.reverse_process import p_mean_variance, predict_noise
 from diffusion_lib.reward_finetuning import (

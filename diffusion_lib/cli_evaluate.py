@@ -51,14 +51,12 @@ from diffusion_lib.masked_diffusion import (
     masked_nll_bound,
     tokens_from_images,
 )
-from diffusion_lib.metrics import (
+from diffusion_lib.metrics import QualityScore, score_samples, to_classifier_range
+from diffusion_lib.reference_classifier import (
     CLASSIFIER_VERSION,
     SPLIT_SIZES,
-    QualityScore,
     ReferenceClassifier,
     get_classifier,
-    score_samples,
-    to_classifier_range,
 )
 from diffusion_lib.smoke import cap_samples
 

@@ -39,11 +39,11 @@ from diffusion_lib.inverse import (
     dps_sample,
     pigdm_sample,
 )
-from diffusion_lib.metrics import (
+from diffusion_lib.metrics import score_samples
+from diffusion_lib.reference_classifier import (
     CLASSIFIER_VERSION,
     ReferenceClassifier,
     get_classifier,
-    score_samples,
 )
 from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import cap_samples, cap_sampling_steps

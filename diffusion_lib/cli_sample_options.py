@@ -172,9 +172,9 @@ def add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
         "evaluate",
         help="score a checkpoint's samples against real test images, and its variational bound",
         description="Draw --num samples as sample does and score them with the reference "
-        "classifier of the checkpoint's dataset (diffusion_lib.metrics): the Fréchet distance "
-        "of its features to those of the test set, the share of confidently classified "
-        "samples and the entropy of their classes. The first --num real test images are "
+        "classifier of the checkpoint's dataset (diffusion_lib.reference_classifier): the "
+        "Fréchet distance of its features to those of the test set, the share of confidently "
+        "classified samples and the entropy of their classes. The first --num real test images are "
         "scored beside them, because the Fréchet distance of a finite sample is biased "
         "upwards and compares only with a reference of the same size. Both rows are also "
         "checked for copies of the images the checkpoint was trained on.",

@@ -5,7 +5,7 @@ names both digits and their order, "three left of seven", and optionally also in
 phrasing, "seven right of three". A text encoder must read the word order (and the relation
 word) to know which digit goes where; a bag of words cannot. :func:`read_scenes` checks a
 generated scene by cutting it in two and classifying each half with the reference
-classifier of :mod:`diffusion_lib.metrics`.
+classifier of :mod:`diffusion_lib.reference_classifier`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffusion_lib.metrics import ReferenceClassifier
+from diffusion_lib.reference_classifier import ReferenceClassifier
 from diffusion_lib.text_conditioning import CaptionVocabulary
 from diffusion_lib.validation import check_positive_int
 

@@ -2,7 +2,7 @@
 
 :mod:`diffusion_lib.metrics` reduces each set to a Gaussian and reports the Fréchet distance
 between the two fits. This module adds the other standard ways to compare the sets, all computed
-on features such as :meth:`~diffusion_lib.metrics.ReferenceClassifier.embed` returns:
+on features such as :meth:`~diffusion_lib.reference_classifier.ReferenceClassifier.embed` returns:
 
 * :func:`kernel_distance`: the unbiased squared maximum mean discrepancy with a cubic
   polynomial kernel, the KID of Bińkowski et al. (2018). Unlike the Fréchet distance its
@@ -204,7 +204,7 @@ def frechet_distance_at_infinity(
     Args:
         features: (N, D) features of the samples.
         reference_mean, reference_covariance: (D,) and (D, D), e.g. a
-            :class:`~diffusion_lib.metrics.ReferenceClassifier`'s test-set statistics.
+            :class:`~diffusion_lib.reference_classifier.ReferenceClassifier`'s test-set statistics.
         sizes: at least two distinct subset sizes in 2..N; default 15 sizes evenly spaced in
             1/N from N/5 to N, as in the paper.
         generator: the random generator that draws the subsets (CPU).

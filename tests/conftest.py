@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from diffusion_lib import NoiseFromPrediction, NoiseSchedule, metrics
+from diffusion_lib import NoiseFromPrediction, NoiseSchedule, reference_classifier
 from diffusion_lib.smoke import SMOKE_VARIABLE
 
 
@@ -48,11 +48,11 @@ def classifier_cache(tmp_path_factory) -> Iterator[Path]:
     with the current one from the default cache where there is one; otherwise it is trained
     there once per module (about a minute)."""
     folder = tmp_path_factory.mktemp("classifier_cache")
-    cached = metrics.classifier_path("mnist")
+    cached = reference_classifier.classifier_path("mnist")
     if cached.is_file():
-        shutil.copy(cached, metrics.classifier_path("mnist", folder))
+        shutil.copy(cached, reference_classifier.classifier_path("mnist", folder))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(metrics.CACHE_VARIABLE, str(folder))
+        patch.setenv(reference_classifier.CACHE_VARIABLE, str(folder))
         yield folder
 
 

@@ -21,7 +21,7 @@ from diffusion_lib.checkpoints import load_checkpoint, save_checkpoint
 from diffusion_lib.cli_sample import read_checkpoint, rebuild
 from diffusion_lib.data import DATA_VARIABLE, data_root, load_images, to_unit_interval
 from diffusion_lib.flow_matching import RectifiedFlow
-from diffusion_lib.metrics import get_classifier
+from diffusion_lib.reference_classifier import get_classifier
 from diffusion_lib.sampling import ddim_sample
 from diffusion_lib.smoke import SMOKE_VARIABLE
 

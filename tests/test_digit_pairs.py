@@ -14,7 +14,7 @@ from diffusion_lib.digit_pairs import (
     scene_captions,
     scene_vocabulary,
 )
-from diffusion_lib.metrics import get_classifier
+from diffusion_lib.reference_classifier import get_classifier
 
 
 def test_both_phrasings_name_the_same_scene() -> None:

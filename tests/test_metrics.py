@@ -1,36 +1,26 @@
-"""Tests for diffusion_lib.metrics: the Fréchet distance against closed forms, the classifier
-cache, and the scores of real, noisy and constant images.
+"""Tests for diffusion_lib.metrics: the Fréchet distance against closed forms, and the scores of
+real, noisy and constant images.
 
-The MNIST classifier is trained once per test session into a temporary cache folder.
+The MNIST reference classifier comes from the shared classifier cache of tests/conftest.py,
+copied from the default cache where there is one and trained there otherwise.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from diffusion_lib import metrics
+from diffusion_lib import metrics, reference_classifier
 from diffusion_lib.data import load_images
-from diffusion_lib.smoke import SMOKE_VARIABLE, smoke_mode
 
 
-@pytest.fixture(scope="session")
-def cache_folder(tmp_path_factory: pytest.TempPathFactory):
-    folder = tmp_path_factory.mktemp("diffusion_lib_cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(metrics.CACHE_VARIABLE, str(folder))
-        yield folder
-
-
-@pytest.fixture(scope="session")
-def mnist_classifier(cache_folder) -> metrics.ReferenceClassifier:
-    return metrics.get_classifier("mnist")
+@pytest.fixture(scope="module")
+def mnist_classifier(classifier_cache) -> reference_classifier.ReferenceClassifier:
+    return reference_classifier.get_classifier("mnist")
 
 
 @pytest.fixture(scope="session")
@@ -92,15 +82,6 @@ def test_frechet_distance_is_symmetric_and_zero_for_identical_statistics() -> No
     )
 
 
-def test_feature_statistics_match_numpy() -> None:
-    features = torch.randn(50, 4, dtype=torch.float32) * torch.tensor([1.0, 2.0, 3.0, 4.0])
-    mean, covariance = metrics.feature_statistics(features)
-    assert mean.dtype == covariance.dtype == torch.float64
-    np.testing.assert_allclose(mean.numpy(), features.double().numpy().mean(axis=0), rtol=1e-12)
-    expected = np.cov(features.double().numpy(), rowvar=False)
-    np.testing.assert_allclose(covariance.numpy(), expected, rtol=1e-10, atol=1e-12)
-
-
 def test_class_coverage_entropy_and_counts() -> None:
     even = torch.arange(10).repeat(7)
     assert metrics.class_coverage(even) == (pytest.approx(1.0), (7,) * 10)
@@ -142,81 +123,10 @@ def test_frechet_distance_takes_arrays(convert) -> None:
     assert metrics.frechet_distance(*(convert(x.numpy()) for x in statistics)) == expected
 
 
-# ------------------------------------------------------------------ the classifier and its cache
-
-
-def test_cache_folder_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    monkeypatch.setenv(metrics.CACHE_VARIABLE, str(tmp_path))
-    assert metrics.classifier_path("Fashion-MNIST").parent == tmp_path
-    monkeypatch.delenv(metrics.CACHE_VARIABLE)
-    assert metrics.cache_folder() == Path.home() / ".cache" / "diffusion_lib"
-
-
-def test_full_split_ignores_smoke_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(SMOKE_VARIABLE, "1")
-    assert len(load_images("mnist", train=False)[0]) < 10_000  # smoke mode really caps
-    images, labels = metrics._full_split("mnist", train=False)
-    assert images.shape == (10_000, 1, 28, 28) and labels.shape == (10_000,)
-    assert smoke_mode()  # and is switched back on afterwards
-
-
-def test_classifier_is_accurate_and_cached(mnist_classifier, cache_folder) -> None:
-    assert mnist_classifier.test_accuracy > 0.98
-    assert mnist_classifier.version == metrics.CLASSIFIER_VERSION
-    assert mnist_classifier.feature_mean.shape == (metrics.FEATURE_DIM,)
-    assert mnist_classifier.feature_covariance.shape == (metrics.FEATURE_DIM,) * 2
-    path = metrics.classifier_path("mnist")
-    assert path.parent == cache_folder and path.exists()
-    assert [p.name for p in cache_folder.iterdir()] == [path.name]  # no temporary files left
-
-
-def test_cached_classifier_is_reused(mnist_classifier, monkeypatch, mnist_test_images) -> None:
-    def no_training(*args, **kwargs):
-        raise AssertionError("the cached classifier should have been used")
-
-    monkeypatch.setattr(metrics, "train_classifier", no_training)
-    path = metrics.classifier_path("mnist")
-    modified = path.stat().st_mtime_ns
-    loaded = metrics.get_classifier("mnist")
-    assert path.stat().st_mtime_ns == modified
-    assert loaded.test_accuracy == mnist_classifier.test_accuracy
-    torch.testing.assert_close(loaded.feature_covariance, mnist_classifier.feature_covariance)
-    torch.testing.assert_close(
-        loaded.embed(mnist_test_images[:64])[1], mnist_classifier.embed(mnist_test_images[:64])[1]
-    )
-
-
-@pytest.mark.parametrize("stale", ["old version", "damaged file", "other dataset"])
-def test_stale_cache_is_retrained(stale: str, mnist_classifier, monkeypatch, tmp_path) -> None:
-    path = metrics.classifier_path("mnist", tmp_path)
-    metrics._save(mnist_classifier, path)
-    contents = torch.load(path, weights_only=True)
-    if stale == "old version":
-        contents["version"] = "an older classifier"
-    elif stale == "other dataset":
-        contents["dataset"] = "fashion_mnist"
-    torch.save(contents, path)
-    if stale == "damaged file":
-        path.write_bytes(path.read_bytes()[:1000])
-    trained = []
-
-    def fake_training(dataset, *, device=None):
-        trained.append(dataset)
-        return mnist_classifier
-
-    monkeypatch.setattr(metrics, "train_classifier", fake_training)
-    metrics.get_classifier("mnist", folder=tmp_path)
-    assert trained == ["mnist"]
-    assert torch.load(path, weights_only=True)["version"] == metrics.CLASSIFIER_VERSION
-    metrics.get_classifier("mnist", folder=tmp_path)  # now current: read, not retrained
-    assert trained == ["mnist"]
-    assert sorted(os.listdir(tmp_path)) == [path.name]
-
-
 # ------------------------------------------------------------------------- scores of image sets
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def reference_scores(mnist_classifier, mnist_test_images) -> dict[str, metrics.QualityScore]:
     generator = torch.Generator().manual_seed(4)
     candidates = {
@@ -246,7 +156,7 @@ def test_fake_images_are_far_from_real_ones(reference_scores, fake: str) -> None
 
 
 def test_score_of_the_whole_test_set_is_zero(mnist_classifier) -> None:
-    test_images = metrics._full_split("mnist", train=False)[0]
+    test_images = reference_classifier._full_split("mnist", train=False)[0]
     score = metrics.score_samples(test_images, classifier=mnist_classifier)
     assert score.frechet_distance == pytest.approx(0.0, abs=1e-6)
     assert score.confident_share > 0.95
