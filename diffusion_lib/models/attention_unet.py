@@ -11,6 +11,8 @@ receptive field is still too small to see the whole image.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -290,30 +292,14 @@ class AttentionUNet(nn.Module):
         self.channels = check_positive_int("channels", channels)
         self.out_channels = check_out_channels(out_channels, channels)
         self.timesteps = check_positive_int("timesteps", timesteps)
-        check_positive_int("base_channels", base_channels)
         check_positive_int("num_res_blocks", num_res_blocks)
-        channel_multipliers = check_tuple("channel_multipliers", channel_multipliers, "(1, 2, 2)")
-        if not channel_multipliers:
-            raise ValueError("channel_multipliers must hold at least one level, e.g. (1, 2, 2)")
-        level_channels = [
-            base_channels * check_positive_int("channel_multipliers", m)
-            for m in channel_multipliers
-        ]
-        self.resolutions = _resolutions(image_size, len(channel_multipliers))
+        level_channels = _level_channels(base_channels, channel_multipliers, norm_groups)
+        self.resolutions = _resolutions(image_size, len(level_channels))
         self.attention_resolutions = _attention_resolutions(attention_resolutions, self.resolutions)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-        check_positive_int("norm_groups", norm_groups)
-        if any(c % norm_groups for c in level_channels):
-            raise ValueError(
-                f"norm_groups={norm_groups} must divide the channels of every level, {level_channels}"
-            )
-        self.num_classes = (
-            None if num_classes is None else check_positive_int("num_classes", num_classes)
-        )
-        self.context_dim = (
-            None if context_dim is None else check_positive_int("context_dim", context_dim)
-        )
+        self.num_classes = _optional_positive_int("num_classes", num_classes)
+        self.context_dim = _optional_positive_int("context_dim", context_dim)
 
         self.time_embedding = TimeEmbedding(base_channels, 4 * base_channels)
         time_dim = self.time_embedding.out_dim
@@ -328,45 +314,31 @@ class AttentionUNet(nn.Module):
             )
 
         self.input_conv = nn.Conv2d(channels, base_channels, 3, padding=1)
-        skip_channels = [base_channels]
-        self.down = nn.ModuleList()
-        width = base_channels
-        for level, resolution in enumerate(self.resolutions):
-            for _ in range(num_res_blocks):
-                self.down.append(stage(width, level_channels[level], resolution))
-                width = level_channels[level]
-                skip_channels.append(width)
-            if level < len(level_channels) - 1:
-                self.down.append(Downsample(width))
-                skip_channels.append(width)
-
+        self.down, skip_channels = _contracting_path(
+            stage, base_channels, level_channels, self.resolutions, num_res_blocks
+        )
+        width = level_channels[-1]
         self.middle = nn.ModuleList(
             [
                 _Stage(width, width, time_dim, dropout, norm_groups, True, num_heads, context_dim),
                 _Stage(width, width, time_dim, dropout, norm_groups, False, num_heads),
             ]
         )
-
         # Channels of each contracting-path activation the expanding path reads back, in
         # the order they are stored: what a ControlNet's residuals must match.
         self.skip_channels = tuple(skip_channels)
-        self.up = nn.ModuleList()
-        for level in reversed(range(len(level_channels))):
-            for _ in range(num_res_blocks + 1):
-                n_in = width + skip_channels.pop()
-                self.up.append(stage(n_in, level_channels[level], self.resolutions[level]))
-                width = level_channels[level]
-            if level > 0:
-                self.up.append(Upsample(width))
+        self.up = _expanding_path(
+            stage, level_channels, self.resolutions, num_res_blocks, list(skip_channels)
+        )
 
         # The last convolution starts at zero so the untrained model predicts eps = 0, the
         # mean of the noise it must predict: the first loss is then exactly E||eps||^2 = 1
         # per dimension rather than a random network's much larger error, and early
         # gradients do not have to undo a random output first.
         self.output = nn.Sequential(
-            nn.GroupNorm(norm_groups, width),
+            nn.GroupNorm(norm_groups, level_channels[0]),
             nn.SiLU(),
-            _zero_init(nn.Conv2d(width, self.out_channels, 3, padding=1)),
+            _zero_init(nn.Conv2d(level_channels[0], self.out_channels, 3, padding=1)),
         )
 
     @property
@@ -508,6 +480,74 @@ class AttentionUNet(nn.Module):
             else:
                 h = module(h)
         return self.output(h)
+
+
+def _level_channels(
+    base_channels: int, channel_multipliers: tuple[int, ...], norm_groups: int
+) -> list[int]:
+    """The channels of each resolution level, ``base_channels * m`` for each multiplier m,
+    checked: at least one level, and ``norm_groups`` dividing every level's channels."""
+    check_positive_int("base_channels", base_channels)
+    channel_multipliers = check_tuple("channel_multipliers", channel_multipliers, "(1, 2, 2)")
+    if not channel_multipliers:
+        raise ValueError("channel_multipliers must hold at least one level, e.g. (1, 2, 2)")
+    level_channels = [
+        base_channels * check_positive_int("channel_multipliers", m) for m in channel_multipliers
+    ]
+    check_positive_int("norm_groups", norm_groups)
+    if any(c % norm_groups for c in level_channels):
+        raise ValueError(
+            f"norm_groups={norm_groups} must divide the channels of every level, {level_channels}"
+        )
+    return level_channels
+
+
+def _optional_positive_int(name: str, value: int | None) -> int | None:
+    return None if value is None else check_positive_int(name, value)
+
+
+def _contracting_path(
+    stage: Callable[[int, int, int], nn.Module],
+    base_channels: int,
+    level_channels: list[int],
+    resolutions: list[int],
+    num_res_blocks: int,
+) -> tuple[nn.ModuleList, list[int]]:
+    """The down path: ``num_res_blocks`` stages per level, then a downsampling layer on every
+    level but the last. Returns the layers and the channels of every activation they keep as
+    a skip connection, starting with the input convolution's (``base_channels``)."""
+    layers, skip_channels, width = nn.ModuleList(), [base_channels], base_channels
+    for level, resolution in enumerate(resolutions):
+        for _ in range(num_res_blocks):
+            layers.append(stage(width, level_channels[level], resolution))
+            width = level_channels[level]
+            skip_channels.append(width)
+        if level < len(level_channels) - 1:
+            layers.append(Downsample(width))
+            skip_channels.append(width)
+    return layers, skip_channels
+
+
+def _expanding_path(
+    stage: Callable[[int, int, int], nn.Module],
+    level_channels: list[int],
+    resolutions: list[int],
+    num_res_blocks: int,
+    skip_channels: list[int],
+) -> nn.ModuleList:
+    """The up path, the down path's mirror image: ``num_res_blocks + 1`` stages per level, each
+    reading the previous output concatenated with the last skip not yet consumed, then an
+    upsampling layer on every level but the first. Consumes ``skip_channels``."""
+    layers, width = nn.ModuleList(), level_channels[-1]
+    for level in reversed(range(len(level_channels))):
+        for _ in range(num_res_blocks + 1):
+            layers.append(
+                stage(width + skip_channels.pop(), level_channels[level], resolutions[level])
+            )
+            width = level_channels[level]
+        if level > 0:
+            layers.append(Upsample(width))
+    return layers
 
 
 def _resolutions(image_size: int, levels: int) -> list[int]:
