@@ -58,6 +58,9 @@ from diffusion_lib.training_setup import (
     _check_data,
     _check_dtypes,
     _check_integer,
+    _check_label_dropout,
+    _check_objective,
+    _check_trainable,
     _checkpoint_path,
     _global_batch_size,
     _json_config,
@@ -205,31 +208,11 @@ def train(
     ``train`` alike.
     """
     started = time.perf_counter()
-    known_schedule = isinstance(schedule, NoiseSchedule | RectifiedFlow)
-    if not known_schedule and (loss is None or not callable(getattr(schedule, "to", None))):
-        raise ValueError(
-            "schedule must be a NoiseSchedule (noise prediction) or a RectifiedFlow (flow "
-            "matching); with a custom loss, any object with a .to(device) method that the loss "
-            f"understands. Got {type(schedule).__name__}"
-        )
+    _check_objective(schedule, loss)
     _check_data(images, labels, noise)
     _check_dtypes(model, images, noise)
-    if not any(parameter.requires_grad for parameter in model.parameters()):
-        raise ValueError(
-            "the model has no parameters that require gradients (an EMA copy is frozen): "
-            "load its weights into a new model, or call model.requires_grad_() first"
-        )
-    if loss is not None and not callable(loss):
-        raise ValueError(
-            "loss must be None (the default objective) or a callable "
-            f"loss(model, schedule, x0, *, noise, labels, generator), got {type(loss).__name__}"
-        )
-    label_dropout = check_number("label_dropout", label_dropout, 0.0, 1.0, low_open=False)
-    if label_dropout > 0 and (labels is None or getattr(model, "null_label", None) is None):
-        raise ValueError(
-            "label_dropout > 0 needs labels and a conditional model with a null_label attribute "
-            "(the class index that means 'no label')"
-        )
+    _check_trainable(model)
+    label_dropout = _check_label_dropout(label_dropout, model, labels)
     options = {
         "lr": check_number("lr", lr, 0.0, low_open=True),
         "weight_decay": check_number("weight_decay", weight_decay, 0.0, low_open=False),

@@ -19,6 +19,8 @@ from torch import Tensor, nn
 
 from diffusion_lib.checkpoints import CHECKPOINT_NAME
 from diffusion_lib.devices import ProcessGroup
+from diffusion_lib.flow_matching import RectifiedFlow
+from diffusion_lib.schedules import NoiseSchedule
 from diffusion_lib.smoke import cap_training_steps
 from diffusion_lib.validation import check_number, is_integer
 
@@ -171,3 +173,38 @@ def _check_compile(compile: object) -> bool | str:
     if compile is True or compile is False or compile == AUTO_COMPILE:
         return compile  # type: ignore[return-value]
     raise ValueError(f"compile must be True, False or {AUTO_COMPILE!r}, got {compile!r}")
+
+
+def _check_objective(schedule: object, loss: Callable[..., Tensor] | None) -> None:
+    """Refuse a ``schedule`` that no objective can use and a ``loss`` that is not callable."""
+    known_schedule = isinstance(schedule, NoiseSchedule | RectifiedFlow)
+    if not known_schedule and (loss is None or not callable(getattr(schedule, "to", None))):
+        raise ValueError(
+            "schedule must be a NoiseSchedule (noise prediction) or a RectifiedFlow (flow "
+            "matching); with a custom loss, any object with a .to(device) method that the loss "
+            f"understands. Got {type(schedule).__name__}"
+        )
+    if loss is not None and not callable(loss):
+        raise ValueError(
+            "loss must be None (the default objective) or a callable "
+            f"loss(model, schedule, x0, *, noise, labels, generator), got {type(loss).__name__}"
+        )
+
+
+def _check_trainable(model: nn.Module) -> None:
+    if not any(parameter.requires_grad for parameter in model.parameters()):
+        raise ValueError(
+            "the model has no parameters that require gradients (an EMA copy is frozen): "
+            "load its weights into a new model, or call model.requires_grad_() first"
+        )
+
+
+def _check_label_dropout(label_dropout: float, model: nn.Module, labels: Tensor | None) -> float:
+    """``label_dropout`` in [0, 1]; above 0 only with labels and a model that has a null label."""
+    label_dropout = check_number("label_dropout", label_dropout, 0.0, 1.0, low_open=False)
+    if label_dropout > 0 and (labels is None or getattr(model, "null_label", None) is None):
+        raise ValueError(
+            "label_dropout > 0 needs labels and a conditional model with a null_label attribute "
+            "(the class index that means 'no label')"
+        )
+    return label_dropout
