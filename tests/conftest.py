@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_lib import NoiseFromPrediction, NoiseSchedule, reference_classifier
+from diffusion_lib.data import load_images
 from diffusion_lib.smoke import SMOKE_VARIABLE
 
 
@@ -40,6 +41,12 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def mnist_test_images() -> torch.Tensor:
+    """The first 2,000 MNIST test digits in [-1, 1], (2000, 1, 28, 28)."""
+    return load_images("mnist", train=False, limit=2000)[0]
 
 
 @pytest.fixture(scope="module")

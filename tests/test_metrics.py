@@ -15,17 +15,11 @@ import pytest
 import torch
 
 from diffusion_lib import metrics, reference_classifier
-from diffusion_lib.data import load_images
 
 
 @pytest.fixture(scope="module")
 def mnist_classifier(classifier_cache) -> reference_classifier.ReferenceClassifier:
     return reference_classifier.get_classifier("mnist")
-
-
-@pytest.fixture(scope="session")
-def mnist_test_images() -> torch.Tensor:
-    return load_images("mnist", train=False, limit=2000)[0]
 
 
 def random_covariance(dim: int, rank: int, generator: torch.Generator) -> torch.Tensor:

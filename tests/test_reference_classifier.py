@@ -31,11 +31,6 @@ def mnist_classifier(cache_folder) -> reference_classifier.ReferenceClassifier:
     return reference_classifier.get_classifier("mnist")
 
 
-@pytest.fixture(scope="module")
-def mnist_test_images() -> torch.Tensor:
-    return load_images("mnist", train=False, limit=2000)[0]
-
-
 def test_feature_statistics_match_numpy() -> None:
     features = torch.randn(50, 4, dtype=torch.float32) * torch.tensor([1.0, 2.0, 3.0, 4.0])
     mean, covariance = reference_classifier.feature_statistics(features)
