@@ -71,6 +71,28 @@ def divergence_hutchinson(
     return value.detach(), (vector_jacobian * probe).flatten(1).sum(dim=1)
 
 
+def _check_likelihood_arguments(
+    schedule: NoiseSchedule, x0: Tensor, steps: int, divergence: str
+) -> None:
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_positive_int("steps", steps)
+    check_finite("x0", x0)
+    if steps < 2:
+        raise ValueError(f"steps must be at least 2 (from t = 0 to t = T - 1), got {steps}")
+    if schedule.zero_terminal_snr:
+        raise ValueError(
+            "the likelihood needs a prior N(0, I) at a finite log-SNR; this schedule ends at "
+            "alpha_bar = 0, where x_bar = x / alpha is infinite"
+        )
+
+
+def _rademacher_probe(x0: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Independent signs +-1 shaped like ``x0``, drawn on the generator's device then moved."""
+    source = generator.device if generator is not None else x0.device
+    signs = torch.randint(0, 2, x0.shape, generator=generator, device=source)
+    return (2 * signs - 1).to(device=x0.device, dtype=x0.dtype)
+
+
 def ode_log_likelihood(
     model: NoisePredictor,
     schedule: NoiseSchedule,
@@ -99,25 +121,12 @@ def ode_log_likelihood(
         divergence: ``"hutchinson"`` (unbiased, one backward pass) or ``"exact"``.
         generator: random generator of the probes (on the CPU or x0's device).
     """
-    check_choice("divergence", divergence, DIVERGENCES)
-    check_positive_int("steps", steps)
-    check_finite("x0", x0)
-    if steps < 2:
-        raise ValueError(f"steps must be at least 2 (from t = 0 to t = T - 1), got {steps}")
-    if schedule.zero_terminal_snr:
-        raise ValueError(
-            "the likelihood needs a prior N(0, I) at a finite log-SNR; this schedule ends at "
-            "alpha_bar = 0, where x_bar = x / alpha is infinite"
-        )
+    _check_likelihood_arguments(schedule, x0, steps, divergence)
     grid = ode_timesteps(schedule, cap_sampling_steps(steps), spacing).tolist()  # ascending
     alpha_bar = schedule.alphas_cumprod.cpu()[grid].tolist()
     alphas = [math.sqrt(a) for a in alpha_bar]
     rhos = [math.sqrt(1 - a) / math.sqrt(a) for a in alpha_bar]
-    probe = None
-    if divergence == "hutchinson":
-        source = generator.device if generator is not None else x0.device
-        signs = torch.randint(0, 2, x0.shape, generator=generator, device=source)
-        probe = (2 * signs - 1).to(device=x0.device, dtype=x0.dtype)
+    probe = _rademacher_probe(x0, generator) if divergence == "hutchinson" else None
 
     def slope(x_bar: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """d x_bar / d rho and alpha div_x eps at grid point k."""
