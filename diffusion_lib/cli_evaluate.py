@@ -3,8 +3,9 @@ many real test images, compare both sets with as many training images (kernel di
 precision, recall, density, coverage), check both for copies of the images the checkpoint was
 trained on (the nearest-neighbour ratio of chapter 30) and, with --bound-images, report the
 variational bound in bits/dim, and with --ode-steps also the bound through the probability-flow
-ODE; --json writes the numbers atomically. The checkpoint is rebuilt and sampled as ``sample``
-does it, through :mod:`diffusion_lib.cli_sample`.
+ODE (both computed in :mod:`diffusion_lib.cli_bounds`); --json writes the numbers atomically.
+The checkpoint is rebuilt and sampled as ``sample`` does it, through
+:mod:`diffusion_lib.cli_sample`.
 
 A masked checkpoint draws images of K grey levels, so the test images beside them are quantised
 to the same levels, and its bound is the order-agnostic bound of masked diffusion on the
@@ -21,22 +22,17 @@ from typing import Any
 import torch
 
 from diffusion_lib.checkpoints import write_atomically
+from diffusion_lib.cli_bounds import bound_lines, check_bound_fits, likelihood_bound
 from diffusion_lib.cli_guidance import describe_guidance, guidance_record, sampling_labels
 from diffusion_lib.cli_sample import (
     SamplingPlan,
-    as_noise_sampler_reads_it,
     draw_samples,
     plan_sampling,
     real_images,
     sampling_method,
     training_images,
 )
-from diffusion_lib.command_line import (
-    MASKED_BOUND_DRAWS,
-    SCHEDULE_OBJECTIVES,
-    CommandError,
-    check_output_file,
-)
+from diffusion_lib.command_line import CommandError, check_output_file
 from diffusion_lib.data import load_images
 from diffusion_lib.feature_metrics import (
     COPY_RATIO,
@@ -44,13 +40,7 @@ from diffusion_lib.feature_metrics import (
     manifold_scores,
     nearest_neighbour_ratios,
 )
-from diffusion_lib.likelihood import ode_bits_per_dim
-from diffusion_lib.losses import elbo_bits_per_dim
-from diffusion_lib.masked_diffusion import (
-    MaskedDiffusion,
-    masked_nll_bound,
-    tokens_from_images,
-)
+from diffusion_lib.masked_diffusion import MaskedDiffusion
 from diffusion_lib.metrics import QualityScore, score_samples, to_classifier_range
 from diffusion_lib.reference_classifier import (
     CLASSIFIER_VERSION,
@@ -58,7 +48,6 @@ from diffusion_lib.reference_classifier import (
     ReferenceClassifier,
     get_classifier,
 )
-from diffusion_lib.smoke import cap_samples
 
 # The rows of evaluate's table: JSON key, then the label printed. A masked checkpoint's reference
 # row holds the test images quantised to its grey levels.
@@ -71,10 +60,6 @@ SCORE_ROWS = {
 # distance's standard error (10 subsets of 1000 for 10,000 samples, as Bińkowski et al. used).
 SET_SCORE_K = 5
 KERNEL_SUBSETS = 10
-# The objectives that --bound-images applies to
-BOUND_OBJECTIVES = (*SCHEDULE_OBJECTIVES, "masked")
-# Test images per batch of the bound: T network calls each, without gradients.
-BOUND_BATCH_SIZE = 256
 
 
 def _check_evaluation_args(args: argparse.Namespace) -> None:
@@ -98,51 +83,6 @@ def _check_evaluation_args(args: argparse.Namespace) -> None:
         )
     if args.json is not None:
         check_output_file("--json", args.json, "scores.json")
-
-
-def _check_ode_bound_fits(config: dict[str, Any], ode_steps: int) -> None:
-    """--ode-steps needs a Gaussian schedule whose last step keeps some signal, and at most T
-    steps."""
-    if ode_steps == 0:
-        return
-    schedule = config.get("schedule", {})
-    if config.get("objective", "noise") == "masked":
-        raise CommandError(
-            "--ode-steps needs a Gaussian noise schedule; a masked checkpoint has no "
-            "probability-flow ODE"
-        )
-    if schedule.get("zero_terminal_snr", False):
-        raise CommandError(
-            "--ode-steps cannot bound a zero-terminal-SNR checkpoint: its last step has "
-            "alpha_bar = 0, where the ODE's variable x / sqrt(alpha_bar) is infinite"
-        )
-    if ode_steps > schedule["timesteps"]:
-        raise CommandError(
-            f"--ode-steps must be at most the schedule's T = {schedule['timesteps']}, "
-            f"got {ode_steps}"
-        )
-
-
-def _check_bound_fits(config: dict[str, Any], bound_images: int, ode_steps: int) -> None:
-    """--bound-images needs a model with a noise schedule, trained on data in [-1, 1], or a
-    masked model."""
-    if bound_images == 0:
-        return
-    objective = config.get("objective", "noise")
-    if objective not in BOUND_OBJECTIVES:
-        allowed = ", ".join(f"--objective {name}" for name in BOUND_OBJECTIVES[:-1])
-        raise CommandError(
-            f"--bound-images needs a checkpoint trained with {allowed} or --objective "
-            f"{BOUND_OBJECTIVES[-1]}, whose noise schedule or masking process defines the "
-            f"variational bound; this one was trained with --objective {objective}"
-        )
-    _check_ode_bound_fits(config, ode_steps)
-    if [float(value) for value in config["value_range"]] != [-1.0, 1.0]:
-        raise CommandError(
-            "--bound-images needs a checkpoint trained on images in [-1, 1], where the bound's "
-            "decoder scores 8-bit pixels; this one was trained with --value-range "
-            f"{' '.join(str(value) for value in config['value_range'])}"
-        )
 
 
 def _rows(samples: torch.Tensor, plan: SamplingPlan) -> dict[str, torch.Tensor]:
@@ -272,82 +212,6 @@ def _copy_line(scores: dict[str, dict[str, Any]], training_count: int) -> str:
     )
 
 
-def _variational_bound(plan: SamplingPlan, num_images: int, seed: int) -> dict[str, Any]:
-    """The negative ELBO (Ho et al. 2020, eq. 5) in bits per dimension, averaged over the first
-    ``cap_samples(num_images)`` test images.
-
-    The reverse process is the one ddpm samples: a hybrid model's learned variance, otherwise
-    the posterior variance beta_tilde ("small"); an x0 or v model through the noise it implies.
-    A conditional model is called without labels (its null label). Each x_t's noise comes from
-    a CPU generator seeded with ``seed``, which runs on through batches of BOUND_BATCH_SIZE.
-    """
-    model, variance = as_noise_sampler_reads_it(plan.network, plan.schedule, plan.config, "ddpm")
-    variance = variance or "small"
-    x0, _ = load_images(plan.config["dataset"], train=False, limit=cap_samples(num_images))
-    generator = torch.Generator().manual_seed(seed)
-    totals = [
-        elbo_bits_per_dim(
-            model, plan.schedule, batch.to(plan.device), variance=variance, generator=generator
-        ).total
-        for batch in x0.split(BOUND_BATCH_SIZE)
-    ]
-    bits_per_dim = float(torch.cat(totals).mean())
-    return {"bits_per_dim": bits_per_dim, "images": len(x0), "variance": variance}
-
-
-def _ode_bound(plan: SamplingPlan, num_images: int, steps: int, seed: int) -> dict[str, Any]:
-    """:func:`~diffusion_lib.likelihood.ode_bits_per_dim` averaged over the first
-    ``cap_samples(num_images)`` test images: Heun's method on ``steps`` timesteps (``steps - 1``
-    Heun steps, ``2 steps - 2`` network calls), Hutchinson's divergence.
-
-    The model is the noise predictor the deterministic samplers call (a hybrid model's noise
-    channels; x0 and v models through the noise they imply); a conditional model is called
-    without labels. A CPU generator seeded with ``seed`` draws the dequantisation offsets and the
-    probes, running on through batches of BOUND_BATCH_SIZE.
-    """
-    model, _ = as_noise_sampler_reads_it(plan.network, plan.schedule, plan.config, "ddim")
-    x0, _ = load_images(plan.config["dataset"], train=False, limit=cap_samples(num_images))
-    generator = torch.Generator().manual_seed(seed)
-    bits = [
-        ode_bits_per_dim(model, plan.schedule, batch.to(plan.device), steps=steps,
-                         generator=generator).cpu()
-        for batch in x0.split(BOUND_BATCH_SIZE)
-    ]  # fmt: skip
-    return {"bits_per_dim": float(torch.cat(bits).mean()), "images": len(x0), "steps": steps,
-            "divergence": "hutchinson"}  # fmt: skip
-
-
-def _masked_bound(plan: SamplingPlan, num_images: int, seed: int) -> dict[str, Any]:
-    """The order-agnostic bound on -log p(x_0) of a masked model (:func:`masked_nll_bound`),
-    averaged over the first ``cap_samples(num_images)`` test images quantised to its K levels:
-    in nats per image, and in bits per dimension, nats / (D ln 2) for D pixels.
-
-    Each image's bound is the mean of MASKED_BOUND_DRAWS unbiased draws (the masked pixels are
-    random). A CPU generator seeded with ``seed`` runs on through the draws, each a pass over
-    the images in batches of BOUND_BATCH_SIZE.
-    """
-    process = plan.schedule
-    images, _ = load_images(plan.config["dataset"], train=False, limit=cap_samples(num_images))
-    x0 = tokens_from_images(images, process.num_classes)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        draws = torch.stack([
-            torch.cat([
-                masked_nll_bound(plan.network, process, batch.to(plan.device), generator=generator)
-                for batch in x0.split(BOUND_BATCH_SIZE)
-            ])
-            for _ in range(MASKED_BOUND_DRAWS)
-        ])  # fmt: skip
-    nats = float(draws.mean(dim=0).mean())
-    return {
-        "bits_per_dim": nats / (x0[0].numel() * math.log(2)),
-        "nats_per_image": nats,
-        "images": len(x0),
-        "classes": process.num_classes,
-        "draws": MASKED_BOUND_DRAWS,
-    }
-
-
 def _score_table(scores: dict[str, QualityScore]) -> str:
     """The scores as a table of aligned columns, one row per SCORE_ROWS entry."""
     width = max(18, *(len(SCORE_ROWS[key]) + 2 for key in scores))
@@ -420,37 +284,45 @@ def _evaluation_record(
     }
 
 
-def run_evaluate(args: argparse.Namespace) -> None:
-    """``evaluate``: score samples of a checkpoint beside as many real test images, and with
-    --bound-images its variational bound."""
-    _check_evaluation_args(args)
-    plan = plan_sampling(args)
-    _check_bound_fits(plan.config, args.bound_images, args.ode_steps)
-    classifier = get_classifier(plan.config["dataset"], device=plan.device)
-    samples, variance = draw_samples(plan, args)
-    rows = _rows(samples, plan)
-    scores = _quality_scores(rows, plan.config["dataset"], classifier)
+def _set_scores_against_training(
+    rows: dict[str, torch.Tensor],
+    args: argparse.Namespace,
+    plan: SamplingPlan,
+    classifier: ReferenceClassifier,
+) -> tuple[dict[str, dict[str, Any]], int]:
+    """The set scores of each row against the training split, with the share read as the label
+    asked for (with --label) and the copy scores against the images the checkpoint was trained
+    on; and the number of those images."""
     training_split = real_images(plan, None, train=True)  # read once for both comparisons
-    set_scores = _set_scores(rows, training_split[: len(samples)], classifier, args.seed)
+    set_scores = _set_scores(rows, training_split[: len(rows["samples"])], classifier, args.seed)
     if args.label is not None:
         _add_label_shares(set_scores, rows, args, plan, classifier)
     trained_on = training_images(plan, training_split)
     training_count = _add_copy_scores(set_scores, rows, trained_on, plan)
+    return set_scores, training_count
+
+
+def _print_report(
+    args: argparse.Namespace,
+    plan: SamplingPlan,
+    variance: str | None,
+    scores: dict[str, QualityScore],
+    set_scores: dict[str, dict[str, Any]],
+    training_count: int,
+    bound: dict[str, Any] | None,
+) -> None:
+    """Print what evaluate measured: what was sampled, the tables, the copies, the shares read
+    as the label asked for and the bound, where there are any."""
+    count = scores["samples"].n
     masked = isinstance(plan.schedule, MaskedDiffusion)
-    bound = None
-    if args.bound_images:
-        bound_of = _masked_bound if masked else _variational_bound
-        bound = bound_of(plan, args.bound_images, args.seed)
-    if args.ode_steps:
-        bound["ode"] = _ode_bound(plan, args.bound_images, args.ode_steps, args.seed)
     guided = describe_guidance(args)
     guided = f", {guided}" if guided else ""
     print(
-        f"{plan.path}: {len(samples)} samples of {plan.config['dataset']} "
+        f"{plan.path}: {count} samples of {plan.config['dataset']} "
         f"({sampling_method(plan, variance)}{guided}, seed {args.seed})"
     )
     print(_score_table(scores))
-    print(_set_score_table(set_scores, len(samples)))
+    print(_set_score_table(set_scores, count))
     print(_copy_line(set_scores, training_count))
     if args.label is not None:
         print(
@@ -460,26 +332,26 @@ def run_evaluate(args: argparse.Namespace) -> None:
         )
     if masked:
         print(
-            f"(quantised test images: the first {len(samples)} test images rounded to the "
+            f"(quantised test images: the first {count} test images rounded to the "
             f"{plan.schedule.num_classes} grey levels the model draws)"
         )
-    if bound is not None and masked:
-        print(
-            f"variational bound: {bound['bits_per_dim']:.4f} bits/dim, "
-            f"{bound['nats_per_image']:.2f} nats per image, on {bound['images']} test images "
-            f"at {bound['classes']} grey levels (each the mean of {bound['draws']} draws)"
-        )
-    elif bound is not None:
-        print(
-            f"variational bound: {bound['bits_per_dim']:.4f} bits/dim on {bound['images']} "
-            f"test images ({bound['variance']} variance)"
-        )
-    if bound is not None and "ode" in bound:
-        ode = bound["ode"]
-        print(
-            f"probability-flow ODE bound: {ode['bits_per_dim']:.4f} bits/dim on {ode['images']} "
-            f"test images ({ode['steps']} timesteps, Hutchinson's divergence, dequantised)"
-        )
+    if bound is not None:
+        print(bound_lines(bound, masked))
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    """``evaluate``: score samples of a checkpoint beside as many real test images, and with
+    --bound-images its variational bound."""
+    _check_evaluation_args(args)
+    plan = plan_sampling(args)
+    check_bound_fits(plan.config, args.bound_images, args.ode_steps)
+    classifier = get_classifier(plan.config["dataset"], device=plan.device)
+    samples, variance = draw_samples(plan, args)
+    rows = _rows(samples, plan)
+    scores = _quality_scores(rows, plan.config["dataset"], classifier)
+    set_scores, training_count = _set_scores_against_training(rows, args, plan, classifier)
+    bound = likelihood_bound(plan, args.bound_images, args.ode_steps, args.seed)
+    _print_report(args, plan, variance, scores, set_scores, training_count, bound)
     if args.json is not None:
         record = _evaluation_record(args, plan, variance, scores, set_scores, training_count, bound)
         text = json.dumps(record, indent=2) + "\n"
