@@ -490,6 +490,20 @@ def test_churn_raises_each_level_by_gamma_capped_at_sqrt_2_minus_1() -> None:
         torch.testing.assert_close(got[k], 8.0 * n * factor)
 
 
+def test_churn_range_includes_its_ends() -> None:
+    """Algorithm 2 churns where t_i lies in the closed interval [S_tmin, S_tmax]. With D = 0 and
+    s_noise = 0 a step multiplies x by sigma_next / ((1 + gamma) sigma) (as above); with
+    [S_tmin, S_tmax] = [2, 4] on the levels 8, 4, 2, 1 exactly sigma = 4 and sigma = 2 are
+    churned (gamma = S_churn / N = 0.25), so the factors are 1/2, 2/5 and 2/5, against 1/2 for
+    every step when the ends are left out."""
+    sigmas, n = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.0]), standard_normal(3, 2, 10)
+    _, trajectory = edm_sample(lambda x, s: torch.zeros_like(x), n.shape, sigmas=sigmas, noise=n,
+                               s_churn=1.0, s_tmin=2.0, s_tmax=4.0, s_noise=0.0,
+                               return_trajectory=True)  # fmt: skip
+    for k, factor in enumerate([1.0, 0.5, 0.5 * 0.4, 0.5 * 0.4 * 0.4]):
+        torch.testing.assert_close(trajectory.states[k], 8.0 * n * factor)
+
+
 def test_churn_noise_has_the_standard_deviation_s_noise_sqrt_of_sigma_hat2_minus_sigma2() -> None:
     """D = 0, gamma = sqrt(2) - 1 (sigma_hat^2 = 2 sigma^2): the variance obeys
     V' = (V + s_noise^2 sigma^2) sigma_next^2 / (2 sigma^2); s_noise = 1 keeps V = sigma^2."""

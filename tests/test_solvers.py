@@ -156,6 +156,51 @@ def test_second_order_beats_first_order_at_equal_cost(
     assert rms(dpm, exact) < rms(heun, exact) < rms(ddim, exact)
 
 
+def test_dpm_solver_2m_is_the_multistep_update_written_out(linear: NoiseSchedule) -> None:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) written out by hand on an uneven grid, with
+    the closed-form x_0 estimate of N(MEAN, STD^2) data, E[x_0 | x] = MEAN + alpha STD^2
+    (x - alpha MEAN) / (alpha^2 STD^2 + sigma^2): the first step is first order, every later
+    step extrapolates D = (1 + 1/(2 r)) x0_i - 1/(2 r) x0_{i-1} with r = h_{i-1} / h_i, and the
+    last state is the x_0 estimate at t = 0. Four steps whose ratios r are far from 1 make an
+    error in the extrapolation, in r or in where the multistep part starts visible; the
+    order tests above cannot see a second step taken at first order."""
+    means = torch.full((1, 4), MEAN, dtype=torch.float64)
+    model = GaussianMixture(means, STD).optimal_noise_predictor(linear)
+    x_T = torch.randn(16, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grid = [0, 100, 300, 600, 999]
+    _, trajectory = dpm_solver_sample(
+        model, linear, x_T.shape, order=2, timesteps=torch.tensor(grid), x_T=x_T, clip_x0=None,
+        return_trajectory=True,
+    )  # fmt: skip
+
+    alpha_bar = [float(linear.alphas_cumprod[t]) for t in reversed(grid)]  # noisiest first
+    alpha = [math.sqrt(a) for a in alpha_bar]
+    sigma = [math.sqrt(1 - a) for a in alpha_bar]
+    lam = [0.5 * math.log(a / (1 - a)) for a in alpha_bar]
+
+    def x0_estimate(x: torch.Tensor, k: int) -> torch.Tensor:
+        variance = alpha[k] ** 2 * STD**2 + sigma[k] ** 2
+        return MEAN + alpha[k] * STD**2 * (x - alpha[k] * MEAN) / variance
+
+    states, estimates = [x_T], []
+    for k in range(len(grid) - 1):
+        estimates.append(x0_estimate(states[-1], k))
+        h = lam[k + 1] - lam[k]
+        d = estimates[-1]
+        if k > 0:
+            r = (lam[k] - lam[k - 1]) / h
+            d = (1 + 1 / (2 * r)) * estimates[-1] - 1 / (2 * r) * estimates[-2]
+        states.append(sigma[k + 1] / sigma[k] * states[-1] - alpha[k + 1] * (math.exp(-h) - 1) * d)
+    states.append(x0_estimate(states[-1], len(grid) - 1))
+    torch.testing.assert_close(trajectory.states, torch.stack(states), rtol=1e-9, atol=1e-9)
+    ratios = [(lam[k] - lam[k - 1]) / (lam[k + 1] - lam[k]) for k in (1, 2, 3)]
+    assert min(abs(r - 1) for r in ratios) > 0.2  # r = 1 would hide an r inverted
+    first_order = dpm_solver_sample(
+        model, linear, x_T.shape, order=1, timesteps=torch.tensor(grid), x_T=x_T, clip_x0=None
+    )
+    assert (first_order - states[-1]).abs().max() > 1e-2  # the extrapolation matters here
+
+
 # ----------------------------------------------------------------------------- bookkeeping
 def test_network_calls_per_solver(linear: NoiseSchedule, gaussian) -> None:
     counted = EvaluationCounter(gaussian)
