@@ -272,6 +272,70 @@ def test_dps_step_matches_its_gradient_written_out() -> None:
     torch.testing.assert_close(stepped.flatten(1), expected)
 
 
+def test_dps_clips_the_estimate_of_the_step_but_not_that_of_the_gradient() -> None:
+    """DPS's docstring: the clipped x0_hat enters the ancestral step, the unclipped one the
+    gradient. On the one-step schedule the step returns its x_0, so the result is
+    clamp(x0_hat) - zeta / ||r|| grad ||r||^2 with r = y - A x0_hat, written out as in
+    test_dps_step_matches_its_gradient_written_out; x_t is wide, so some estimates are clipped."""
+    schedule = one_step_schedule()
+    operator, shape, zeta, low, high = Downsampling(2), (5, 1, 4, 4), 0.7, -0.2, 0.6
+    generator = torch.Generator().manual_seed(8)
+    x_t = 3 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    y = torch.randn(5, 1, 2, 2, generator=generator, dtype=torch.float64)
+    model = gaussian_model(schedule, dimensions=16)
+    stepped = dps_sample(
+        model, schedule, operator, y, shape, step_size=zeta, x_T=x_t, clip_x0=(low, high)
+    )
+
+    alpha, sigma = schedule.sqrt_alphas_cumprod[0], schedule.sqrt_one_minus_alphas_cumprod[0]
+    jacobian = alpha * S**2 / (alpha**2 * S**2 + sigma**2)
+    a = matrix_of(operator, shape[1:])
+    x0_hat = MU + jacobian * (x_t.flatten(1) - alpha * MU)
+    outside = (x0_hat < low) | (x0_hat > high)
+    assert outside.any() and not outside.all()
+    residual = y.flatten(1) - x0_hat @ a.T
+    gradient = -2 * jacobian * residual @ a
+    expected = x0_hat.clamp(low, high) - zeta / residual.norm(dim=1, keepdim=True) * gradient
+    torch.testing.assert_close(stepped.flatten(1), expected)
+
+
+@pytest.mark.parametrize("eta", [None, 0.0])
+def test_pigdm_clips_the_guided_estimate(eta: float | None) -> None:
+    """PiGDM clips x0_y, the estimate after guidance: on the one-step schedule the result is
+    clamp(E[x_0 | x_t, y]) with the exact posterior mean of Gaussian data (conditioning, as in
+    test_pigdm_guided_estimate_is_the_exact_posterior_mean), by the ancestral and the DDIM
+    route. Clipping x0_hat before the guidance, or not at all, gives other numbers."""
+    schedule = one_step_schedule()
+    operator, noise_std = PROBLEMS["downsampling, noisy"]
+    shape, low, high = (6, 1, 2, 2), -0.2, 0.6
+    generator = torch.Generator().manual_seed(9)
+    x_t = 3 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    y = torch.randn(6, 1, 1, 1, generator=generator, dtype=torch.float64)
+    guided = pigdm_sample(
+        gaussian_model(schedule), schedule, operator, y, shape, noise_std=noise_std,
+        data_std=S, eta=eta, x_T=x_t, clip_x0=(low, high),
+    ).flatten(1)  # fmt: skip
+
+    alpha = schedule.sqrt_alphas_cumprod[0]
+    sigma = schedule.sqrt_one_minus_alphas_cumprod[0]
+    a = matrix_of(operator, shape[1:])
+    m = torch.cat([alpha * torch.eye(4, dtype=torch.float64), a])
+    noise_variance = torch.diag(
+        torch.cat([sigma**2 * torch.ones(4), noise_std**2 * torch.ones(len(a))]).double()
+    )
+    covariance_zz = S**2 * m @ m.T + noise_variance
+    z = torch.cat([x_t.flatten(1), y.flatten(1)], dim=1)  # (B, 4 + 1)
+    prior = torch.full((4,), MU, dtype=torch.float64)
+    mean = MU + S**2 * torch.linalg.solve(covariance_zz, (z - m @ prior).T).T @ m
+    outside = (mean < low) | (mean > high)
+    assert outside.any() and not outside.all()
+    # the unguided estimate would also be clipped in places: the clip must come after guidance
+    jacobian = alpha * S**2 / (alpha**2 * S**2 + sigma**2)
+    x0_hat = MU + jacobian * (x_t.flatten(1) - alpha * MU)
+    assert ((x0_hat < low) | (x0_hat > high)).any()
+    torch.testing.assert_close(guided, mean.clamp(low, high))
+
+
 def test_dps_without_a_step_is_ancestral_sampling() -> None:
     schedule = NoiseSchedule.from_name("linear")
     model = gaussian_model(schedule)

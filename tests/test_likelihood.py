@@ -18,6 +18,7 @@ from diffusion_lib.likelihood import (
     ode_bits_per_dim,
     ode_log_likelihood,
 )
+from diffusion_lib.solvers import ode_timesteps
 
 MEAN, STD = 0.3, 0.5
 
@@ -200,3 +201,101 @@ def test_heun_error_estimate_is_second_order(linear: NoiseSchedule, gaussian) ->
     ]
     ratios = np.array(errors[:-1]) / np.array(errors[1:])
     assert (ratios > 3).all(), errors
+
+
+def exact_gaussian_model(schedule: NoiseSchedule):
+    """The exact noise predictor of N(MEAN, STD^2) data on ``schedule``, with float64 means."""
+    means = torch.full((1, 3), MEAN, dtype=torch.float64)
+    return GaussianMixture(means, STD).optimal_noise_predictor(schedule)
+
+
+def shifted_schedule(linear: NoiseSchedule) -> NoiseSchedule:
+    """The linear schedule with beta_0 = 0.19, so alpha_0 = 0.9 rather than 0.99995: terms in
+    alpha_0 that the linear schedule makes invisible (1 - alpha_0 = 5e-5) become large."""
+    betas = linear.betas.clone().double()
+    betas[0] = 0.19
+    return NoiseSchedule(betas)
+
+
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+def test_a_zero_denoiser_gives_the_density_of_the_scaled_prior(
+    linear: NoiseSchedule, divergence: str
+) -> None:
+    """With eps_theta = 0 the flow is the map x_bar = x_0 / alpha_0 held fixed, so
+    x_T = (alpha_T / alpha_0) x_0 and, by the change of variables, x_0 ~ N(0, c^2 I) with
+    c = alpha_0 / alpha_T: log p_0(x_0) = -|x_0|^2 / (2 c^2) - D/2 log(2 pi) - D log c, to
+    rounding, whatever the steps (Heun is exact for a zero slope). Checked on the linear
+    schedule and on one with alpha_0 = 0.9, where dropping alpha_0 from the log-determinant
+    changes the result by D log(1 / 0.9) = 0.32 nats (dropping it from the starting point moves
+    x_T, scaled by alpha_T, so little that the next test is the one to see it)."""
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    for schedule in (linear, shifted_schedule(linear)):
+        alpha_bar = schedule.alphas_cumprod
+        c = math.sqrt(float(alpha_bar[0]) / float(alpha_bar[-1]))
+        expected = -x.square().sum(1) / (2 * c**2) - 1.5 * math.log(2 * math.pi) - 3 * math.log(c)
+        got = ode_log_likelihood(
+            lambda x_t, t: 0.0 * x_t, schedule, x, steps=7, divergence=divergence,
+            generator=torch.Generator().manual_seed(10),
+        )  # fmt: skip
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_ode_likelihood_is_exact_where_alpha_0_is_far_from_one(linear: NoiseSchedule) -> None:
+    """exact_ode_result holds for any schedule; at alpha_0 = 0.9 the density at t = 0 is that
+    of x_0 noised once, N(0.9 MEAN, 0.81 STD^2 + 0.19). Heun's error at 400 steps is about
+    1e-3 nats over the three dimensions (as on the linear schedule)."""
+    schedule = shifted_schedule(linear)
+    model = exact_gaussian_model(schedule)
+    x = MEAN + STD * torch.randn(
+        100, 3, generator=torch.Generator().manual_seed(11), dtype=torch.float64
+    )
+    got = ode_log_likelihood(model, schedule, x, steps=400, spacing="time", divergence="exact")
+    torch.testing.assert_close(got, exact_ode_result(schedule, x), rtol=0, atol=3e-3)
+
+
+def hand_heun(schedule: NoiseSchedule, grid: list[int], x: torch.Tensor) -> torch.Tensor:
+    """Heun's method on d x_bar / d rho = eps(alpha x_bar) for N(MEAN, STD^2) data, written out
+    with the closed forms eps = sigma (x - alpha MEAN) / V and div_x eps = D sigma / V,
+    V = alpha^2 STD^2 + sigma^2; then log N(x_T; 0, I) + integral + D log(alpha_T / alpha_0)."""
+    alpha_bar = [float(schedule.alphas_cumprod[t]) for t in grid]
+    dims = x.shape[1]
+
+    def slope(x_bar: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
+        alpha, sigma = math.sqrt(alpha_bar[k]), math.sqrt(1 - alpha_bar[k])
+        v = alpha**2 * STD**2 + sigma**2
+        return sigma * (alpha * x_bar - alpha * MEAN) / v, alpha * dims * sigma / v
+
+    rho = [math.sqrt((1 - a) / a) for a in alpha_bar]
+    x_bar, integral = x / math.sqrt(alpha_bar[0]), 0.0
+    for k in range(len(grid) - 1):
+        h = rho[k + 1] - rho[k]
+        d_now, div_now = slope(x_bar, k)
+        d_next, div_next = slope(x_bar + h * d_now, k + 1)
+        x_bar = x_bar + h / 2 * (d_now + d_next)
+        integral += h / 2 * (div_now + div_next)
+    x_T = math.sqrt(alpha_bar[-1]) * x_bar
+    log_ratio = 0.5 * math.log(alpha_bar[-1] / alpha_bar[0])
+    return _log_normal(x_T, 0.0, 1.0) + integral + dims * log_ratio
+
+
+@pytest.mark.parametrize("spacing", ["time", "logsnr"])
+def test_ode_likelihood_is_heuns_method_on_the_chosen_grid(
+    linear: NoiseSchedule, spacing: str
+) -> None:
+    """At 6 steps Heun's error is large, so the result depends on the grid: it must be the
+    hand-written Heun on the requested one (for "time", 0, 200, 400, ..., 999 written by hand),
+    to rounding, and the two spacings must disagree."""
+    # float64 means, so that the model and hand_heun use the same MEAN to rounding
+    gaussian = exact_gaussian_model(linear)
+    x = MEAN + STD * torch.randn(
+        20, 3, generator=torch.Generator().manual_seed(12), dtype=torch.float64
+    )
+    if spacing == "time":
+        grid = [round(999 * k / 5) for k in range(6)]
+    else:
+        grid = ode_timesteps(linear, 6, "logsnr").tolist()
+    got = ode_log_likelihood(gaussian, linear, x, steps=6, spacing=spacing, divergence="exact")
+    torch.testing.assert_close(got, hand_heun(linear, grid, x), rtol=1e-10, atol=1e-10)
+    other = "logsnr" if spacing == "time" else "time"
+    elsewhere = ode_log_likelihood(gaussian, linear, x, steps=6, spacing=other, divergence="exact")
+    assert float((got - elsewhere).abs().min()) > 1e-3

@@ -484,6 +484,24 @@ def test_few_steps_follow_the_enumerated_law(steps: int) -> None:
     assert_law(frequencies(samples), sampler_law(TABLE, "cosine", steps), n)
 
 
+@pytest.mark.parametrize("k", [3, 5])
+def test_a_context_free_model_samples_each_symbol_from_its_softmax(k: int) -> None:
+    """A model that ignores its input gives every symbol, whenever it is revealed, the law
+    softmax(logits) at its position, independently: the class frequencies of 20,000 samples
+    must match it within 5 binomial standard errors. With K > 2 classes this checks the
+    inverse-CDF draw over more than one threshold (with K = 2 there is only one)."""
+    n = 20000
+    logits = torch.randn(k, 1, 2, 2, generator=generator(24))
+    samples = masked_sample(
+        FixedLogits(logits), MaskedDiffusion(num_classes=k), (n, 1, 2, 2), 5,
+        generator=generator(25),
+    )  # fmt: skip
+    law = logits.double().softmax(dim=0).reshape(k, 4)  # (K, positions)
+    counts = F.one_hot(samples.reshape(n, 4), k).double().mean(dim=0).T  # (K, positions)
+    tolerance = MC_SIGMAS * (law * (1 - law) / n).sqrt()
+    assert bool(((counts - law).abs() <= tolerance).all()), (counts, law)
+
+
 def test_the_same_seed_gives_the_same_samples() -> None:
     def draw(seed: int) -> Tensor:
         return masked_sample(
