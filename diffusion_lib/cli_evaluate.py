@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -246,16 +247,27 @@ def _set_score_table(scores: dict[str, dict[str, Any]], reference_count: int) ->
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class _Measured:
+    """What evaluate measured, for its report and its JSON record: the sampler's variance, the
+    quality scores and set scores of each row, the number of training images the copies were
+    sought among, and the bound (``None`` without --bound-images)."""
+
+    variance: str | None
+    scores: dict[str, QualityScore]
+    set_scores: dict[str, dict[str, Any]]
+    training_count: int
+    bound: dict[str, Any] | None
+
+
 def _evaluation_record(
     args: argparse.Namespace,
     plan: SamplingPlan,
-    variance: str | None,
-    scores: dict[str, QualityScore],
-    set_scores: dict[str, dict[str, Any]],
-    training_count: int,
-    bound: dict[str, Any] | None,
+    measured: _Measured,
 ) -> dict[str, Any]:
     """Everything evaluate measured, and how, as a JSON-ready dict."""
+    variance, scores, set_scores = measured.variance, measured.scores, measured.set_scores
+    training_count, bound = measured.training_count, measured.bound
     masked = {}
     if isinstance(plan.schedule, MaskedDiffusion):
         masked = {
@@ -305,14 +317,12 @@ def _set_scores_against_training(
 def _print_report(
     args: argparse.Namespace,
     plan: SamplingPlan,
-    variance: str | None,
-    scores: dict[str, QualityScore],
-    set_scores: dict[str, dict[str, Any]],
-    training_count: int,
-    bound: dict[str, Any] | None,
+    measured: _Measured,
 ) -> None:
     """Print what evaluate measured: what was sampled, the tables, the copies, the shares read
     as the label asked for and the bound, where there are any."""
+    variance, scores, set_scores = measured.variance, measured.scores, measured.set_scores
+    training_count, bound = measured.training_count, measured.bound
     count = scores["samples"].n
     masked = isinstance(plan.schedule, MaskedDiffusion)
     guided = describe_guidance(args)
@@ -351,9 +361,10 @@ def run_evaluate(args: argparse.Namespace) -> None:
     scores = _quality_scores(rows, plan.config["dataset"], classifier)
     set_scores, training_count = _set_scores_against_training(rows, args, plan, classifier)
     bound = likelihood_bound(plan, args.bound_images, args.ode_steps, args.seed)
-    _print_report(args, plan, variance, scores, set_scores, training_count, bound)
+    measured = _Measured(variance, scores, set_scores, training_count, bound)
+    _print_report(args, plan, measured)
     if args.json is not None:
-        record = _evaluation_record(args, plan, variance, scores, set_scores, training_count, bound)
+        record = _evaluation_record(args, plan, measured)
         text = json.dumps(record, indent=2) + "\n"
         write_atomically(args.json, lambda file: file.write(text.encode("utf-8")))
         print(f"scores written to {args.json}")
